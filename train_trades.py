@@ -1,0 +1,104 @@
+"""TRADES (Zhang et al. 2019) and the paper's other baselines, on FIRE's exact harness.
+
+    trades: loss = CE(f(x), y) + beta * KL(q(.|x) || q(.|x')),  x' = PGD maximising the KL
+    madry:  loss = CE(f(x'), y),  x' = PGD maximising the CE from a uniform random start (Eq. 4)
+    mart:   loss = BCE(f(x'), y) + beta * mean_i KL_i(q(.|x) || q(.|x')) * (1 - q(y|x)),
+            x' = PGD maximising the CE (Wang et al. 2020)
+
+Commands:
+    python train_trades.py                                   # TRADES on digits, CPU, ~1 minute
+    python train_trades.py --dataset cifar10                 # WRN-34-10, beta 6; all visible GPUs
+    python train_trades.py --dataset cifar10 --loss madry    # "Madry et al." / "Overfitting" rows
+    torchrun --nproc_per_node=4 train_trades.py --dataset cifar10
+
+Data, schedule, evaluation, checkpoints and the training loop are imported from train_fire.py, so
+the only difference from FIRE is the loss and the attack objective.
+"""
+import torch
+import torch.nn.functional as F
+
+from train_fire import attack_pgd_ce, build_parser, cli, finish_args, run
+
+
+def kl_per_sample(logits_p, logits_q):
+    """KL(p || q) between softmax(logits_p) and softmax(logits_q), summed over classes; shape (B,)."""
+    log_p = F.log_softmax(logits_p.float(), dim=1)
+    log_q = F.log_softmax(logits_q.float(), dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1)
+
+
+def trades_loss(logits_nat, logits_adv, y, beta):
+    """TRADES: mean CE on the natural logits + beta * KL(q_nat || q_adv) averaged over the batch."""
+    return F.cross_entropy(logits_nat.float(), y) + beta * kl_per_sample(logits_nat, logits_adv).mean()
+
+
+def madry_loss(logits_adv, y):
+    """Adversarial cross-entropy, Eq. 4."""
+    return F.cross_entropy(logits_adv.float(), y)
+
+
+def mart_loss(logits_nat, logits_adv, y, beta):
+    """MART: boosted CE on x' + beta * mean of KL(q_nat || q_adv) weighted by 1 - q_nat(y).
+
+    Boosted CE = -log q'(y) - log(1 - max_{j != y} q'(j)) (the margin term pushes down the most
+    likely wrong class). Probabilities come from log-softmax, so no 1e-12 fudge is needed.
+    """
+    log_q_adv = F.log_softmax(logits_adv.float(), dim=1)
+    wrong = log_q_adv.scatter(1, y[:, None], float("-inf")).max(dim=1).values
+    boosted_ce = F.nll_loss(log_q_adv, y) - torch.log1p(-wrong.exp()).mean()
+    q_nat_y = F.softmax(logits_nat.float(), dim=1).gather(1, y[:, None]).squeeze(1)
+    return boosted_ce + beta * (kl_per_sample(logits_nat, logits_adv) * (1 - q_nat_y)).mean()
+
+
+def attack_trades(model, x, eps, step_size, steps):
+    """Linf PGD maximising KL(q(.|x) || q(.|x')) from x + 0.001 * N(0, 1); returns x'.
+
+    The natural logits are computed once (TRADES' code recomputes them at every step: same
+    result in eval mode, K extra forwards). Caller sets eval mode.
+    """
+    with torch.no_grad():
+        logits_nat = model(x)
+    x_adv = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        objective = kl_per_sample(logits_nat, model(x_adv)).sum()
+        grad, = torch.autograd.grad(objective, x_adv)
+        x_adv = x_adv.detach() + step_size * grad.sign()
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+    return x_adv.detach()
+
+
+def get_args(argv=None):
+    p = build_parser(__doc__.splitlines()[0])
+    p.add_argument("--loss", type=str, default="trades", choices=["trades", "madry", "mart"],
+                   help="training objective (the run folder and checkpoint record it)")
+    p.add_argument("--beta", type=float, default=6.0,
+                   help="weight of the KL term for trades and mart (paper's comparison: 6)")
+    return finish_args(p, argv, method=lambda a: a.loss)
+
+
+def main(argv=None):
+    args = get_args(argv)
+
+    def attack(model, x, y):
+        if args.loss == "trades":
+            return attack_trades(model, x, args.eps, args.step_size, args.attack_steps)
+        if args.loss == "madry":
+            return attack_pgd_ce(model, x, y, args.eps, args.step_size, args.attack_steps)
+        # MART's code starts from x + 0.001 * N(0, 1)
+        return attack_pgd_ce(model, x, y, args.eps, args.step_size, args.attack_steps, start="normal")
+
+    def criterion(model, x, x_adv, y, idx, epoch):
+        if args.loss == "madry":
+            logits_adv = model(x_adv)
+            return madry_loss(logits_adv, y), logits_adv
+        logits_nat, logits_adv = model(x), model(x_adv)
+        if args.loss == "trades":
+            return trades_loss(logits_nat, logits_adv, y, args.beta), logits_nat
+        return mart_loss(logits_nat, logits_adv, y, args.beta), logits_nat
+
+    return run(args, attack, criterion)
+
+
+if __name__ == "__main__":
+    cli(main)
