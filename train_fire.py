@@ -148,30 +148,35 @@ def finish_args(parser, argv, method):
 # The FIRE loss and its attack
 
 
+def _full(logits):
+    """float16/bfloat16 logits -> float32; float32 and float64 stay as they are."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
 def fisher_rao_distance(logits_a, logits_b):
     """Fisher-Rao distance between softmax(logits_a) and softmax(logits_b), Eq. 15; shape (B,).
 
     d = 2 arccos(BC) with BC = sum_y sqrt(q_a q_b). arccos has an infinite slope at BC = 1 and BC
     rounds to 1 in float32 long before q_a = q_b, so we use the equal, well-conditioned form
     arccos(BC) = 2 arcsin(||sqrt(q_a) - sqrt(q_b)||_2 / 2), with sqrt(q) = exp(log_softmax / 2).
-    Computed in float32 whatever the autocast dtype. Range [0, pi].
+    Computed in float32 (float64 if given) whatever the autocast dtype. Range [0, pi].
     """
-    root_a = torch.exp(0.5 * F.log_softmax(logits_a.float(), dim=1))
-    root_b = torch.exp(0.5 * F.log_softmax(logits_b.float(), dim=1))
+    root_a = torch.exp(0.5 * F.log_softmax(_full(logits_a), dim=1))
+    root_b = torch.exp(0.5 * F.log_softmax(_full(logits_b), dim=1))
     chord = torch.linalg.vector_norm(root_a - root_b, dim=1)
     return 4 * torch.asin((0.5 * chord).clamp(max=1.0))
 
 
 def hellinger_sq(logits_a, logits_b):
     """Squared Hellinger distance of Eq. 46, H^2 = 2 (1 - BC) = ||sqrt(q_a) - sqrt(q_b)||^2; shape (B,)."""
-    root_a = torch.exp(0.5 * F.log_softmax(logits_a.float(), dim=1))
-    root_b = torch.exp(0.5 * F.log_softmax(logits_b.float(), dim=1))
+    root_a = torch.exp(0.5 * F.log_softmax(_full(logits_a), dim=1))
+    root_b = torch.exp(0.5 * F.log_softmax(_full(logits_b), dim=1))
     return (root_a - root_b).pow(2).sum(dim=1)
 
 
 def fire_loss(logits_nat, logits_adv, y, lam):
     """FIRE risk, Eq. 7: mean CE on the natural logits + lam * mean d^2(q_nat, q_adv)."""
-    return (F.cross_entropy(logits_nat.float(), y)
+    return (F.cross_entropy(_full(logits_nat), y)
             + lam * fisher_rao_distance(logits_nat, logits_adv).pow(2).mean())
 
 
@@ -304,7 +309,7 @@ def attack_pgd_ce(model, x, y, eps, step_size, steps, start="uniform"):
     x_adv = (x + noise).clamp(0, 1)
     for _ in range(steps):
         x_adv.requires_grad_(True)
-        objective = F.cross_entropy(model(x_adv).float(), y, reduction="sum")
+        objective = F.cross_entropy(_full(model(x_adv)), y, reduction="sum")
         grad, = torch.autograd.grad(objective, x_adv)
         x_adv = x_adv.detach() + step_size * grad.sign()
         x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
@@ -600,7 +605,8 @@ def cli(main_fn):
     try:
         main_fn()
     except UserError as e:
-        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
 

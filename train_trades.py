@@ -17,24 +17,24 @@ the only difference from FIRE is the loss and the attack objective.
 import torch
 import torch.nn.functional as F
 
-from train_fire import attack_pgd_ce, build_parser, cli, finish_args, run
+from train_fire import _full, attack_pgd_ce, build_parser, cli, finish_args, run
 
 
 def kl_per_sample(logits_p, logits_q):
     """KL(p || q) between softmax(logits_p) and softmax(logits_q), summed over classes; shape (B,)."""
-    log_p = F.log_softmax(logits_p.float(), dim=1)
-    log_q = F.log_softmax(logits_q.float(), dim=1)
+    log_p = F.log_softmax(_full(logits_p), dim=1)
+    log_q = F.log_softmax(_full(logits_q), dim=1)
     return (log_p.exp() * (log_p - log_q)).sum(dim=1)
 
 
 def trades_loss(logits_nat, logits_adv, y, beta):
     """TRADES: mean CE on the natural logits + beta * KL(q_nat || q_adv) averaged over the batch."""
-    return F.cross_entropy(logits_nat.float(), y) + beta * kl_per_sample(logits_nat, logits_adv).mean()
+    return F.cross_entropy(_full(logits_nat), y) + beta * kl_per_sample(logits_nat, logits_adv).mean()
 
 
 def madry_loss(logits_adv, y):
     """Adversarial cross-entropy, Eq. 4."""
-    return F.cross_entropy(logits_adv.float(), y)
+    return F.cross_entropy(_full(logits_adv), y)
 
 
 def mart_loss(logits_nat, logits_adv, y, beta):
@@ -43,10 +43,10 @@ def mart_loss(logits_nat, logits_adv, y, beta):
     Boosted CE = -log q'(y) - log(1 - max_{j != y} q'(j)) (the margin term pushes down the most
     likely wrong class). Probabilities come from log-softmax, so no 1e-12 fudge is needed.
     """
-    log_q_adv = F.log_softmax(logits_adv.float(), dim=1)
+    log_q_adv = F.log_softmax(_full(logits_adv), dim=1)
     wrong = log_q_adv.scatter(1, y[:, None], float("-inf")).max(dim=1).values
     boosted_ce = F.nll_loss(log_q_adv, y) - torch.log1p(-wrong.exp()).mean()
-    q_nat_y = F.softmax(logits_nat.float(), dim=1).gather(1, y[:, None]).squeeze(1)
+    q_nat_y = F.softmax(_full(logits_nat), dim=1).gather(1, y[:, None]).squeeze(1)
     return boosted_ce + beta * (kl_per_sample(logits_nat, logits_adv) * (1 - q_nat_y)).mean()
 
 

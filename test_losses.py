@@ -1,0 +1,347 @@
+"""Tests: the paper's theorems numerically, attack invariants, short real training runs on the
+bundled digits, and the command-line contract. Run with `python -m pytest -q` (CPU, minutes)."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import train_fire
+import train_trades
+from models import get_model
+from train_fire import attack_fire, fire_loss, fisher_rao_distance, hellinger_sq
+from train_trades import attack_trades, kl_per_sample, mart_loss, trades_loss
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PY = sys.executable
+
+
+def random_logits(n=64, m=10, scale=3.0, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(n, m, generator=g)).to(dtype)
+
+
+def naive_frd(a, b):
+    """Eq. 15 literally, in float64."""
+    bc = (F.softmax(a, 1) * F.softmax(b, 1)).sqrt().sum(1)
+    return 2 * torch.arccos(bc.clamp(max=1.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Theorems and properties of the Fisher-Rao distance
+
+
+def test_frd_matches_eq15():
+    a, b = random_logits(seed=1), random_logits(seed=2)
+    assert torch.allclose(fisher_rao_distance(a, b), naive_frd(a, b), atol=1e-10)
+
+
+def test_theorem1_equals_theorem2_for_two_classes():
+    h, h2 = random_logits(200, 1, 4.0, 3).squeeze(1), random_logits(200, 1, 4.0, 4).squeeze(1)
+    binary = 2 * (torch.arctan(torch.exp(h2 / 2)) - torch.arctan(torch.exp(h / 2))).abs()  # Eq. 9
+    logits = torch.stack([torch.zeros_like(h), h], 1)  # h = h_2 - h_1
+    logits2 = torch.stack([torch.zeros_like(h2), h2], 1)
+    assert torch.allclose(fisher_rao_distance(logits, logits2), binary, atol=1e-10)
+
+
+def test_proposition1_bound():
+    h, h2 = random_logits(500, 1, 6.0, 5).squeeze(1), random_logits(500, 1, 6.0, 6).squeeze(1)
+    d = fisher_rao_distance(torch.stack([0 * h, h], 1), torch.stack([0 * h2, h2], 1))
+    assert (d <= 0.5 * (h2 - h).abs() + 1e-12).all()
+    # and it is tight near h = h' = 0, where the slope of 2 arctan(e^{h/2}) is exactly 1/2
+    small = torch.tensor([[0.0, -1e-4]], dtype=torch.float64), torch.tensor([[0.0, 1e-4]], dtype=torch.float64)
+    assert fisher_rao_distance(*small).item() == pytest.approx(1e-4, rel=1e-6)
+
+
+def test_theorem3_inequality_and_second_order():
+    a, b = random_logits(seed=7), random_logits(seed=8)
+    d, kl = fisher_rao_distance(a, b), kl_per_sample(a, b)
+    assert (1 - torch.cos(d / 2) <= kl / 2 + 1e-12).all()
+    # KL = d^2 / 2 + O(d^3): the ratio tends to 1 and the remainder over d^3 stays bounded.
+    direction = random_logits(seed=9)
+    for t in [1e-1, 1e-2, 1e-3]:
+        d, kl = fisher_rao_distance(a, a + t * direction), kl_per_sample(a, a + t * direction)
+        assert ((kl - d ** 2 / 2).abs() / d ** 3).max() < 5.0
+    assert torch.allclose(kl / (d ** 2 / 2), torch.ones_like(d), atol=1e-2)
+
+
+def test_theorem4_hellinger():
+    a, b = random_logits(seed=10), random_logits(seed=11)
+    d = fisher_rao_distance(a, b)
+    h2 = hellinger_sq(a, b)
+    bc = (F.softmax(a, 1) * F.softmax(b, 1)).sqrt().sum(1)
+    assert torch.allclose(h2, 2 * (1 - bc), atol=1e-12)  # Eq. 46 squared
+    assert torch.allclose(h2, 2 * (1 - torch.cos(d / 2)), atol=1e-12)  # Eq. 47
+
+
+def test_symmetry_range_and_identity():
+    a, b = random_logits(seed=12), random_logits(seed=13)
+    d = fisher_rao_distance(a, b)
+    assert torch.allclose(d, fisher_rao_distance(b, a), atol=1e-12)
+    assert (d >= 0).all() and (d <= math.pi).all() and (d > 0).all()
+    assert (fisher_rao_distance(a, a) == 0).all()
+    assert (fisher_rao_distance(a, a + 5.0) == 0).all()  # same softmax, shifted logits
+    one_hot_0 = torch.tensor([[1e4, -1e4, 0.0]]).float()
+    one_hot_1 = torch.tensor([[-1e4, 1e4, 0.0]]).float()
+    assert fisher_rao_distance(one_hot_0, one_hot_1).item() == pytest.approx(math.pi, abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_finite_at_identical_and_extreme_logits(dtype):
+    cases = [random_logits(8, 10, 3.0, 14, torch.float32)] * 2
+    big = torch.tensor([[1e4, -1e4, 0.0, 3.0], [-1e4, 1e4, 1e4, -1e4]])
+    cases = [(cases[0], cases[0].clone()), (big, big.clone()), (big, big.flip(1)), (big, -big)]
+    for a, b in cases:
+        a = a.to(dtype).requires_grad_(True)
+        b = b.to(dtype).requires_grad_(True)
+        d2 = fisher_rao_distance(a, b).pow(2)
+        assert torch.isfinite(d2).all()
+        ga, gb = torch.autograd.grad(d2.sum(), (a, b))
+        assert torch.isfinite(ga.float()).all() and torch.isfinite(gb.float()).all()
+        loss = fire_loss(a, b, torch.zeros(len(a), dtype=torch.long), lam=12.0)
+        assert torch.isfinite(loss)
+
+
+def test_gradient_is_correct():
+    a, b = random_logits(4, 5, 2.0, 15).requires_grad_(True), random_logits(4, 5, 2.0, 16)
+    assert torch.autograd.gradcheck(lambda x: fisher_rao_distance(x, b).pow(2), (a,))
+
+
+def test_bfloat16_distance_is_close():
+    a, b = random_logits(256, 10, 3.0, 17, torch.float32), random_logits(256, 10, 3.0, 18, torch.float32)
+    ref = fisher_rao_distance(a, b)
+    low = fisher_rao_distance(a.bfloat16(), b.bfloat16())
+    assert low.dtype == torch.float32 and torch.isfinite(low).all()
+    assert (low - ref).abs().max() < 2e-2  # bf16 rounds the logits (8 bits), not the distance
+
+
+def test_fire_loss_lam0_is_ce_and_is_eq7():
+    a, b = random_logits(seed=19), random_logits(seed=20)
+    y = torch.arange(64) % 10
+    assert torch.allclose(fire_loss(a, b, y, 0.0), F.cross_entropy(a, y))
+    expected = F.cross_entropy(a, y) + 12.0 * (naive_frd(a, b) ** 2).mean()
+    assert torch.allclose(fire_loss(a, b, y, 12.0), expected, atol=1e-9)
+
+
+def test_trades_loss_matches_hand_computation():
+    a, b = random_logits(6, 3, 2.0, 21), random_logits(6, 3, 2.0, 22)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    p, q = F.softmax(a, 1), F.softmax(b, 1)
+    kl = (p * (p / q).log()).sum() / 6  # batchmean
+    assert torch.allclose(trades_loss(a, b, y, 6.0), F.cross_entropy(a, y) + 6.0 * kl)
+    assert torch.allclose(trades_loss(a, b, y, 6.0),
+                          F.cross_entropy(a, y) + 6.0 * F.kl_div(F.log_softmax(b, 1), p, reduction="batchmean"))
+
+
+def test_mart_loss_matches_hand_computation():
+    a, b = random_logits(6, 4, 2.0, 23), random_logits(6, 4, 2.0, 24)
+    y = torch.tensor([0, 1, 2, 3, 1, 2])
+    p, q = F.softmax(a, 1), F.softmax(b, 1)
+    top_wrong = q.clone()
+    top_wrong[torch.arange(6), y] = 0
+    bce = -torch.log(q[torch.arange(6), y]) - torch.log(1 - top_wrong.max(1).values)
+    kl = (p * (p / q).log()).sum(1)
+    expected = bce.mean() + 5.0 * (kl * (1 - p[torch.arange(6), y])).mean()
+    assert torch.allclose(mart_loss(a, b, y, 5.0), expected, atol=1e-10)
+    assert torch.allclose(mart_loss(a, b, y, 0.0), bce.mean(), atol=1e-10)  # beta 0: boosted CE
+
+
+# ----------------------------------------------------------------------------------------------
+# Attacks
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return get_model("smallcnn", 10).eval()
+
+
+def digits_batch(n=32):
+    x, y = train_fire.load_digits_tensors()
+    return x[:n], y[:n]
+
+
+@pytest.mark.parametrize("attack", ["fire", "trades"])
+def test_pgd_stays_in_ball_and_increases_objective(attack):
+    model = tiny_model()
+    # A zero-initialised last layer gives identical outputs for every input: use a random one.
+    nn.init.normal_(model[1].classifier[-1].weight, std=0.5)
+    x, y = digits_batch()
+    eps, objective = 0.1, (lambda a, b: fisher_rao_distance(a, b) ** 2) if attack == "fire" else kl_per_sample
+    run = (lambda s: attack_fire(model, x, eps, 0.02, s)) if attack == "fire" else \
+          (lambda s: attack_trades(model, x, eps, 0.02, s))
+    torch.manual_seed(0)
+    x_start = run(0)
+    torch.manual_seed(0)
+    x_adv = run(10)
+    assert (x_adv - x).abs().max() <= eps + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    with torch.no_grad():
+        nat = model(x)
+        start_obj = objective(nat, model(x_start)).mean()
+        adv_obj = objective(nat, model(x_adv)).mean()
+    assert adv_obj > 100 * start_obj
+    # Every sample moved well beyond the 0.001 random start (a zero gradient would freeze it).
+    moved = (x_adv - x).flatten(1).abs().max(1).values
+    assert (moved > 0.05).all()
+
+
+def test_pgd_moves_from_tiny_start_in_bfloat16():
+    model = tiny_model()
+    nn.init.normal_(model[1].classifier[-1].weight, std=0.5)
+    x, _ = digits_batch()
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_adv = attack_fire(model, x, 0.1, 0.02, 5)
+    moved = (x_adv - x).flatten(1).abs().max(1).values
+    assert (moved > 0.05).float().mean() > 0.9
+
+
+def test_attack_uses_input_gradients_only():
+    model = tiny_model()
+    x, _ = digits_batch(8)
+    attack_fire(model, x, 0.1, 0.02, 3)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_bfloat16_and_float32_losses_close():
+    model = tiny_model()
+    nn.init.normal_(model[1].classifier[-1].weight, std=0.1)
+    x, y = digits_batch(64)
+    x_adv = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
+    ref = fire_loss(model(x), model(x_adv), y, 12.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = fire_loss(model(x), model(x_adv), y, 12.0)
+    assert low.dtype == torch.float32
+    assert abs(low.item() - ref.item()) < 0.02 * abs(ref.item())
+
+
+# ----------------------------------------------------------------------------------------------
+# Real training runs on the bundled digits (CPU)
+
+QUICK = ["--epochs", "4", "--lr", "0.1", "--attack-steps", "5", "--eval-steps", "10"]
+
+
+def run_script(script, *args, timeout=600):
+    return subprocess.run([PY, os.path.join(HERE, script), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=HERE)
+
+
+@pytest.fixture(scope="module")
+def fire_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fire")
+    r = run_script("train_fire.py", *QUICK, "--out-dir", str(out))
+    assert r.returncode == 0, r.stderr
+    return out, json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_fire_learns_on_digits(fire_run):
+    out, summary = fire_run
+    assert summary["method"] == "fire" and summary["lam"] == 12.0
+    assert summary["test_nat"] > 0.6 and summary["test_pgd"] > 0.3  # chance is 0.1
+    for name in ("last.pt", "best.pt", "log.txt", "metrics.jsonl", "summary.json"):
+        assert (out / name).exists()
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+
+
+def test_trades_learns_on_digits(tmp_path):
+    r = run_script("train_trades.py", *QUICK, "--out-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["method"] == "trades" and summary["beta"] == 6.0
+    assert summary["test_nat"] > 0.6 and summary["test_pgd"] > 0.3
+
+
+def test_killed_run_resumes_to_identical_result(fire_run, tmp_path):
+    """SIGKILL a run during epoch 3, resume with --resume auto: same weights as never killed."""
+    ref_out, ref_summary = fire_run
+    cmd = [PY, os.path.join(HERE, "train_fire.py"), *QUICK, "--out-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(metrics.read_text().splitlines()) in (2, 3), "kill came too late"
+    r = run_script("train_fire.py", *QUICK, "--out-dir", str(tmp_path), "--resume", "auto")
+    assert r.returncode == 0, r.stderr
+    ref = torch.load(ref_out / "last.pt", weights_only=True)
+    new = torch.load(tmp_path / "last.pt", weights_only=True)
+    for k in ref["model"]:
+        assert torch.equal(ref["model"][k], new["model"][k]), k
+    strip = lambda h: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in h]  # noqa: E731
+    assert strip(ref["history"]) == strip(new["history"])
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["test_nat"] == ref_summary["test_nat"]
+    assert summary["test_pgd"] == ref_summary["test_pgd"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Command-line contract
+
+
+@pytest.mark.parametrize("script,args,needle", [
+    ("train_fire.py", ["--eps", "-0.1"], "--eps"),
+    ("train_fire.py", ["--lam", "-1"], "--lam"),
+    ("train_fire.py", ["--dataset", "imagenet"], "--dataset"),
+    ("train_fire.py", ["--epochs", "0"], "--epochs"),
+    ("train_fire.py", ["--batch-size", "0"], "--batch-size"),
+    ("train_fire.py", ["--step-size", "0"], "--step-size"),
+    ("train_fire.py", ["--eps", "nan"], "--eps"),
+    ("train_fire.py", ["--model", "vgg99"], "vgg99"),
+    ("train_trades.py", ["--beta", "-6"], "--beta"),
+    ("train_trades.py", ["--loss", "kl"], "--loss"),
+])
+def test_bad_flags_exit_with_one_line(script, args, needle):
+    r = run_script(script, *args, "--out-dir", "/tmp/never-used-fire")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "error" in lines[0]
+
+
+def test_missing_offline_dataset_is_one_line(tmp_path):
+    r = run_script("train_fire.py", "--dataset", "mnist", "--data-dir", str(tmp_path / "nodata"),
+                   "--out-dir", str(tmp_path / "out"))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "mnist" in lines[0] and "--data-dir" in lines[0]
+
+
+def test_refuses_to_overwrite_a_run(fire_run, tmp_path):
+    out, _ = fire_run
+    r = run_script("train_fire.py", "--out-dir", str(out))
+    assert r.returncode == 2 and "--overwrite" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_presets_and_overrides():
+    args = train_fire.get_args(["--dataset", "cifar10"])
+    assert (args.model, args.eps, args.step_size, args.attack_steps, args.lr, args.epochs,
+            args.batch_size, args.lam) == ("wrn-34-10", 0.031, 0.007, 10, 0.1, 100, 256, 12.0)
+    args = train_fire.get_args(["--dataset", "mnist", "--eps", "0.2"])
+    assert (args.eps, args.attack_steps, args.step_size, args.lr) == (0.2, 40, 0.01, 0.01)
+    args = train_trades.get_args(["--dataset", "cifar100"])
+    assert (args.beta, args.model, args.method) == (6.0, "wrn-34-10", "trades")
+
+
+def test_step_schedule_matches_paper():
+    args = train_fire.get_args(["--dataset", "cifar10"])
+    f = train_fire.lr_factor(args)
+    assert [f(e) for e in (0, 74, 75, 89, 90, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+@pytest.mark.parametrize("name,shape,classes", [
+    ("smallcnn", (2, 1, 28, 28), 10), ("resnet18", (2, 3, 32, 32), 10), ("wrn-16-2", (2, 3, 32, 32), 100)])
+def test_models_take_unit_images_and_return_logits(name, shape, classes):
+    model = get_model(name, classes, mean=[0.5] * shape[1], std=[0.25] * shape[1]).eval()
+    assert model(torch.rand(shape)).shape == (2, classes)
+    assert "0.mean" in model.state_dict() and "0.std" in model.state_dict()
