@@ -499,3 +499,229 @@ def test_main_writes_results_and_figures(tmp_path):
 def test_cli_rejects_bad_sigma():
     with pytest.raises(SystemExit):
         gd.get_args(["--sigma", "1", "2", "3", "1"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The other methods of Tables 2 and 3 (Hellinger, self-adaptive, extra data, Madry, MART)
+
+
+def test_hellinger_regulariser_and_loss():
+    a, b = random_logits(8, 5, 2.0, 30), random_logits(8, 5, 2.0, 31)
+    y = torch.arange(8) % 5
+    p, q = F.softmax(a, 1), F.softmax(b, 1)
+    h2 = ((p.sqrt() - q.sqrt()) ** 2).sum(1)  # hand computation of Eq. 46 squared
+    expected = F.cross_entropy(a, y) + 3.0 * h2.mean()  # Eq. 48
+    assert torch.allclose(fire_loss(a, b, y, 3.0, hellinger_sq), expected, atol=1e-12)
+    # FIRE and Hellinger agree to second order for nearby outputs: H^2 = d^2/4 + O(d^4)
+    direction = random_logits(8, 5, 1.0, 32)
+    for t in [1e-1, 1e-2]:
+        d2 = train_fire.fisher_rao_sq(a, a + t * direction)
+        assert ((hellinger_sq(a, a + t * direction) - d2 / 4).abs() / d2 ** 2).max() < 0.1
+
+
+def test_self_adaptive_targets_and_ce():
+    labels = torch.tensor([0, 1, 2, 1])
+    sa = train_fire.SelfAdaptiveTargets(labels, 3, alpha=0.9, start=3, device="cpu")
+    logits = random_logits(2, 3, 2.0, 33).float()
+    idx = torch.tensor([1, 3])
+    before = sa(logits, idx, epoch=1)  # epoch index 1 = the 2nd epoch < start 3: one-hot
+    assert torch.equal(before, F.one_hot(labels[idx], 3).float())
+    assert torch.allclose(train_fire.self_adaptive_ce(logits, before), F.cross_entropy(logits, labels[idx]))
+    after = sa(logits, idx, epoch=2)  # 3rd epoch: t <- 0.9 t + 0.1 softmax
+    expected = 0.9 * F.one_hot(labels[idx], 3).float() + 0.1 * F.softmax(logits, 1)
+    assert torch.allclose(after, expected) and torch.allclose(sa.targets[idx], expected)
+    assert torch.equal(sa.targets[0], torch.tensor([1.0, 0, 0]))  # other rows untouched
+    w = expected.max(1).values
+    hand = (w * -(expected * F.log_softmax(logits, 1)).sum(1)).sum() / w.sum()
+    assert torch.allclose(train_fire.self_adaptive_ce(logits, after), hand)
+    state = sa.state_dict()
+    other = train_fire.SelfAdaptiveTargets(labels, 3, 0.9, 3, "cpu")
+    other.load_state_dict(state)
+    assert torch.equal(other.targets, sa.targets)
+
+
+def test_madry_loss_is_adversarial_ce():
+    b, y = random_logits(6, 4, 2.0, 34), torch.tensor([0, 1, 2, 3, 0, 1])
+    assert torch.allclose(train_trades.madry_loss(b, y), F.cross_entropy(b, y))
+
+
+LEARN = ["--epochs", "5", "--lr", "0.1", "--attack-steps", "3", "--eval-steps", "5"]
+
+
+@pytest.mark.parametrize("script,flags,method", [
+    ("train_fire.py", ["--distance", "hellinger"], "hellinger"),
+    ("train_fire.py", ["--self-adaptive", "--sa-start", "3"], "fire-sa"),
+    ("train_trades.py", ["--loss", "madry"], "madry"),
+    ("train_trades.py", ["--loss", "mart"], "mart"),
+])
+def test_each_method_learns_on_digits(script, flags, method, tmp_path):
+    r = run_script(script, *LEARN, *flags, "--out-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["method"] == method
+    assert summary["test_nat"] > 0.3 and summary["test_pgd"] > 0.15  # chance is 0.1
+
+
+def test_self_adaptive_targets_resume_exactly(tmp_path):
+    """Targets live in the checkpoint: 2 epochs + resume to 3 equals 3 epochs straight."""
+    flags = ["--self-adaptive", "--sa-start", "1", "--lr-milestones", "1.0", "--lr", "0.1",
+             "--attack-steps", "1", "--eval-steps", "1"]
+    straight = run_script("train_fire.py", *flags, "--epochs", "3", "--out-dir", str(tmp_path / "a"))
+    first = run_script("train_fire.py", *flags, "--epochs", "2", "--out-dir", str(tmp_path / "b"))
+    resumed = run_script("train_fire.py", *flags, "--epochs", "3", "--out-dir", str(tmp_path / "b"),
+                         "--resume", "auto")
+    assert straight.returncode == first.returncode == resumed.returncode == 0, resumed.stderr
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    targets = a["method_state"]["targets"]
+    assert torch.allclose(targets.sum(1), torch.ones(len(targets)))
+    assert targets.max(1).values.min() < 1  # updated, not one-hot
+    assert torch.equal(targets, b["method_state"]["targets"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def digits_npz(path, n=200):
+    x, y = train_fire.load_digits_tensors()
+    images = (x[-n:].permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    np.savez(path, images=images, labels=y[-n:].numpy())
+    return path
+
+
+def test_aux_data_mixes_into_every_batch(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    batches = list(train_fire.MixedBatches(100, 30, 16, 0.5, gen))
+    assert len(batches) == 13
+    lab = torch.cat([torch.tensor([i for i in b if i < 100]) for b in batches])
+    assert sorted(lab.tolist()) == list(range(100))  # one pass over the training set
+    assert all(sum(i >= 100 for i in b) == 8 for b in batches)  # half of each batch is aux
+    r = run_script("train_fire.py", "--epochs", "1", "--attack-steps", "1", "--eval-steps", "1",
+                   "--aux-data", str(digits_npz(tmp_path / "aux.npz")), "--out-dir", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["aux_data"].endswith("aux.npz")
+
+
+def test_aux_data_pickle_needs_trust(tmp_path):
+    import pickle
+    x, y = train_fire.load_digits_tensors()
+    path = tmp_path / "ti.pickle"
+    with open(path, "wb") as f:
+        pickle.dump({"data": (x[:10].permute(0, 2, 3, 1) * 255).to(torch.uint8).numpy(),
+                     "extrapolated_targets": y[:10].numpy()}, f)
+    r = run_script("train_fire.py", "--aux-data", str(path), "--out-dir", str(tmp_path / "run"))
+    assert r.returncode == 2 and "--trust-pickle" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    args = train_fire.get_args(["--aux-data", str(path), "--trust-pickle"])
+    train_set = train_fire.get_datasets(args)[0]
+    aux = train_fire.load_aux_data(args, train_set)
+    assert len(aux) == 10 and aux[0][0].shape == (1, 28, 28)
+
+
+@pytest.mark.parametrize("content,needle", [
+    (dict(images=np.zeros((4, 32, 32, 3), np.uint8), labels=np.zeros(4)), "shape"),
+    (dict(images=np.zeros((4, 28, 28, 1), np.float32), labels=np.zeros(4)), "uint8"),
+    (dict(images=np.zeros((4, 28, 28, 1), np.uint8), labels=np.full(4, 10)), "labels"),
+    (dict(pictures=np.zeros((4, 28, 28, 1), np.uint8)), "cannot read"),
+])
+def test_aux_data_bad_files(content, needle, tmp_path):
+    np.savez(tmp_path / "bad.npz", **content)
+    args = train_fire.get_args(["--aux-data", str(tmp_path / "bad.npz")])
+    with pytest.raises(train_fire.UserError, match=needle):
+        train_fire.load_aux_data(args, train_fire.get_datasets(args)[0])
+
+
+def test_aux_data_preset_is_carmon():
+    args = train_fire.get_args(["--dataset", "cifar10", "--aux-data", __file__])
+    assert (args.model, args.schedule, args.epochs) == ("wrn-28-10", "cosine", 200)
+    args = train_fire.get_args(["--dataset", "cifar10", "--aux-data", __file__, "--epochs", "50"])
+    assert args.epochs == 50
+
+
+# ----------------------------------------------------------------------------------------------
+# Reliability: hostile files, numerical faults, bad arguments, concurrent runs
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling this runs a shell command that creates `marker`
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_checkpoint_does_not_run_code(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "last.pt"
+    torch.save({"format": train_fire.CHECKPOINT_FORMAT, "payload": _Evil(marker)}, evil)
+    r = run_script("train_fire.py", "--resume", str(evil), "--out-dir", str(tmp_path / "run"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "cannot load checkpoint" in r.stderr
+    assert not marker.exists()
+
+
+def test_broken_and_foreign_checkpoints(fire_run, tmp_path):
+    out, _ = fire_run
+    good = (out / "last.pt").read_bytes()
+    cases = {"truncated.pt": good[: len(good) // 2], "garbage.pt": b"not a checkpoint" * 10}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    ckpt["args"]["model"] = "resnet18"  # weights of a smallcnn under another architecture's name
+    torch.save(ckpt, tmp_path / "mislabelled.pt")
+    for name, needle in [("truncated.pt", "cannot load"), ("garbage.pt", "cannot load"),
+                         ("foreign.pt", "not a checkpoint"), ("mislabelled.pt", "model")]:
+        r = run_script("train_fire.py", *QUICK, "--resume", str(tmp_path / name), "--out-dir", str(tmp_path / name) + ".run")
+        assert r.returncode == 2, (name, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, (name, r.stderr)
+    with pytest.raises(train_fire.UserError, match="does not match"):
+        saved = torch.load(tmp_path / "mislabelled.pt", weights_only=True)
+        train_fire.load_model_state(train_fire.model_from_args(saved["args"]), saved, "mislabelled.pt")
+    r = run_script("train_trades.py", "--resume", str(out / "last.pt"), "--out-dir", str(tmp_path / "t"))
+    assert r.returncode == 2 and "method='fire'" in r.stderr  # a FIRE run cannot resume as TRADES
+
+
+def test_nan_loss_stops_with_epoch_and_batch(tmp_path):
+    r = run_script("train_fire.py", "--lr", "1e30", "--epochs", "1", "--attack-steps", "1",
+                   "--log-every", "2", "--out-dir", str(tmp_path))
+    assert r.returncode == 2
+    line = r.stderr.strip().splitlines()[-1]
+    assert "NaN or infinite at epoch 1, batch" in line
+
+
+@pytest.mark.parametrize("script,args,needle", [
+    ("train_fire.py", ["--eps", "5"], "--eps"),
+    ("train_fire.py", ["--attack-steps", "-1"], "--attack-steps"),
+    ("train_fire.py", ["--eval-steps", "-2"], "--eval-steps"),
+    ("train_fire.py", ["--lr", "-0.1"], "--lr"),
+    ("train_fire.py", ["--epochs", "-5"], "--epochs"),
+    ("train_fire.py", ["--batch-size", "-3"], "--batch-size"),
+    ("train_fire.py", ["--val-size", "0"], "--val-size"),
+    ("train_fire.py", ["--unsup-fraction", "1.5"], "--unsup-fraction"),
+    ("train_fire.py", ["--sa-alpha", "1"], "--sa-alpha"),
+    ("train_fire.py", ["--distance", "kl"], "--distance"),
+    ("train_fire.py", ["--aux-data", "/no/such/file.npz"], "--aux-data"),
+    ("train_fire.py", ["--resume", "/no/such/last.pt"], "does not exist"),
+    ("train_fire.py", ["--out-dir", "/etc/hostname/run"], "--out-dir"),
+    ("train_fire.py", ["--epochs", "two"], "--epochs"),
+    ("train_trades.py", ["--eps", "-1"], "--eps"),
+    ("train_trades.py", ["--step-size", "-0.01"], "--step-size"),
+    ("train_trades.py", ["--dataset", "svhn"], "--dataset"),
+    ("train_trades.py", ["--model", "wrn-35-10"], "6n+4"),
+])
+def test_bad_argument_catalogue(script, args, needle, tmp_path):
+    argv = list(args) if "--out-dir" in args else [*args, "--out-dir", str(tmp_path / "run")]
+    r = run_script(script, *argv)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], lines
+
+
+def test_concurrent_runs_do_not_interfere(tmp_path):
+    cmd = lambda d: [PY, os.path.join(HERE, "train_fire.py"), "--epochs", "1", "--attack-steps", "1",  # noqa: E731
+                     "--eval-steps", "1", "--out-dir", str(tmp_path / d)]
+    procs = [subprocess.Popen(cmd(d), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=HERE)
+             for d in ("a", "b")]
+    assert all(p.wait(timeout=300) == 0 for p in procs)
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert not list(tmp_path.glob("*/*.tmp*"))  # no temporary files left behind

@@ -45,6 +45,7 @@ PRESETS = {
     "cifar100": dict(model="wrn-34-10", epochs=100, batch_size=256, lr=0.1, schedule="step",
                      eps=0.031, step_size=0.007, attack_steps=10, eval_steps=20),
 }
+AUX_PRESET = dict(model="wrn-28-10", schedule="cosine", epochs=200)  # Carmon et al.'s protocol
 DATA_INFO = {  # classes, channels, per-channel mean and std (normalisation is done inside the model)
     "digits": (10, 1, (0.5,), (0.5,)),
     "mnist": (10, 1, (0.1307,), (0.3081,)),
@@ -86,6 +87,15 @@ def build_parser(description):
     p.add_argument("--attack-steps", type=int, default=None, help="PGD steps during training")
     p.add_argument("--eval-steps", type=int, default=None,
                    help="steps of the CE PGD used for validation/test (step 2.5 * eps / steps)")
+    p.add_argument("--aux-data", type=str, default=None,
+                   help=".npz with `images` (N, H, W, C) uint8 and `labels` (N,): extra pseudo-labelled "
+                        "images mixed into every batch (Carmon et al.'s 500K; with cifar10 the preset "
+                        "becomes WRN-28-10, cosine, 200 epochs)")
+    p.add_argument("--unsup-fraction", type=float, default=0.5,
+                   help="share of each batch drawn from --aux-data")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow --aux-data in the public pickle format (unpickling runs code: "
+                        "only for files you trust; prefer converting to .npz)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random number generator")
     p.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto = CUDA (all visible GPUs) when available, else CPU")
@@ -110,7 +120,10 @@ def finish_args(parser, argv, method):
     `method` names the run (a string, or a function of the parsed args)."""
     args = parser.parse_args(argv)
     args.method = method(args) if callable(method) else method
-    for key, value in PRESETS[args.dataset].items():
+    preset = dict(PRESETS[args.dataset])
+    if args.aux_data and args.dataset == "cifar10":
+        preset.update(AUX_PRESET)
+    for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.val_size is None:
@@ -129,6 +142,8 @@ def finish_args(parser, argv, method):
         (args.val_size >= 1, f"--val-size must be >= 1, got {args.val_size}"),
         (args.log_every >= 1, f"--log-every must be >= 1, got {args.log_every}"),
         (all(0 < m <= 1 for m in args.lr_milestones), "--lr-milestones are fractions in (0, 1]"),
+        (0 < args.unsup_fraction < 1, f"--unsup-fraction must be in (0, 1), got {args.unsup_fraction}"),
+        (args.aux_data is None or os.path.isfile(args.aux_data), f"--aux-data {args.aux_data!r} does not exist"),
     ]
     for name in ("lam", "beta"):
         value = getattr(args, name, None)
@@ -174,14 +189,55 @@ def hellinger_sq(logits_a, logits_b):
     return (root_a - root_b).pow(2).sum(dim=1)
 
 
-def fire_loss(logits_nat, logits_adv, y, lam):
-    """FIRE risk, Eq. 7: mean CE on the natural logits + lam * mean d^2(q_nat, q_adv)."""
-    return (F.cross_entropy(_full(logits_nat), y)
-            + lam * fisher_rao_distance(logits_nat, logits_adv).pow(2).mean())
+def fisher_rao_sq(logits_a, logits_b):
+    """d^2, the regulariser of Eq. 7; shape (B,)."""
+    return fisher_rao_distance(logits_a, logits_b).pow(2)
 
 
-def attack_fire(model, x, eps, step_size, steps, distance=fisher_rao_distance):
-    """Linf PGD maximising d^2(q(.|x), q(.|x')) from x + 0.001 * N(0, 1); returns x'.
+REGULARISERS = {"fisher-rao": fisher_rao_sq, "hellinger": hellinger_sq}  # Eq. 7 and Eq. 48
+
+
+def fire_loss(logits_nat, logits_adv, y, lam, regulariser=fisher_rao_sq):
+    """FIRE risk, Eq. 7: mean CE on the natural logits + lam * mean d^2(q_nat, q_adv).
+
+    With regulariser=hellinger_sq it is the Hellinger risk of Eq. 48 (H^2 = d^2 / 4 + O(d^4)).
+    """
+    return F.cross_entropy(_full(logits_nat), y) + lam * regulariser(logits_nat, logits_adv).mean()
+
+
+def self_adaptive_ce(logits, targets):
+    """Self-adaptive training's CE (Huang et al. 2020): soft targets t, per-sample weight max_j t_j,
+    -sum_i w_i sum_j t_ij log q_ij / sum_i w_i. With one-hot targets it is the plain mean CE."""
+    weights = targets.max(dim=1).values
+    ce = -(targets * F.log_softmax(_full(logits), dim=1)).sum(dim=1)
+    return (weights * ce).sum() / weights.sum()
+
+
+class SelfAdaptiveTargets:
+    """Soft targets t <- alpha t + (1 - alpha) softmax(f(x)), one row per training image, updated
+    from epoch `start` (1-based) on; one-hot before. Saved in checkpoints, so resume is exact."""
+
+    def __init__(self, labels, num_classes, alpha, start, device):
+        self.targets = F.one_hot(labels, num_classes).float().to(device)
+        self.alpha, self.start = alpha, start
+
+    def __call__(self, logits_nat, idx, epoch):
+        """Update the rows `idx` (after epoch + 1 >= start) and return them."""
+        idx = idx.to(self.targets.device)
+        if epoch + 1 >= self.start:
+            probs = F.softmax(_full(logits_nat).detach(), dim=1)
+            self.targets[idx] = self.alpha * self.targets[idx] + (1 - self.alpha) * probs
+        return self.targets[idx]
+
+    def state_dict(self):
+        return {"targets": self.targets.cpu()}
+
+    def load_state_dict(self, state):
+        self.targets.copy_(state["targets"])
+
+
+def attack_fire(model, x, eps, step_size, steps, regulariser=fisher_rao_sq):
+    """Linf PGD maximising d^2(q(.|x), q(.|x')) (or another regulariser) from x + 0.001 N(0, 1).
 
     The natural logits are computed once. Gradients are taken with respect to the input only.
     The caller puts the model in eval mode (no dropout, frozen BatchNorm statistics).
@@ -191,7 +247,7 @@ def attack_fire(model, x, eps, step_size, steps, distance=fisher_rao_distance):
     x_adv = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
     for _ in range(steps):
         x_adv.requires_grad_(True)
-        objective = distance(logits_nat, model(x_adv)).pow(2).sum()
+        objective = regulariser(logits_nat, model(x_adv)).sum()
         grad, = torch.autograd.grad(objective, x_adv)
         x_adv = x_adv.detach() + step_size * grad.sign()
         x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
@@ -216,7 +272,12 @@ class Indexed(torch.utils.data.Dataset):
         x, y = self.base[self.indices[i]]
         if self.transform is not None:
             x = self.transform(x)
-        return x, y, i
+        return x, int(y), i
+
+    def labels(self):
+        """All labels without loading images."""
+        base = self.base.targets if hasattr(self.base, "targets") else self.base.tensors[1]
+        return torch.as_tensor(base)[self.indices]
 
 
 def load_digits_tensors():
@@ -273,10 +334,88 @@ def _torchvision_split(cls, root, train):
         return cls(root, train=train, download=True)
 
 
+class AuxData(torch.utils.data.Dataset):
+    """Extra pseudo-labelled images (uint8, N x H x W x C) with the training set's augmentation."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        img = self.images[i]
+        if self.transform is not None:  # torchvision pipelines start from PIL images
+            from PIL import Image
+            x = self.transform(Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img))
+        else:
+            x = torch.from_numpy(img).permute(2, 0, 1).float() / 255
+        return x, int(self.labels[i]), -1
+
+
+def load_aux_data(args, train_set):
+    """Read --aux-data safely (.npz without pickles; the public pickle only with --trust-pickle)."""
+    path = args.aux_data
+    num_classes, channels = DATA_INFO[args.dataset][:2]
+    try:
+        if path.endswith((".pickle", ".pkl")):
+            if not args.trust_pickle:
+                raise UserError(f"refusing to unpickle {path!r} (unpickling runs code): convert it "
+                                f"to .npz (see README) or pass --trust-pickle if you trust the file")
+            import pickle
+            with open(path, "rb") as f:
+                raw = pickle.load(f)
+            images, labels = raw["data"], raw["extrapolated_targets"]
+        else:
+            with np.load(path, allow_pickle=False) as raw:
+                images, labels = raw["images"], raw["labels"]
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001  (bad zip, missing key, object arrays, ...)
+        raise UserError(f"cannot read --aux-data {path!r}: {type(e).__name__}: {str(e)[:150]}") from None
+    images, labels = np.asarray(images), np.asarray(labels).astype(np.int64)
+    if images.ndim == 3:
+        images = images[..., None]
+    shape = tuple(train_set[0][0].shape)  # (C, H, W) of the training images
+    if images.dtype != np.uint8 or images.shape[1:] != (shape[1], shape[2], shape[0]):
+        raise UserError(f"--aux-data images must be uint8 of shape (N, {shape[1]}, {shape[2]}, "
+                        f"{shape[0]}) for {args.dataset}, got {images.dtype} {images.shape}")
+    if len(labels) != len(images) or labels.min() < 0 or labels.max() >= num_classes:
+        raise UserError(f"--aux-data labels must be {len(images)} integers in [0, {num_classes})")
+    return AuxData(images, labels, train_set.transform)
+
+
+class MixedBatches(torch.utils.data.Sampler):
+    """Batches of indices into ConcatDataset([train, aux]): each epoch passes once over the training
+    set, and a share `fraction` of every batch is drawn at random from the aux set (Carmon et al.).
+    Under torchrun every rank builds the same batches and keeps its slice of each."""
+
+    def __init__(self, n_train, n_aux, batch_size, fraction, generator):
+        self.n_train, self.n_aux, self.gen = n_train, n_aux, generator
+        self.n_lab = max(1, round(batch_size * (1 - fraction)))
+        self.n_unl = batch_size - self.n_lab
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+    def __len__(self):
+        return math.ceil(self.n_train / self.n_lab)
+
+    def __iter__(self):
+        order = torch.randperm(self.n_train, generator=self.gen)
+        for lab in order.split(self.n_lab):
+            unl = self.n_train + torch.randint(self.n_aux, (self.n_unl,), generator=self.gen)
+            yield torch.cat([lab, unl])[self.rank::self.world].tolist()
+
+
 def train_loader(dataset, args, epoch):
     """Shuffled loader whose order depends only on (seed, epoch): a resumed run sees the same
     batches. Under torchrun each rank gets its shard and batch_size / world_size images."""
     gen = torch.Generator().manual_seed(args.seed * 100003 + epoch)
+    workers = 0 if args.dataset == "digits" else args.workers
+    if isinstance(dataset, torch.utils.data.ConcatDataset):  # training set + --aux-data
+        batches = MixedBatches(len(dataset.datasets[0]), len(dataset.datasets[1]), args.batch_size,
+                               args.unsup_fraction, gen)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                           pin_memory=args.device_obj.type == "cuda")
     batch_size = args.batch_size
     if dist.is_initialized():
         sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=args.seed)
@@ -285,8 +424,7 @@ def train_loader(dataset, args, epoch):
     else:
         sampler = torch.utils.data.RandomSampler(dataset, generator=gen)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, generator=gen,
-        num_workers=0 if args.dataset == "digits" else args.workers,
+        dataset, batch_size=batch_size, sampler=sampler, generator=gen, num_workers=workers,
         pin_memory=args.device_obj.type == "cuda")
 
 
@@ -451,11 +589,13 @@ def prepare_out_dir(args):
                 os.remove(os.path.join(args.out_dir, f))
 
 
-def run(args, attack, criterion, method_state=None):
-    """Train with `attack(model, x, y) -> x_adv` and `criterion(model, x, x_adv, y, idx, epoch)`.
+def run(args, attack, criterion, make_state=None):
+    """Train with `attack(model, x, y) -> x_adv` and
+    `criterion(model, x, x_adv, y, idx, epoch) -> (loss, logits used for the train accuracy)`.
 
-    `method_state` (optional) has state_dict()/load_state_dict() and is saved in checkpoints,
-    e.g. the self-adaptive soft targets. Returns the final summary dict.
+    `make_state(train_set, device)` (optional) builds per-run state with state_dict() and
+    load_state_dict() that is saved in checkpoints (the self-adaptive targets); criterion gets it
+    as `state=` (None without make_state). Returns the final summary dict.
     """
     args.device_obj = device = setup_device(args)
     prepare_out_dir(args) if is_main() else None
@@ -467,6 +607,8 @@ def run(args, attack, criterion, method_state=None):
     torch.manual_seed(args.seed)
 
     train_set, val_set, test_set = get_datasets(args)
+    if args.aux_data:
+        train_set = torch.utils.data.ConcatDataset([train_set, load_aux_data(args, train_set)])
     model = model_from_args(vars(args)).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -475,6 +617,7 @@ def run(args, attack, criterion, method_state=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args))
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")
     start_epoch, best, train_time, history = 0, -1.0, 0.0, []
+    method_state = None if make_state is None else make_state(train_set, device)
 
     if args.resume:
         ckpt = load_checkpoint(args.resume)
@@ -485,6 +628,9 @@ def run(args, attack, criterion, method_state=None):
         load_model_state(model, ckpt, args.resume)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        # The schedule follows this run's flags: resuming with a larger --epochs extends a run.
+        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base_lr * lr_factor(args)(scheduler.last_epoch)
         scaler.load_state_dict(ckpt["scaler"])
         if method_state is not None:
             method_state.load_state_dict(ckpt["method_state"])
@@ -529,7 +675,7 @@ def run(args, attack, criterion, method_state=None):
                 x_adv = attack(attacker, x, y)
             model.train()
             with amp:
-                loss, logits_nat = criterion(train_model, x, x_adv, y, idx, epoch)
+                loss, logits_nat = criterion(train_model, x, x_adv, y, idx, epoch, state=method_state)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -583,7 +729,7 @@ def run(args, attack, criterion, method_state=None):
                                   eval_loader(test_set, args), args.eps, args.eval_steps, device)
     summary = dict(method=args.method, dataset=args.dataset, model=args.model, eps=args.eps,
                    lam=getattr(args, "lam", None), beta=getattr(args, "beta", None),
-                   seed=args.seed, epochs=args.epochs, best_epoch=best_ckpt["epoch"],
+                   aux_data=args.aux_data, seed=args.seed, epochs=args.epochs, best_epoch=best_ckpt["epoch"],
                    val_nat=best_ckpt["history"][-1]["val_nat"], val_pgd=best_ckpt["best_val_pgd"],
                    test_nat=test_nat, test_pgd=test_pgd, eval_steps=args.eval_steps,
                    train_time_s=train_time, out_dir=args.out_dir)
@@ -619,20 +765,45 @@ def get_args(argv=None):
     p.add_argument("--lam", type=float, default=12.0,
                    help="weight of d^2 in Eq. 7 (paper: 12). The authors' code weights "
                         "arccos(BC)^2 = d^2/4 by beta, so their beta = 4 * lam")
-    return finish_args(p, argv, method="fire")
+    p.add_argument("--distance", type=str, default="fisher-rao", choices=sorted(REGULARISERS),
+                   help="regulariser: fisher-rao = d^2 (FIRE, Eq. 7), hellinger = H^2 (Eq. 48)")
+    p.add_argument("--self-adaptive", action="store_true",
+                   help="FIRE + Self-Adaptive (Table 2): CE on soft targets (Huang et al. 2020)")
+    p.add_argument("--sa-alpha", type=float, default=0.9, help="soft-target momentum")
+    p.add_argument("--sa-start", type=int, default=70, help="first epoch (1-based) of target updates")
+
+    def name(a):
+        return ("hellinger" if a.distance == "hellinger" else "fire") + ("-sa" if a.self_adaptive else "")
+    args = finish_args(p, argv, method=name)
+    if not 0 <= args.sa_alpha < 1:
+        p.error(f"--sa-alpha must be in [0, 1), got {args.sa_alpha}")
+    if args.self_adaptive and args.aux_data:
+        p.error("--self-adaptive with --aux-data is not supported (the paper uses neither together)")
+    if args.self_adaptive and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        p.error("--self-adaptive keeps per-image targets in one process: use DataParallel, not torchrun")
+    return args
 
 
 def main(argv=None):
     args = get_args(argv)
 
+    regulariser = REGULARISERS[args.distance]
+
     def attack(model, x, y):
-        return attack_fire(model, x, args.eps, args.step_size, args.attack_steps)
+        return attack_fire(model, x, args.eps, args.step_size, args.attack_steps, regulariser)
 
-    def criterion(model, x, x_adv, y, idx, epoch):
+    def criterion(model, x, x_adv, y, idx, epoch, state=None):
         logits_nat, logits_adv = model(x), model(x_adv)
-        return fire_loss(logits_nat, logits_adv, y, args.lam), logits_nat
+        if state is None:
+            return fire_loss(logits_nat, logits_adv, y, args.lam, regulariser), logits_nat
+        ce = self_adaptive_ce(logits_nat, state(logits_nat, idx, epoch))
+        return ce + args.lam * regulariser(logits_nat, logits_adv).mean(), logits_nat
 
-    return run(args, attack, criterion)
+    def make_state(train_set, device):
+        return SelfAdaptiveTargets(train_set.labels(), DATA_INFO[args.dataset][0], args.sa_alpha,
+                                   args.sa_start, device)
+
+    return run(args, attack, criterion, make_state if args.self_adaptive else None)
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ def main(argv=None):
         # MART's code starts from x + 0.001 * N(0, 1)
         return attack_pgd_ce(model, x, y, args.eps, args.step_size, args.attack_steps, start="normal")
 
-    def criterion(model, x, x_adv, y, idx, epoch):
+    def criterion(model, x, x_adv, y, idx, epoch, state=None):
         if args.loss == "madry":
             logits_adv = model(x_adv)
             return madry_loss(logits_adv, y), logits_adv
