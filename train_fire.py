@@ -569,9 +569,6 @@ def lr_factor(args):
 
 def prepare_out_dir(args):
     """Create the run folder; refuse to clobber another run unless resuming or --overwrite."""
-    if args.resume == "auto":
-        last = os.path.join(args.out_dir, "last.pt")
-        args.resume = last if os.path.isfile(last) else None
     try:
         os.makedirs(args.out_dir, exist_ok=True)
         probe = os.path.join(args.out_dir, f".write-test{os.getpid()}")
@@ -598,7 +595,11 @@ def run(args, attack, criterion, make_state=None):
     as `state=` (None without make_state). Returns the final summary dict.
     """
     args.device_obj = device = setup_device(args)
-    prepare_out_dir(args) if is_main() else None
+    if args.resume == "auto":  # continue a preempted run if there is one, else start fresh
+        last = os.path.join(args.out_dir, "last.pt")
+        args.resume = last if os.path.isfile(last) else None
+    if is_main():
+        prepare_out_dir(args)
     if dist.is_initialized():
         dist.barrier()
     log = Logger(args.out_dir)
@@ -659,7 +660,7 @@ def run(args, attack, criterion, make_state=None):
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
         loader = train_loader(train_set, args, epoch)
-        stats = torch.zeros(3, device=device)  # loss sum, correct (natural, train mode), count
+        stats = torch.zeros(3, device=device)  # loss sum, correct, count (accumulated on device)
         first_bad = torch.full((), -1, device=device)
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                    disable=None if is_main() else True)
@@ -682,8 +683,9 @@ def run(args, attack, criterion, make_state=None):
             scaler.update()
             loss = loss.detach()
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), i, first_bad)
-            stats += torch.stack([loss * len(y), (logits_nat.argmax(1) == y).sum().float(),
-                                  torch.tensor(float(len(y)), device=device)])
+            stats[0] += loss * len(y)
+            stats[1] += (logits_nat.argmax(1) == y).sum()
+            stats[2] += len(y)
             if (i + 1) % args.log_every == 0 or i + 1 == len(loader):
                 if first_bad.item() >= 0:  # the only host-device sync, once per log_every batches
                     raise UserError(f"loss became NaN or infinite at epoch {epoch + 1}, batch "
