@@ -129,7 +129,7 @@ def finish_args(parser, argv, method):
     if args.val_size is None:
         args.val_size = 180 if args.dataset == "digits" else 1000
     if args.out_dir is None:
-        args.out_dir = os.path.join("runs", f"{method}-{args.dataset}-s{args.seed}")
+        args.out_dir = os.path.join("runs", f"{args.method}-{args.dataset}-s{args.seed}")
     checks = [
         (args.eps >= 0 and math.isfinite(args.eps), f"--eps must be >= 0, got {args.eps}"),
         (args.eps <= 1, f"--eps must be <= 1 (images are in [0, 1]), got {args.eps}"),
@@ -586,6 +586,25 @@ def prepare_out_dir(args):
                 os.remove(os.path.join(args.out_dir, f))
 
 
+def train_step(model, attacker, train_model, attack, criterion, optimizer, scaler, amp, x, y, idx,
+               epoch, state=None):
+    """One training step: attack the frozen model (eval mode: no dropout, BatchNorm running
+    statistics), then one SGD step on the method's loss over the natural and adversarial batches
+    in train mode. `attacker` and `train_model` are views of `model` (DataParallel, DDP,
+    compiled). Returns the detached loss and the logits that give the train accuracy."""
+    model.eval()
+    with amp:
+        x_adv = attack(attacker, x, y)
+    model.train()
+    with amp:
+        loss, logits = criterion(train_model, x, x_adv, y, idx, epoch, state=state)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach(), logits.detach()
+
+
 def run(args, attack, criterion, make_state=None):
     """Train with `attack(model, x, y) -> x_adv` and
     `criterion(model, x, x_adv, y, idx, epoch) -> (loss, logits used for the train accuracy)`.
@@ -669,22 +688,11 @@ def run(args, attack, criterion, make_state=None):
             y = y.to(device, non_blocking=True)
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            # Attack a frozen model (eval mode: no dropout, BatchNorm uses running statistics),
-            # then train on the natural and adversarial batches in train mode.
-            model.eval()
-            with amp:
-                x_adv = attack(attacker, x, y)
-            model.train()
-            with amp:
-                loss, logits_nat = criterion(train_model, x, x_adv, y, idx, epoch, state=method_state)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            loss = loss.detach()
+            loss, logits = train_step(model, attacker, train_model, attack, criterion, optimizer,
+                                      scaler, amp, x, y, idx, epoch, method_state)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), i, first_bad)
             stats[0] += loss * len(y)
-            stats[1] += (logits_nat.argmax(1) == y).sum()
+            stats[1] += (logits.argmax(1) == y).sum()
             stats[2] += len(y)
             if (i + 1) % args.log_every == 0 or i + 1 == len(loader):
                 if first_bad.item() >= 0:  # the only host-device sync, once per log_every batches
@@ -762,6 +770,34 @@ def cli(main_fn):
 # ----------------------------------------------------------------------------------------------
 
 
+def add_self_adaptive_flags(parser, row):
+    parser.add_argument("--self-adaptive", action="store_true",
+                        help=f"{row}: CE on soft targets (self-adaptive training, Huang et al. 2020)")
+    parser.add_argument("--sa-alpha", type=float, default=0.9, help="soft-target momentum")
+    parser.add_argument("--sa-start", type=int, default=70,
+                        help="first epoch (1-based) of target updates")
+
+
+def check_self_adaptive(parser, args):
+    if not 0 <= args.sa_alpha < 1:
+        parser.error(f"--sa-alpha must be in [0, 1), got {args.sa_alpha}")
+    if args.self_adaptive and args.aux_data:
+        parser.error("--self-adaptive with --aux-data is not supported (the paper uses neither together)")
+    if args.self_adaptive and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        parser.error("--self-adaptive keeps per-image targets in one process: use DataParallel, not torchrun")
+
+
+def self_adaptive_state(args):
+    """run()'s make_state for --self-adaptive (the soft targets), else None."""
+    if not args.self_adaptive:
+        return None
+
+    def make_state(train_set, device):
+        return SelfAdaptiveTargets(train_set.labels(), DATA_INFO[args.dataset][0], args.sa_alpha,
+                                   args.sa_start, device)
+    return make_state
+
+
 def get_args(argv=None):
     p = build_parser(__doc__.splitlines()[0])
     p.add_argument("--lam", type=float, default=12.0,
@@ -769,26 +805,18 @@ def get_args(argv=None):
                         "arccos(BC)^2 = d^2/4 by beta, so their beta = 4 * lam")
     p.add_argument("--distance", type=str, default="fisher-rao", choices=sorted(REGULARISERS),
                    help="regulariser: fisher-rao = d^2 (FIRE, Eq. 7), hellinger = H^2 (Eq. 48)")
-    p.add_argument("--self-adaptive", action="store_true",
-                   help="FIRE + Self-Adaptive (Table 2): CE on soft targets (Huang et al. 2020)")
-    p.add_argument("--sa-alpha", type=float, default=0.9, help="soft-target momentum")
-    p.add_argument("--sa-start", type=int, default=70, help="first epoch (1-based) of target updates")
+    add_self_adaptive_flags(p, "FIRE + Self Adaptive (Table 2)")
 
     def name(a):
         return ("hellinger" if a.distance == "hellinger" else "fire") + ("-sa" if a.self_adaptive else "")
     args = finish_args(p, argv, method=name)
-    if not 0 <= args.sa_alpha < 1:
-        p.error(f"--sa-alpha must be in [0, 1), got {args.sa_alpha}")
-    if args.self_adaptive and args.aux_data:
-        p.error("--self-adaptive with --aux-data is not supported (the paper uses neither together)")
-    if args.self_adaptive and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        p.error("--self-adaptive keeps per-image targets in one process: use DataParallel, not torchrun")
+    check_self_adaptive(p, args)
     return args
 
 
-def main(argv=None):
-    args = get_args(argv)
-
+def build_method(args):
+    """FIRE's (attack, criterion, make_state) for run(); make_state is None without
+    --self-adaptive. Needs args.eps, step_size, attack_steps, lam, distance, self_adaptive."""
     regulariser = REGULARISERS[args.distance]
 
     def attack(model, x, y):
@@ -801,11 +829,12 @@ def main(argv=None):
         ce = self_adaptive_ce(logits_nat, state(logits_nat, idx, epoch))
         return ce + args.lam * regulariser(logits_nat, logits_adv).mean(), logits_nat
 
-    def make_state(train_set, device):
-        return SelfAdaptiveTargets(train_set.labels(), DATA_INFO[args.dataset][0], args.sa_alpha,
-                                   args.sa_start, device)
+    return attack, criterion, self_adaptive_state(args)
 
-    return run(args, attack, criterion, make_state if args.self_adaptive else None)
+
+def main(argv=None):
+    args = get_args(argv)
+    return run(args, *build_method(args))
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@
     madry:  loss = CE(f(x'), y),  x' = PGD maximising the CE from a uniform random start (Eq. 4)
     mart:   loss = BCE(f(x'), y) + beta * mean_i KL_i(q(.|x) || q(.|x')) * (1 - q(y|x)),
             x' = PGD maximising the CE (Wang et al. 2020)
+    trades --self-adaptive: TRADES with the CE on self-adaptive soft targets (Huang et al. 2020)
 
 Commands:
     python train_trades.py                                   # TRADES on digits, CPU, ~1 minute
     python train_trades.py --dataset cifar10                 # WRN-34-10, beta 6; all visible GPUs
     python train_trades.py --dataset cifar10 --loss madry    # "Madry et al." / "Overfitting" rows
+    python train_trades.py --dataset cifar10 --self-adaptive # "Self Adaptive" row (Huang et al.)
     torchrun --nproc_per_node=4 train_trades.py --dataset cifar10
 
 Data, schedule, evaluation, checkpoints and the training loop are imported from train_fire.py, so
@@ -17,7 +19,9 @@ the only difference from FIRE is the loss and the attack objective.
 import torch
 import torch.nn.functional as F
 
-from train_fire import _full, attack_pgd_ce, build_parser, cli, finish_args, run
+from train_fire import (_full, add_self_adaptive_flags, attack_pgd_ce, build_parser,
+                        check_self_adaptive, cli, finish_args, run, self_adaptive_ce,
+                        self_adaptive_state)
 
 
 def kl_per_sample(logits_p, logits_q):
@@ -74,12 +78,17 @@ def get_args(argv=None):
                    help="training objective (the run folder and checkpoint record it)")
     p.add_argument("--beta", type=float, default=6.0,
                    help="weight of the KL term for trades and mart (paper's comparison: 6)")
-    return finish_args(p, argv, method=lambda a: a.loss)
+    add_self_adaptive_flags(p, "Self Adaptive (Table 2), with --loss trades")
+    args = finish_args(p, argv, method=lambda a: a.loss + ("-sa" if a.self_adaptive else ""))
+    check_self_adaptive(p, args)
+    if args.self_adaptive and args.loss != "trades":
+        p.error(f"--self-adaptive works with --loss trades, not {args.loss}")
+    return args
 
 
-def main(argv=None):
-    args = get_args(argv)
-
+def build_method(args):
+    """The (attack, criterion, make_state=None) of --loss for run(). Needs args.loss, eps,
+    step_size, attack_steps, beta."""
     def attack(model, x, y):
         if args.loss == "trades":
             return attack_trades(model, x, args.eps, args.step_size, args.attack_steps)
@@ -93,11 +102,19 @@ def main(argv=None):
             logits_adv = model(x_adv)
             return madry_loss(logits_adv, y), logits_adv
         logits_nat, logits_adv = model(x), model(x_adv)
+        if args.loss == "trades" and state is not None:  # Huang et al.'s TRADES-based version
+            ce = self_adaptive_ce(logits_nat, state(logits_nat, idx, epoch))
+            return ce + args.beta * kl_per_sample(logits_nat, logits_adv).mean(), logits_nat
         if args.loss == "trades":
             return trades_loss(logits_nat, logits_adv, y, args.beta), logits_nat
         return mart_loss(logits_nat, logits_adv, y, args.beta), logits_nat
 
-    return run(args, attack, criterion)
+    return attack, criterion, self_adaptive_state(args)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    return run(args, *build_method(args))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,410 @@
+"""Time FIRE and TRADES training steps against the floor of the passes a training step cannot avoid.
+
+Commands:
+    python benchmark.py                                   # SmallCNN, 1x28x28, batch 128, 10 attack steps, CPU
+    python benchmark.py --sweep                           # + step cost over attack steps and batch sizes
+    python benchmark.py --model resnet18 --shape 3 32 32 --batch-size 32 --reps 10
+    python benchmark.py --dataset cifar10 --device cuda --batch-size 256 --dtype bfloat16 \
+        --channels-last --json-out bench-bf16.json        # the paper's WRN-34-10 on one GPU
+
+Each timed step is the training loop's own step, train_fire.train_step with the attack and
+criterion that train_fire.py and train_trades.py build (build_method), on one fixed synthetic batch
+of the data set's shape already on the device (data loading is not timed):
+    model.eval(); x' = attack(model, x)                       # K PGD steps, natural logits once
+    model.train(); loss = loss(model(x), model(x'), y)        # two forwards, one backward
+    zero_grad; backward; SGD (Nesterov) step; loss/NaN statistics kept on the device.
+
+The floor is the same network work with nothing else: in eval mode one forward without gradients
+(the natural softmax), then K forwards each followed by a backward to the input only
+(torch.autograd.grad with respect to the input: no weight gradients); in train mode the natural
+and the adversarial forward and one backward of a trivial loss (logits.sum()), and the SGD step
+(its learning rate is 0, so the floor does not move the weights; the work is the same). The loss,
+projections, sign, random start, Python, copies and synchronisation are what a step costs above
+its floor. All three share one model and are timed in interleaved repetitions (their order
+rotates every repetition) in one process; the figures are medians.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+from models import get_model
+import train_fire
+import train_trades
+from train_fire import DATA_INFO, PRESETS, fire_loss, train_step
+from train_trades import trades_loss
+
+IMAGE_SIZE = {"digits": 28, "mnist": 28, "cifar10": 32, "cifar100": 32}
+TRAIN_IMAGES = {"digits": 1257, "mnist": 59000, "cifar10": 49000, "cifar100": 49000}  # after validation
+STEPS = ("floor", "FIRE", "TRADES")
+# wall: elapsed time. cpu: CPU seconds of this process (all its threads), which do not count the
+# time other processes hold the cores: steadier on a shared machine, and meaningless on a GPU.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", type=str, default="mnist", choices=sorted(PRESETS),
+                   help="preset of model, image shape, classes, normalisation, eps, step size and lr "
+                        "(the training scripts' presets); batch size and attack steps are this "
+                        "script's own defaults, 128 and 10, whatever the data set")
+    p.add_argument("--model", type=str, default=None, help="smallcnn | resnet18 | wrn-D-W (default: preset)")
+    p.add_argument("--shape", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
+                   help="image shape of the synthetic batch (default: the data set's)")
+    p.add_argument("--num-classes", type=int, default=None, help="classes (default: the data set's)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per training step")
+    p.add_argument("--attack-steps", type=int, default=10, help="PGD steps K per training step")
+    p.add_argument("--lam", type=float, default=12.0, help="FIRE's weight of d^2 (Eq. 7)")
+    p.add_argument("--beta", type=float, default=6.0, help="TRADES' weight of the KL")
+    p.add_argument("--dtype", type=str, default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="autocast precision of the forwards, as in training (GradScaler for float16)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                   help="channels-last memory layout of the model and the batch")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the model (compilation happens in the warm-up repetitions)")
+    p.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto = CUDA when available, else CPU")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (0: torch's default). On a CPU shared with other jobs "
+                        "use 1: torch's threads wait for each other whenever one loses its core")
+    p.add_argument("--clock", type=str, default="wall", choices=sorted(CLOCKS),
+                   help="wall = elapsed time; cpu = CPU time of this process (CPU device only: does not "
+                        "count time the cores spend on other processes)")
+    p.add_argument("--reps", type=int, default=20, help="timed repetitions of each step")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed repetitions of each step first (allocator, cuDNN autotuning, compile)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the synthetic batch")
+    p.add_argument("--sweep", action="store_true",
+                   help="also print a table of step cost over --sweep-steps x --sweep-batch-sizes")
+    p.add_argument("--sweep-steps", type=int, nargs="+", default=[0, 1, 5, 10], help="attack steps of the sweep")
+    p.add_argument("--sweep-batch-sizes", type=int, nargs="+", default=[32, 128, 256],
+                   help="batch sizes of the sweep")
+    p.add_argument("--sweep-reps", type=int, default=7, help="timed repetitions per sweep cell")
+    p.add_argument("--json-out", type=str, default=None, help="also write every figure to this JSON file")
+    args = p.parse_args(argv)
+
+    preset = PRESETS[args.dataset]
+    num_classes, channels, mean, std = DATA_INFO[args.dataset]
+    args.model = args.model or preset["model"]
+    args.shape = args.shape or [channels, IMAGE_SIZE[args.dataset], IMAGE_SIZE[args.dataset]]
+    args.num_classes = args.num_classes or num_classes
+    # The preset's normalisation only fits the preset's channel count.
+    args.mean, args.std = (mean, std) if args.shape[0] == channels else (None, None)
+    args.eps, args.step_size, args.lr = preset["eps"], preset["step_size"], preset["lr"]
+    checks = [
+        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (args.attack_steps >= 0, f"--attack-steps must be >= 0, got {args.attack_steps}"),
+        (min(args.shape) >= 1, f"--shape must be positive, got {args.shape}"),
+        (args.num_classes >= 2, f"--num-classes must be >= 2, got {args.num_classes}"),
+        (args.reps >= 1 and args.warmup >= 0, "--reps must be >= 1 and --warmup >= 0"),
+        (args.sweep_reps >= 1, f"--sweep-reps must be >= 1, got {args.sweep_reps}"),
+        (min(args.sweep_steps) >= 0 and min(args.sweep_batch_sizes) >= 1,
+         "--sweep-steps must be >= 0 and --sweep-batch-sizes >= 1"),
+        (args.threads >= 0, f"--threads must be >= 0, got {args.threads}"),
+        (args.device != "cuda" or torch.cuda.is_available(), "--device cuda but no CUDA device is visible"),
+        (args.clock == "wall" or args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()),
+         "--clock cpu measures the CPU only: use it with --device cpu"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            p.error(message)
+    try:
+        get_model(args.model, args.num_classes, args.shape[0])
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# The three steps
+
+
+class Bench:
+    """One model, its SGD optimiser and one synthetic batch; `steps(K)` gives the step closures."""
+
+    def __init__(self, args, batch_size, device):
+        self.args, self.device = args, device
+        gen = torch.Generator().manual_seed(args.seed)
+        torch.manual_seed(args.seed)
+        model = get_model(args.model, args.num_classes, args.shape[0], args.mean, args.std).to(device)
+        self.x = torch.rand(batch_size, *args.shape, generator=gen).to(device)
+        self.y = torch.randint(args.num_classes, (batch_size,), generator=gen).to(device)
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
+        self.model = model
+        self.fwd = torch.compile(model) if args.compile else model
+        sgd = dict(momentum=0.9, weight_decay=5e-4, nesterov=True)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, **sgd)
+        # The floor's optimiser does an SGD step's work (weight decay, momentum, update) at lr 0.
+        self.floor_optimizer = torch.optim.SGD(model.parameters(), lr=0.0, **sgd)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")
+        self.amp = (torch.autocast(device.type, dtype=getattr(torch, args.dtype))
+                    if args.dtype != "float32" else nullcontext())
+        # The training loop's per-step statistics, kept on the device (no host sync per step).
+        self.stats = torch.zeros(3, device=device)
+        self.first_bad = torch.full((), -1, device=device)
+        self.step_index = 0
+
+    def train_step(self, build_method, method_args):
+        """One step of the training loop: train_fire.train_step with the script's own attack and
+        criterion (build_method of train_fire.py or train_trades.py), then the loop's on-device
+        statistics. Returns the (detached) loss."""
+        attack, criterion, _ = build_method(method_args)
+        loss, logits = train_step(self.model, self.fwd, self.fwd, attack, criterion, self.optimizer,
+                                  self.scaler, self.amp, self.x, self.y, None, 0)
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), self.step_index,
+                                     self.first_bad)
+        self.stats[0] += loss * len(self.y)
+        self.stats[1] += (logits.argmax(1) == self.y).sum()
+        self.stats[2] += len(self.y)
+        self.step_index += 1
+        return loss
+
+    def floor_step(self, steps):
+        """The network passes of a training step and nothing else (see the module docstring)."""
+        model, fwd, x = self.model, self.fwd, self.x
+        model.eval()
+        with self.amp:
+            with torch.no_grad():
+                fwd(x)
+            x_in = x.detach().requires_grad_(True)
+            for _ in range(steps):
+                torch.autograd.grad(fwd(x_in).sum(), x_in)
+        model.train()
+        with self.amp:
+            loss = fwd(x).sum() + fwd(x_in.detach()).sum()
+        self.floor_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.floor_optimizer.step()
+
+    def steps(self, k):
+        a = self.args
+        common = dict(eps=a.eps, step_size=a.step_size, attack_steps=k)
+        fire = argparse.Namespace(**common, lam=a.lam, distance="fisher-rao", self_adaptive=False)
+        trades = argparse.Namespace(**common, loss="trades", beta=a.beta, self_adaptive=False)
+        return {"floor": lambda: self.floor_step(k),
+                "FIRE": lambda: self.train_step(train_fire.build_method, fire),
+                "TRADES": lambda: self.train_step(train_trades.build_method, trades)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(steps, reps, warmup, device, clock="wall"):
+    """Seconds of each step over `reps` rounds (after `warmup`); each round runs every step once,
+    in an order that rotates every round, so slow phases of a shared machine hit all of them."""
+    now = CLOCKS[clock]
+    names = list(steps)
+    times = {name: [] for name in names}
+    for r in range(warmup + reps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            sync(device)  # the only synchronisations: around the timed region, on CUDA
+            t0 = now()
+            steps[name]()
+            sync(device)
+            if r >= warmup:
+                times[name].append(now() - t0)
+    return times
+
+
+def peak_memory(steps, device):
+    """Peak allocated GPU memory (MiB) during one run of each step, weights included; None on CPU."""
+    if device.type != "cuda":
+        return {name: None for name in steps}
+    peaks = {}
+    for name, step in steps.items():
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        sync(device)
+        peaks[name] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peaks
+
+
+def time_losses(batch_size, num_classes, lam, beta, device, clock="wall", reps=30, calls=20):
+    """Microseconds per forward + backward of fire_loss and of trades_loss on (batch, classes)
+    logits: the only work in which a FIRE step differs from a TRADES step (each step evaluates its
+    objective K + 1 times). Small enough to time precisely on a busy machine."""
+    gen = torch.Generator().manual_seed(0)
+    logits_nat = torch.randn(batch_size, num_classes, generator=gen).to(device).requires_grad_(True)
+    logits_adv = (logits_nat.detach() + 0.1 * torch.randn(batch_size, num_classes, generator=gen).to(device))
+    logits_adv.requires_grad_(True)
+    y = torch.randint(num_classes, (batch_size,), generator=gen).to(device)
+    losses = {"FIRE": lambda: fire_loss(logits_nat, logits_adv, y, lam),
+              "TRADES": lambda: trades_loss(logits_nat, logits_adv, y, beta)}
+
+    def block(loss_fn):
+        def run():
+            for _ in range(calls):
+                torch.autograd.grad(loss_fn(), (logits_nat, logits_adv))
+        return run
+
+    times = time_interleaved({name: block(fn) for name, fn in losses.items()}, reps, 2, device, clock)
+    return {name: 1e6 * statistics.median(t) / calls for name, t in times.items()}
+
+
+def quartiles(values):
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def measure(args, batch_size, k, reps, warmup, device):
+    """Time floor, FIRE and TRADES at one (batch size, K); returns a dict of figures."""
+    bench = Bench(args, batch_size, device)
+    steps = bench.steps(k)
+    times = time_interleaved(steps, reps, warmup, device, args.clock)
+    peaks = peak_memory(steps, device)
+    if bool(bench.first_bad.item() >= 0):
+        print(f"warning: a loss became NaN or infinite at batch {batch_size}, K {k}", file=sys.stderr)
+    out = dict(batch_size=batch_size, attack_steps=k, reps=reps, warmup=warmup, steps={})
+    for name in STEPS:
+        q1, med, q3 = quartiles(times[name])
+        out["steps"][name] = dict(ms=1e3 * med, ms_q1=1e3 * q1, ms_q3=1e3 * q3,
+                                  images_per_s=batch_size / med, peak_mib=peaks[name],
+                                  all_ms=[1e3 * t for t in times[name]])
+    # The ratios are medians of the per-round ratios: the steps of one round ran side by side, so a
+    # slow phase of a shared machine cancels out. Ratios of the medians are kept as well.
+    pairs = {"FIRE/TRADES": ("FIRE", "TRADES"), "FIRE/floor": ("FIRE", "floor"),
+             "TRADES/floor": ("TRADES", "floor")}
+    out["ratios"] = {key: statistics.median(a / b for a, b in zip(times[num], times[den]))
+                     for key, (num, den) in pairs.items()}
+    out["ratios_of_medians"] = {key: out["steps"][num]["ms"] / out["steps"][den]["ms"]
+                                for key, (num, den) in pairs.items()}
+    out["loss_us"] = time_losses(batch_size, args.num_classes, args.lam, args.beta, device, args.clock)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+def describe(args, device):
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} torch "
+                  f"thread(s), {os.cpu_count()} cores")
+    return dict(model=args.model, shape=list(args.shape), num_classes=args.num_classes,
+                dtype=args.dtype, channels_last=args.channels_last, compile=args.compile,
+                device=str(device), device_name=where, torch=torch.__version__,
+                python=platform.python_version(), lam=args.lam, beta=args.beta, eps=args.eps,
+                step_size=args.step_size, lr=args.lr, clock=args.clock, threads=torch.get_num_threads())
+
+
+def main_table(result):
+    """Markdown table of one measurement."""
+    b = result["batch_size"]
+    lines = ["| step | ms per step (median) | [q1, q3] | images/s | vs floor | peak GPU memory |",
+             "|---|---|---|---|---|---|"]
+    for name in STEPS:
+        s = result["steps"][name]
+        vs = 1.0 if name == "floor" else result["ratios"][f"{name}/floor"]
+        mem = "n/a (CPU)" if s["peak_mib"] is None else f"{s['peak_mib']:.0f} MiB"
+        lines.append(f"| {name} | {s['ms']:.2f} | [{s['ms_q1']:.2f}, {s['ms_q3']:.2f}] | "
+                     f"{b / (s['ms'] / 1e3):.0f} | {vs:.3f} | {mem} |")
+    r, m = result["ratios"], result["ratios_of_medians"]
+    lines.append("")
+    lines.append(f"FIRE / TRADES = {r['FIRE/TRADES']:.3f}   FIRE / floor = {r['FIRE/floor']:.3f}   "
+                 f"TRADES / floor = {r['TRADES/floor']:.3f}   (medians of the per-round ratios; ratios "
+                 f"of the medians: {m['FIRE/TRADES']:.3f}, {m['FIRE/floor']:.3f}, {m['TRADES/floor']:.3f})")
+    us, calls = result["loss_us"], result["attack_steps"] + 1
+    lines.append(f"The losses alone (forward + backward on {b} x classes logits, {calls} per step): fire_loss "
+                 f"{us['FIRE']:.0f} us, trades_loss {us['TRADES']:.0f} us, a difference of "
+                 f"{calls * (us['FIRE'] - us['TRADES']) / 1e3:.2f} ms per step")
+    return "\n".join(lines)
+
+
+def sweep_table(rows):
+    lines = ["| batch | K | floor ms | FIRE ms | TRADES ms | FIRE / floor | TRADES / floor | "
+             "FIRE / TRADES | FIRE images/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        s, r = row["steps"], row["ratios"]
+        lines.append(f"| {row['batch_size']} | {row['attack_steps']} | {s['floor']['ms']:.2f} | "
+                     f"{s['FIRE']['ms']:.2f} | {s['TRADES']['ms']:.2f} | {r['FIRE/floor']:.3f} | "
+                     f"{r['TRADES/floor']:.3f} | {r['FIRE/TRADES']:.3f} | "
+                     f"{s['FIRE']['images_per_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def growth(rows):
+    """Per batch size, the least-squares cost of one more attack step (ms) for FIRE and the floor."""
+    lines = []
+    for b in sorted({row["batch_size"] for row in rows}):
+        cells = [row for row in rows if row["batch_size"] == b]
+        ks = [row["attack_steps"] for row in cells]
+        if len(set(ks)) < 2:
+            continue
+        k_mean = sum(ks) / len(ks)
+        slope = {}
+        for name in ("floor", "FIRE"):
+            ms = [row["steps"][name]["ms"] for row in cells]
+            ms_mean = sum(ms) / len(ms)
+            slope[name] = (sum((k - k_mean) * (m - ms_mean) for k, m in zip(ks, ms))
+                           / sum((k - k_mean) ** 2 for k in ks))
+        k0 = min(cells, key=lambda row: row["attack_steps"])
+        lines.append(f"batch {b}: each attack step adds {slope['FIRE']:.2f} ms to a FIRE step "
+                     f"({slope['floor']:.2f} ms to the floor); a K={k0['attack_steps']} FIRE step "
+                     f"takes {k0['steps']['FIRE']['ms']:.2f} ms")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    config = describe(args, device)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    c, h, w = args.shape
+    print(f"{args.model}, {c}x{h}x{w} synthetic images, {args.num_classes} classes, batch {args.batch_size}, "
+          f"{args.attack_steps} attack steps, {args.dtype}{', channels-last' if args.channels_last else ''}"
+          f"{', compiled' if args.compile else ''}; {config['device_name']}; torch {torch.__version__}; "
+          f"{args.reps} interleaved repetitions after {args.warmup} warm-up, {args.clock} clock"
+          + (f"; load average {load[0]:.2f} before" if load else ""))
+    result = measure(args, args.batch_size, args.attack_steps, args.reps, args.warmup, device)
+    print(main_table(result))
+    epochs, n = PRESETS[args.dataset]["epochs"], TRAIN_IMAGES[args.dataset]
+    hours = {name: epochs * n / result["steps"][name]["images_per_s"] / 3600 for name in ("FIRE", "TRADES")}
+    print(f"projected {epochs} epochs of {n:,} {args.dataset} training images at batch {args.batch_size}, "
+          f"K {args.attack_steps}: FIRE {hours['FIRE']:.1f} h, TRADES {hours['TRADES']:.1f} h "
+          f"(training steps only: no data loading, no per-epoch validation)")
+    report = dict(config=config, result=result, load_average_before=load,
+                  projection=dict(epochs=epochs, train_images=n, hours=hours))
+    if args.sweep:
+        rows = []
+        for b in args.sweep_batch_sizes:
+            for k in args.sweep_steps:
+                rows.append(measure(args, b, k, args.sweep_reps, max(1, args.warmup), device))
+        print()
+        print(f"Step cost over attack steps K and batch size ({args.sweep_reps} interleaved "
+              f"repetitions per cell, medians):")
+        print(sweep_table(rows))
+        print(growth(rows))
+        report["sweep"] = rows
+    report["load_average_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if load:
+        print(f"load average {report['load_average_after'][0]:.2f} after (other processes share these cores)")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {args.json_out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+#!/usr/bin/env bash
+# Reproduce the paper's tables and figures: train, evaluate with AutoAttack, summarise.
+#
+#   ./run_all.sh                     # every block, at the paper's scale (GPUs, weeks of GPU time)
+#   ./run_all.sh table1 fig7         # only these blocks: table1 table2 table3 fig6 fig7 fig8
+#   SEEDS="0 1" GPUS=0,1 ./run_all.sh table1
+#   SMOKE=1 ./run_all.sh             # every block at toy scale on the CPU, a few minutes
+#
+# Runs live in $OUT_DIR/runs/<name>-<hash of the full command>: the same method, flags and seed
+# always map to the same folder, so a run shared by several blocks (FIRE lam=12 is in Tables 1, 2,
+# 3 and Fig. 7) is trained once. A finished run (summary.json) or evaluation (autoattack*.json) is
+# skipped and an interrupted training resumes (--resume auto): after a crash or preemption, run the
+# same command again. Tables go to $OUT_DIR/tables/*.md, figures to $OUT_DIR/figures/*.png, and
+# each run's console output to <run>/train.out.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# ---- settings (override from the environment) --------------------------------------------------
+GPUS="${GPUS:-${CUDA_VISIBLE_DEVICES:-0,1,2,3}}"  # the paper trains every run on 4 V100s
+SEEDS="${SEEDS:-0 1 2 3 4}"                       # Tables 1-3: mean +- std over 5 seeds
+SWEEP_SEEDS="${SWEEP_SEEDS:-0 1}"                 # Figs. 7 and 8 (Appendix A: 2 seeds)
+DATA_DIR="${DATA_DIR:-data}"                      # MNIST / CIFAR (torchvision layout)
+AUX_DATA="${AUX_DATA:-$DATA_DIR/ti_500K_pseudo_labeled.npz}"  # Carmon et al.'s 500K, as .npz
+OUT_DIR="${OUT_DIR:-runs/paper}"
+NPROC="${NPROC:-1}"         # >1: torchrun with NPROC processes (DDP); 1: DataParallel over GPUS
+JOBS="${JOBS:-1}"           # trainings run side by side (CPU smoke runs; keep 1 on GPUs)
+PY="${PYTHON:-python}"
+SMOKE="${SMOKE:-0}"
+
+if [[ $SMOKE == 1 ]]; then
+    # Toy scale: bundled digits for every data set, one epoch, one attack step, small sweeps,
+    # AutoAttack with reduced iterations on 64 images. Checks the pipeline, not the paper.
+    OUT_DIR="${OUT_DIR%/}"
+    if [[ $OUT_DIR == runs/paper ]]; then OUT_DIR=runs/smoke; fi
+    SEEDS="0 1"; SWEEP_SEEDS="0"; JOBS="${SMOKE_JOBS:-2}"; NPROC=1
+    export CUDA_VISIBLE_DEVICES=""
+    export OMP_NUM_THREADS=1  # tiny models: one thread per process, two processes side by side
+    DATASETS="digits"; FIG_DATASET="digits"; AUX_DATASET="digits"; FIG8_MODEL="smallcnn"
+    LAMS_FIG7="2 12 48"; LAMS_FIG8="2 12"; BETAS_FIG8="1 6"; FIG8_LR=""
+    TRAIN_COMMON=(--epochs 1 --batch-size 16 --lr 0.1 --lr-milestones 1.0 --attack-steps 1
+                  --step-size 0.1 --eval-steps 1 --device cpu)
+    SA_FLAGS=(--sa-start 1)   # self-adaptive targets from the first (only) epoch
+    EVAL_COMMON=(--n-examples 64 --batch-size 64 --smoke-aa --device cpu)
+    GAUSSIAN_FLAGS=(--quick)
+    AUX_DATA="$OUT_DIR/smoke_aux.npz"
+else
+    export CUDA_VISIBLE_DEVICES="$GPUS"
+    DATASETS="mnist cifar10 cifar100"; FIG_DATASET="cifar10"; AUX_DATASET="cifar10"
+    FIG8_MODEL="resnet18"
+    LAMS_FIG7="1 2 4 6 8 10 12 16 20 24"       # Fig. 7: FIRE's lambda on CIFAR-10
+    LAMS_FIG8="1 2 4 6 8 12 16 24 32 50"       # Fig. 8 (Appendix A): lambda in [0, 50]
+    BETAS_FIG8="1 2 4 6 8 12 16 24 32 50"
+    FIG8_LR="0.01"                             # Appendix A: lr 0.01, /10 at 75, 90, 100
+    TRAIN_COMMON=(--data-dir "$DATA_DIR")
+    EVAL_COMMON=(--data-dir "$DATA_DIR" --batch-size 500)
+    GAUSSIAN_FLAGS=()
+    SA_FLAGS=()
+fi
+declare -A EVAL_EPS=([cifar10]="8/255" [cifar100]="8/255")  # AutoAttack's eps (training: 0.031)
+mkdir -p "$OUT_DIR/runs" "$OUT_DIR/tables" "$OUT_DIR/figures"
+
+# ---- helpers -------------------------------------------------------------------------------------
+PIDS=()       # trainings running in the background
+SEEN=" "      # run folders launched by this invocation (dedupe)
+declare -A RUN_DATASET=()
+
+# launch LOGFILE CMD...: run CMD (in the background when JOBS > 1), output to LOGFILE.
+launch() {
+    local log=$1; shift
+    if (( JOBS <= 1 )); then
+        "$@" >"$log" 2>&1 || { echo "FAILED: $* (see $log)" >&2; tail -n 5 "$log" >&2; return 1; }
+        return 0
+    fi
+    ( "$@" >"$log" 2>&1 || { echo "FAILED: $* (see $log)" >&2; tail -n 5 "$log" >&2; exit 1; } ) &
+    PIDS+=($!)
+    if (( ${#PIDS[@]} >= JOBS )); then
+        wait "${PIDS[0]}"
+        PIDS=("${PIDS[@]:1}")
+    fi
+}
+
+# drain: wait for every background training (a failed one stops the script).
+drain() {
+    local pid
+    for pid in "${PIDS[@]}"; do wait "$pid"; done
+    PIDS=()
+}
+
+# fit SCRIPT TAG ARGS...: train one run unless it is finished; sets RUN to its folder.
+# ARGS must include --dataset and --seed; TRAIN_COMMON is appended.
+fit() {
+    local script=$1 tag=$2; shift 2
+    local args=("$@" "${TRAIN_COMMON[@]}")
+    local key dataset="" i
+    key=$(printf '%s\n' "$script" "${args[@]}" | cksum | cut -d' ' -f1)
+    for (( i = 0; i < ${#args[@]} - 1; i++ )); do
+        if [[ ${args[i]} == --dataset ]]; then dataset=${args[i+1]}; fi
+    done
+    RUN="$OUT_DIR/runs/$tag-$key"
+    RUN_DATASET[$RUN]=$dataset
+    if [[ $SEEN == *" $RUN "* ]]; then return 0; fi
+    SEEN+="$RUN "
+    if [[ -f $RUN/summary.json ]]; then echo "  done   $RUN"; return 0; fi
+    mkdir -p "$RUN"
+    printf '%s\n' "$script ${args[*]}" >"$RUN/command.txt"
+    local launcher=("$PY")
+    if (( NPROC > 1 )) && [[ $tag != *-sa-* ]]; then  # self-adaptive keeps its targets in one process
+        launcher=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC")
+    fi
+    echo "  train  $RUN  ($script ${args[*]})"
+    launch "$RUN/train.out" "${launcher[@]}" "$script" "${args[@]}" --out-dir "$RUN" --resume auto
+}
+
+# The methods, each with its arguments in one fixed order, so that equal runs get equal folders.
+fire()      { fit train_fire.py "fire-$1-lam$3-s$2" --dataset "$1" --seed "$2" --lam "$3" "${@:4}"; }
+fire_sa()   { fit train_fire.py "fire-sa-$1-lam$3-s$2" --dataset "$1" --seed "$2" --lam "$3" --self-adaptive "${SA_FLAGS[@]}" "${@:4}"; }
+hellinger() { fit train_fire.py "hellinger-$1-lam$3-s$2" --dataset "$1" --seed "$2" --lam "$3" --distance hellinger "${@:4}"; }
+trades_sa() { fit train_trades.py "trades-sa-$1-beta$3-s$2" --dataset "$1" --seed "$2" --loss trades --beta "$3" --self-adaptive "${SA_FLAGS[@]}" "${@:4}"; }
+trades()    { fit train_trades.py "trades-$1-beta$3-s$2" --dataset "$1" --seed "$2" --loss trades --beta "$3" "${@:4}"; }
+mart()      { fit train_trades.py "mart-$1-beta$3-s$2" --dataset "$1" --seed "$2" --loss mart --beta "$3" "${@:4}"; }
+madry()     { fit train_trades.py "madry-$1-s$2" --dataset "$1" --seed "$2" --loss madry "${@:3}"; }
+
+# result RUN KIND: the JSON eval_autoattack.py writes for <RUN>/<KIND>.pt
+result() { if [[ $2 == best ]]; then echo "$1/autoattack.json"; else echo "$1/autoattack-$2.json"; fi; }
+
+# evaluate KIND RUN...: AutoAttack on <RUN>/<KIND>.pt for every run without a result yet (one
+# process per evaluation eps, all checkpoints in it).
+evaluate() {
+    local kind=$1; shift
+    drain
+    local eps run ckpts
+    for eps in default 8/255; do
+        ckpts=()
+        for run in "$@"; do
+            if [[ ${EVAL_EPS[${RUN_DATASET[$run]}]:-default} != "$eps" ]]; then continue; fi
+            if [[ -f $(result "$run" "$kind") || $SEEN == *" $run$kind "* ]]; then continue; fi
+            SEEN+="$run$kind "
+            ckpts+=("$run/$kind.pt")
+        done
+        (( ${#ckpts[@]} )) || continue
+        local eps_flag=()
+        if [[ $eps != default ]]; then eps_flag=(--eps "$eps"); fi
+        echo "  evaluate ${#ckpts[@]} x $kind.pt"
+        "$PY" eval_autoattack.py "${ckpts[@]}" "${EVAL_COMMON[@]}" "${eps_flag[@]}"
+    done
+}
+
+# table NAME TITLE JSON...: the paper's table layout, printed and written to tables/NAME.md
+table() {
+    local name=$1 title=$2; shift 2
+    "$PY" eval_autoattack.py --summarize "$@" --title "$title" --table-out "$OUT_DIR/tables/$name.md"
+}
+
+# ---- blocks --------------------------------------------------------------------------------------
+
+# Table 1: TRADES (KL, beta 6) vs FIRE (Fisher-Rao, lam 12) on MNIST, CIFAR-10, CIFAR-100, with the
+# same model and hyperparameters (SmallCNN / WRN-34-10, 100 epochs).
+table1() {
+    echo "== Table 1: TRADES vs FIRE"
+    local ds s runs=() jsons=()
+    for ds in $DATASETS; do
+        for s in $SEEDS; do
+            trades "$ds" "$s" 6; runs+=("$RUN")
+            fire "$ds" "$s" 12; runs+=("$RUN")
+        done
+    done
+    evaluate best "${runs[@]}"
+    for s in "${runs[@]}"; do jsons+=("$(result "$s" best)"); done
+    table table1 "Table 1: KL (TRADES) vs Fisher-Rao (FIRE) regulariser" "${jsons[@]}"
+}
+
+# Table 2: the state of the art. Without extra data: Madry et al. (last epoch), Overfitting (the
+# same Madry runs, checkpoint chosen on validation robust accuracy = early stopping), Self Adaptive
+# (TRADES with soft targets, CIFAR-10), TRADES, FIRE + Self-Adaptive (CIFAR-10), FIRE. With Carmon et al.'s 500K extra images (WRN-28-10,
+# cosine, 200 epochs: the --aux-data preset): MART, RST-adv (TRADES on the mixed batches) and FIRE.
+# Not trained here: Pre-training (Hendrycks et al. 2019: ImageNet pre-training, not implemented).
+table2() {
+    echo "== Table 2: comparison with the state of the art"
+    local ds s last=() best=() jsons=() run
+    for ds in $DATASETS; do
+        for s in $SEEDS; do
+            madry "$ds" "$s"
+            if [[ $ds != cifar100 ]]; then last+=("$RUN"); fi  # "Madry et al.": MNIST, CIFAR-10
+            if [[ $ds != mnist ]]; then best+=("$RUN"); fi     # "Overfitting": CIFAR-10, CIFAR-100
+            if [[ $ds != cifar100 ]]; then trades "$ds" "$s" 6; best+=("$RUN"); fi
+            if [[ $ds == cifar10 || $SMOKE == 1 ]]; then trades_sa "$ds" "$s" 6; best+=("$RUN"); fi
+            if [[ $ds == cifar10 || $SMOKE == 1 ]]; then fire_sa "$ds" "$s" 12; best+=("$RUN"); fi
+            fire "$ds" "$s" 12; best+=("$RUN")
+        done
+    done
+    if [[ $SMOKE == 1 && ! -f $AUX_DATA ]]; then
+        # Stand-in for the 500K pseudo-labelled images: the digits training split shifted by one
+        # pixel (new images, true labels), in the .npz layout train_*.py read. Plumbing only.
+        "$PY" - "$AUX_DATA" <<'EOF'
+import argparse, sys
+import numpy as np, torch
+from train_fire import get_datasets
+train = get_datasets(argparse.Namespace(dataset="digits", data_dir="data", val_size=180))[0]
+x = torch.stack([train[i][0] for i in range(len(train))])
+x = torch.cat([torch.roll(x, 1, dims=3), torch.roll(x, -1, dims=2)])
+images = (x.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+np.savez(sys.argv[1], images=images, labels=np.concatenate([train.labels().numpy()] * 2))
+EOF
+    fi
+    if [[ -f $AUX_DATA ]]; then
+        for s in $SEEDS; do
+            mart "$AUX_DATASET" "$s" 6 --aux-data "$AUX_DATA"; best+=("$RUN")
+            trades "$AUX_DATASET" "$s" 6 --aux-data "$AUX_DATA"; best+=("$RUN")  # RST-adv
+            fire "$AUX_DATASET" "$s" 12 --aux-data "$AUX_DATA"; best+=("$RUN")
+        done
+    else
+        echo "  SKIP the extra-data rows: $AUX_DATA not found (set AUX_DATA; see the README)"
+    fi
+    evaluate last "${last[@]}"
+    evaluate best "${best[@]}"
+    for run in "${last[@]}"; do jsons+=("$(result "$run" last)"); done
+    for run in "${best[@]}"; do jsons+=("$(result "$run" best)"); done
+    table table2 "Table 2: comparison with the state of the art" "${jsons[@]}"
+}
+
+# Table 3: Hellinger (H^2, Eq. 48) vs Fisher-Rao (d^2, Eq. 7) regulariser, lam 12, as Table 1.
+table3() {
+    echo "== Table 3: Hellinger vs FIRE"
+    local ds s runs=() jsons=()
+    for ds in $DATASETS; do
+        for s in $SEEDS; do
+            hellinger "$ds" "$s" 12; runs+=("$RUN")
+            fire "$ds" "$s" 12; runs+=("$RUN")
+        done
+    done
+    evaluate best "${runs[@]}"
+    for s in "${runs[@]}"; do jsons+=("$(result "$s" best)"); done
+    table table3 "Table 3: Hellinger vs Fisher-Rao regulariser" "${jsons[@]}"
+}
+
+# Figs. 6 and 9 (and 3): the Gaussian model of Section 4, exact accuracies and ERM solutions.
+fig6() {
+    echo "== Figs. 3, 6, 9: Gaussian model"
+    if [[ ! -f gaussian_demo.py ]]; then echo "  SKIP: gaussian_demo.py not found"; return 0; fi
+    local out="$OUT_DIR/figures/gaussian"
+    if [[ -f $out/results.json ]]; then echo "  done   $out"; return 0; fi
+    "$PY" gaussian_demo.py --out-dir "$out" "${GAUSSIAN_FLAGS[@]}"
+}
+
+# Fig. 7: natural and AutoAttack accuracy of FIRE against lambda on CIFAR-10 (WRN-34-10).
+fig7() {
+    echo "== Fig. 7: FIRE lambda sweep"
+    local lam s runs=() jsons=()
+    for lam in $LAMS_FIG7; do
+        for s in $SWEEP_SEEDS; do fire "$FIG_DATASET" "$s" "$lam"; runs+=("$RUN"); done
+    done
+    evaluate best "${runs[@]}"
+    for s in "${runs[@]}"; do jsons+=("$(result "$s" best)"); done
+    table fig7 "Fig. 7: FIRE, lambda sweep" "${jsons[@]}"
+    "$PY" eval_autoattack.py --plot-sweep "${jsons[@]}" --plot-kind lambda --plot-out "$OUT_DIR/figures/fig7.png"
+}
+
+# Fig. 8 (Appendix A): TRADES (beta) and FIRE (lambda) sweeps with ResNet-18 on CIFAR-10, lr 0.01
+# divided by 10 at epochs 75, 90 and 100 of 100, in the natural / AutoAttack accuracy plane.
+fig8() {
+    echo "== Fig. 8: TRADES and FIRE sweeps, accuracy plane"
+    local w s runs=() jsons=() extra=(--model "$FIG8_MODEL")
+    if [[ -n $FIG8_LR ]]; then extra+=(--lr "$FIG8_LR" --lr-milestones 0.75 0.9 1.0); fi
+    if [[ $SMOKE == 1 ]]; then extra=(); fi  # smoke: Table 1's settings, so the runs are shared
+    for s in $SWEEP_SEEDS; do
+        for w in $BETAS_FIG8; do trades "$FIG_DATASET" "$s" "$w" "${extra[@]}"; runs+=("$RUN"); done
+        for w in $LAMS_FIG8; do fire "$FIG_DATASET" "$s" "$w" "${extra[@]}"; runs+=("$RUN"); done
+    done
+    evaluate best "${runs[@]}"
+    for s in "${runs[@]}"; do jsons+=("$(result "$s" best)"); done
+    table fig8 "Fig. 8: TRADES and FIRE sweeps ($FIG8_MODEL)" "${jsons[@]}"
+    "$PY" eval_autoattack.py --plot-sweep "${jsons[@]}" --plot-kind plane --plot-out "$OUT_DIR/figures/fig8.png"
+}
+
+# ---- main ----------------------------------------------------------------------------------------
+BLOCKS=("$@")
+(( ${#BLOCKS[@]} )) || BLOCKS=(table1 table2 table3 fig6 fig7 fig8)
+for b in "${BLOCKS[@]}"; do
+    case $b in
+        table1|table2|table3|fig6|fig7|fig8) ;;
+        *) echo "run_all.sh: error: unknown block '$b' (table1 table2 table3 fig6 fig7 fig8)" >&2; exit 2 ;;
+    esac
+done
+START=$SECONDS
+for b in "${BLOCKS[@]}"; do "$b"; done
+drain
+echo "== done in $(( SECONDS - START ))s: tables in $OUT_DIR/tables, figures in $OUT_DIR/figures"
