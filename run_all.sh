@@ -151,22 +151,35 @@ table() {
     "$PY" eval_autoattack.py --summarize "$@" --title "$title" --table-out "$OUT_DIR/tables/$name.md"
 }
 
+# report NAME TITLE RUN...: AutoAttack on each run's best.pt, then table NAME; sets JSONS.
+report() {
+    local name=$1 title=$2 run; shift 2
+    evaluate best "$@"
+    JSONS=()
+    for run in "$@"; do JSONS+=("$(result "$run" best)"); done
+    table "$name" "$title" "${JSONS[@]}"
+}
+
 # ---- blocks --------------------------------------------------------------------------------------
 
-# Table 1: TRADES (KL, beta 6) vs FIRE (Fisher-Rao, lam 12) on MNIST, CIFAR-10, CIFAR-100, with the
-# same model and hyperparameters (SmallCNN / WRN-34-10, 100 epochs).
-table1() {
-    echo "== Table 1: TRADES vs FIRE"
-    local ds s runs=() jsons=()
+# versus NAME TITLE METHOD WEIGHT: METHOD (at WEIGHT) and FIRE (lam 12) on every data set and seed,
+# with the same model and hyperparameters; evaluated and summarised as table NAME.
+versus() {
+    local name=$1 title=$2 method=$3 weight=$4 ds s runs=()
     for ds in $DATASETS; do
         for s in $SEEDS; do
-            trades "$ds" "$s" 6; runs+=("$RUN")
+            "$method" "$ds" "$s" "$weight"; runs+=("$RUN")
             fire "$ds" "$s" 12; runs+=("$RUN")
         done
     done
-    evaluate best "${runs[@]}"
-    for s in "${runs[@]}"; do jsons+=("$(result "$s" best)"); done
-    table table1 "Table 1: KL (TRADES) vs Fisher-Rao (FIRE) regulariser" "${jsons[@]}"
+    report "$name" "$title" "${runs[@]}"
+}
+
+# Table 1: TRADES (KL, beta 6) vs FIRE (Fisher-Rao, lam 12) on MNIST, CIFAR-10, CIFAR-100
+# (SmallCNN / WRN-34-10, 100 epochs).
+table1() {
+    echo "== Table 1: TRADES vs FIRE"
+    versus table1 "Table 1: KL (TRADES) vs Fisher-Rao (FIRE) regulariser" trades 6
 }
 
 # Table 2: the state of the art. Without extra data: Madry et al. (last epoch), Overfitting (the
@@ -221,16 +234,7 @@ EOF
 # Table 3: Hellinger (H^2, Eq. 48) vs Fisher-Rao (d^2, Eq. 7) regulariser, lam 12, as Table 1.
 table3() {
     echo "== Table 3: Hellinger vs FIRE"
-    local ds s runs=() jsons=()
-    for ds in $DATASETS; do
-        for s in $SEEDS; do
-            hellinger "$ds" "$s" 12; runs+=("$RUN")
-            fire "$ds" "$s" 12; runs+=("$RUN")
-        done
-    done
-    evaluate best "${runs[@]}"
-    for s in "${runs[@]}"; do jsons+=("$(result "$s" best)"); done
-    table table3 "Table 3: Hellinger vs Fisher-Rao regulariser" "${jsons[@]}"
+    versus table3 "Table 3: Hellinger vs Fisher-Rao regulariser" hellinger 12
 }
 
 # Figs. 6 and 9 (and 3): the Gaussian model of Section 4, exact accuracies and ERM solutions.
@@ -245,31 +249,27 @@ fig6() {
 # Fig. 7: natural and AutoAttack accuracy of FIRE against lambda on CIFAR-10 (WRN-34-10).
 fig7() {
     echo "== Fig. 7: FIRE lambda sweep"
-    local lam s runs=() jsons=()
+    local lam s runs=()
     for lam in $LAMS_FIG7; do
         for s in $SWEEP_SEEDS; do fire "$FIG_DATASET" "$s" "$lam"; runs+=("$RUN"); done
     done
-    evaluate best "${runs[@]}"
-    for s in "${runs[@]}"; do jsons+=("$(result "$s" best)"); done
-    table fig7 "Fig. 7: FIRE, lambda sweep" "${jsons[@]}"
-    "$PY" eval_autoattack.py --plot-sweep "${jsons[@]}" --plot-kind lambda --plot-out "$OUT_DIR/figures/fig7.png"
+    report fig7 "Fig. 7: FIRE, lambda sweep" "${runs[@]}"
+    "$PY" eval_autoattack.py --plot-sweep "${JSONS[@]}" --plot-kind lambda --plot-out "$OUT_DIR/figures/fig7.png"
 }
 
 # Fig. 8 (Appendix A): TRADES (beta) and FIRE (lambda) sweeps with ResNet-18 on CIFAR-10, lr 0.01
 # divided by 10 at epochs 75, 90 and 100 of 100, in the natural / AutoAttack accuracy plane.
 fig8() {
     echo "== Fig. 8: TRADES and FIRE sweeps, accuracy plane"
-    local w s runs=() jsons=() extra=(--model "$FIG8_MODEL")
+    local w s runs=() extra=(--model "$FIG8_MODEL")
     if [[ -n $FIG8_LR ]]; then extra+=(--lr "$FIG8_LR" --lr-milestones 0.75 0.9 1.0); fi
     if [[ $SMOKE == 1 ]]; then extra=(); fi  # smoke: Table 1's settings, so the runs are shared
     for s in $SWEEP_SEEDS; do
         for w in $BETAS_FIG8; do trades "$FIG_DATASET" "$s" "$w" "${extra[@]}"; runs+=("$RUN"); done
         for w in $LAMS_FIG8; do fire "$FIG_DATASET" "$s" "$w" "${extra[@]}"; runs+=("$RUN"); done
     done
-    evaluate best "${runs[@]}"
-    for s in "${runs[@]}"; do jsons+=("$(result "$s" best)"); done
-    table fig8 "Fig. 8: TRADES and FIRE sweeps ($FIG8_MODEL)" "${jsons[@]}"
-    "$PY" eval_autoattack.py --plot-sweep "${jsons[@]}" --plot-kind plane --plot-out "$OUT_DIR/figures/fig8.png"
+    report fig8 "Fig. 8: TRADES and FIRE sweeps ($FIG8_MODEL)" "${runs[@]}"
+    "$PY" eval_autoattack.py --plot-sweep "${JSONS[@]}" --plot-kind plane --plot-out "$OUT_DIR/figures/fig8.png"
 }
 
 # ---- main ----------------------------------------------------------------------------------------

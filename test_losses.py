@@ -252,6 +252,9 @@ def test_fire_learns_on_digits(fire_run):
     assert summary["test_nat"] > 0.6 and summary["test_pgd"] > 0.3  # chance is 0.1
     for name in ("last.pt", "best.pt", "log.txt", "metrics.jsonl", "summary.json"):
         assert (out / name).exists()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # the learning rate each epoch trained with: /10 from 75% of the 4 epochs (epoch 4) on
+    assert [r["lr"] for r in records] == pytest.approx([0.1, 0.1, 0.1, 0.01])
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
 

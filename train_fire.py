@@ -678,6 +678,7 @@ def run(args, attack, criterion, make_state=None):
 
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
+        lr = optimizer.param_groups[0]["lr"]  # this epoch's learning rate
         loader = train_loader(train_set, args, epoch)
         stats = torch.zeros(3, device=device)  # loss sum, correct, count (accumulated on device)
         first_bad = torch.full((), -1, device=device)
@@ -710,7 +711,7 @@ def run(args, attack, criterion, make_state=None):
         is_best = val_pgd > best
         best = max(best, val_pgd)
         loss_mean, train_acc = (stats[0] / stats[2]).item(), (stats[1] / stats[2]).item()
-        record = dict(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"], loss=loss_mean,
+        record = dict(epoch=epoch + 1, lr=lr, loss=loss_mean,
                       train_nat=train_acc, val_nat=val_nat, val_pgd=val_pgd,
                       epoch_time_s=epoch_time, best=is_best)
         history.append(record)
