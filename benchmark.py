@@ -37,7 +37,7 @@ import torch
 from models import get_model
 import train_fire
 import train_trades
-from train_fire import DATA_INFO, PRESETS, fire_loss, train_step
+from train_fire import DATA_INFO, PRESETS, ArgumentParser, fire_loss, train_step
 from train_trades import trades_loss
 
 IMAGE_SIZE = {"digits": 28, "mnist": 28, "cifar10": 32, "cifar100": 32}
@@ -49,7 +49,7 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", type=str, default="mnist", choices=sorted(PRESETS),
                    help="preset of model, image shape, classes, normalisation, eps, step size and lr "
                         "(the training scripts' presets); batch size and attack steps are this "

@@ -214,7 +214,8 @@ def evaluate_autoattack(model, x, y, eps, batch_size=500, seed=0, device="cpu", 
         counts = dict.fromkeys(["natural", *STANDARD_ATTACKS, "pgd20", "cw"], 0)
         max_pert, n = 0.0, 0
         starts = range(0, len(x), batch_size)
-        bar = tqdm(starts, desc="AutoAttack", unit="batch", disable=not progress, leave=False)
+        bar = tqdm(starts, desc="AutoAttack", unit="batch", leave=False,
+                   disable=None if progress else True)  # None: off when not a terminal
         for start in bar:
             xb = x[start:start + batch_size].to(device)
             yb = y[start:start + batch_size].to(device)
@@ -491,12 +492,14 @@ def summarize(results, title=None):
         cells += [fmt_hours(statistics.fmean(times)) if times else "-", seeds_text]
         lines.append("| " + " | ".join(cells) + " |")
     n = {r["n_examples"] for r in results}
+    smoke = any(r.get("aa_version") != "standard" for r in results)
     lines += ["", f"Accuracies in %, mean ± sample standard deviation (ddof = 1) over seeds (one "
-                  f"seed: the value alone); AutoAttack = standard version, Linf, on "
+                  f"seed: the value alone); AutoAttack = "
+                  f"{'reduced smoke version' if smoke else 'standard version'}, Linf, on "
                   f"{'/'.join(map(str, sorted(n)))} {'/'.join(sorted({r['split'] for r in results}))} "
                   f"images; Avg. Acc. = (Natural + AutoAttack) / 2; RunTime = mean wall-clock "
                   f"training time."]
-    if any(r.get("aa_version") != "standard" for r in results):
+    if smoke:
         lines += ["", "**Smoke run: AutoAttack with reduced iterations (--smoke-aa) on a toy "
                       "training budget; these numbers only show that the pipeline works.**"]
     return "\n".join(lines) + "\n"
