@@ -20,8 +20,10 @@ The floor is the same network work with nothing else: in eval mode one forward w
 and the adversarial forward and one backward of a trivial loss (logits.sum()), and the SGD step
 (its learning rate is 0, so the floor does not move the weights; the work is the same). The loss,
 projections, sign, random start, Python, copies and synchronisation are what a step costs above
-its floor. All three share one model and are timed in interleaved repetitions (their order
-rotates every repetition) in one process; the figures are medians.
+its floor. A fourth step, TRADES-public, is the TRADES step with the natural forward recomputed
+at every attack step, as TRADES' public code (and the paper's timing of it) does. All four share
+one model and are timed in interleaved repetitions (their order rotates every repetition) in one
+process; the figures are medians.
 """
 import argparse
 import json
@@ -42,7 +44,7 @@ from train_trades import trades_loss
 
 IMAGE_SIZE = {"digits": 28, "mnist": 28, "cifar10": 32, "cifar100": 32}
 TRAIN_IMAGES = {"digits": 1257, "mnist": 59000, "cifar10": 49000, "cifar100": 49000}  # after validation
-STEPS = ("floor", "FIRE", "TRADES")
+STEPS = ("floor", "FIRE", "TRADES", "TRADES-public")  # TRADES-public: natural forward at every attack step
 # wall: elapsed time. cpu: CPU seconds of this process (all its threads), which do not count the
 # time other processes hold the cores: steadier on a shared machine, and meaningless on a GPU.
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -152,13 +154,13 @@ class Bench:
         self.first_bad = torch.full((), -1, device=device)
         self.step_index = 0
 
-    def train_step(self, build_method, method_args):
+    def train_step(self, build_method, method_args, attacker=None):
         """One step of the training loop: train_fire.train_step with the script's own attack and
         criterion (build_method of train_fire.py or train_trades.py), then the loop's on-device
         statistics. Returns the (detached) loss."""
         attack, criterion, _ = build_method(method_args)
-        loss, logits = train_step(self.model, self.fwd, self.fwd, attack, criterion, self.optimizer,
-                                  self.scaler, self.amp, self.x, self.y, None, 0)
+        loss, logits = train_step(self.model, attacker or self.fwd, self.fwd, attack, criterion,
+                                  self.optimizer, self.scaler, self.amp, self.x, self.y, None, 0)
         self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), self.step_index,
                                      self.first_bad)
         self.stats[0] += loss * len(self.y)
@@ -189,9 +191,25 @@ class Bench:
         common = dict(eps=a.eps, step_size=a.step_size, attack_steps=k)
         fire = argparse.Namespace(**common, lam=a.lam, distance="fisher-rao", self_adaptive=False)
         trades = argparse.Namespace(**common, loss="trades", beta=a.beta, self_adaptive=False)
+        public = RecomputeNatural(self.fwd, self.x)
         return {"floor": lambda: self.floor_step(k),
                 "FIRE": lambda: self.train_step(train_fire.build_method, fire),
-                "TRADES": lambda: self.train_step(train_trades.build_method, trades)}
+                "TRADES": lambda: self.train_step(train_trades.build_method, trades),
+                "TRADES-public": lambda: self.train_step(train_trades.build_method, trades, public)}
+
+
+class RecomputeNatural(torch.nn.Module):
+    """The model as TRADES' public attack uses it: every attack step also runs f(x) again (their
+    loop recomputes the natural softmax; ours computes it once). Only for timing that cost."""
+
+    def __init__(self, model, x):
+        super().__init__()
+        self.model, self.x = model, x
+
+    def forward(self, inputs):
+        if torch.is_grad_enabled() and inputs.requires_grad:  # an attack step, graph recorded
+            self.model(self.x)
+        return self.model(inputs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,7 +298,8 @@ def measure(args, batch_size, k, reps, warmup, device):
     # The ratios are medians of the per-round ratios: the steps of one round ran side by side, so a
     # slow phase of a shared machine cancels out. Ratios of the medians are kept as well.
     pairs = {"FIRE/TRADES": ("FIRE", "TRADES"), "FIRE/floor": ("FIRE", "floor"),
-             "TRADES/floor": ("TRADES", "floor")}
+             "TRADES/floor": ("TRADES", "floor"), "TRADES-public/floor": ("TRADES-public", "floor"),
+             "FIRE/TRADES-public": ("FIRE", "TRADES-public")}
     out["ratios"] = {key: statistics.median(a / b for a, b in zip(times[num], times[den]))
                      for key, (num, den) in pairs.items()}
     out["ratios_of_medians"] = {key: out["steps"][num]["ms"] / out["steps"][den]["ms"]
@@ -320,6 +339,9 @@ def main_table(result):
     lines.append(f"FIRE / TRADES = {r['FIRE/TRADES']:.3f}   FIRE / floor = {r['FIRE/floor']:.3f}   "
                  f"TRADES / floor = {r['TRADES/floor']:.3f}   (medians of the per-round ratios; ratios "
                  f"of the medians: {m['FIRE/TRADES']:.3f}, {m['FIRE/floor']:.3f}, {m['TRADES/floor']:.3f})")
+    lines.append(f"FIRE / TRADES-public = {r['FIRE/TRADES-public']:.3f}: TRADES as its public code "
+                 f"runs it, with the natural forward recomputed at each of the {result['attack_steps']} "
+                 f"attack steps")
     us, calls = result["loss_us"], result["attack_steps"] + 1
     lines.append(f"The losses alone (forward + backward on {b} x classes logits, {calls} per step): fire_loss "
                  f"{us['FIRE']:.0f} us, trades_loss {us['TRADES']:.0f} us, a difference of "

@@ -883,7 +883,8 @@ def test_tiny_benchmark_prints_and_writes_the_ratios(tmp_path, capsys, flags):
                     "--json-out", str(out), *flags])
     printed = capsys.readouterr().out
     assert "FIRE / TRADES =" in printed and "FIRE / floor =" in printed and "TRADES / floor =" in printed
-    for row in ("| floor |", "| FIRE |", "| TRADES |", "| 2 | 0 |", "| 2 | 1 |"):
+    assert "FIRE / TRADES-public =" in printed
+    for row in ("| floor |", "| FIRE |", "| TRADES |", "| TRADES-public |", "| 2 | 0 |", "| 2 | 1 |"):
         assert row in printed
     report = json.loads(out.read_text())
     result = report["result"]
@@ -914,7 +915,8 @@ def test_bad_flags_exit_2():
 
 def test_every_step_runs_the_floors_forward_passes():
     """FIRE, TRADES and the floor each run K + 3 forwards: the natural one once, K in the attack,
-    two for the update. The floor leaves the weights alone (lr 0); the real steps train."""
+    two for the update; TRADES-public (TRADES' own attack) K more. The floor leaves the weights
+    alone (lr 0); the real steps train."""
     k = 3
     bench = make_bench(batch_size=4)
     calls = []
@@ -923,7 +925,8 @@ def test_every_step_runs_the_floors_forward_passes():
         before = [p.detach().clone() for p in bench.model.parameters()]
         calls.clear()
         step()
-        assert calls == [False] * (k + 1) + [True, True], name  # eval for the attack, train after
+        attack = k + 1 + (k if name == "TRADES-public" else 0)
+        assert calls == [False] * attack + [True, True], name  # eval for the attack, train after
         moved = any(not torch.equal(a, p) for a, p in zip(before, bench.model.parameters()))
         assert moved == (name != "floor"), name
 
