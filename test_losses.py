@@ -740,6 +740,7 @@ def test_nan_loss_stops_with_epoch_and_batch(tmp_path):
     ("train_trades.py", ["--step-size", "-0.01"], "--step-size"),
     ("train_trades.py", ["--dataset", "svhn"], "--dataset"),
     ("train_trades.py", ["--model", "wrn-35-10"], "6n+4"),
+    ("train_trades.py", ["--loss", "madry", "--self-adaptive"], "--loss trades"),
 ])
 def test_bad_argument_catalogue(script, args, needle, tmp_path):
     argv = list(args) if "--out-dir" in args else [*args, "--out-dir", str(tmp_path / "run")]

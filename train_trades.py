@@ -87,8 +87,8 @@ def get_args(argv=None):
 
 
 def build_method(args):
-    """The (attack, criterion, make_state=None) of --loss for run(). Needs args.loss, eps,
-    step_size, attack_steps, beta."""
+    """The (attack, criterion, make_state) of --loss for run(); make_state is None without
+    --self-adaptive. Needs args.loss, eps, step_size, attack_steps, beta, self_adaptive."""
     def attack(model, x, y):
         if args.loss == "trades":
             return attack_trades(model, x, args.eps, args.step_size, args.attack_steps)
