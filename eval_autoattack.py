@@ -15,8 +15,8 @@ Commands:
     python eval_autoattack.py --plot-sweep runs/sweep --plot-kind lambda --plot-out fig7.png
     python eval_autoattack.py --plot-sweep runs/sweep --plot-kind plane --plot-out fig8.png
 
-The standard AutoAttack on 10,000 CIFAR images takes hours for a WRN-34-10 on one GPU; all
-visible GPUs are used through DataParallel.
+All visible GPUs are used through DataParallel; on the CPU the full standard AutoAttack takes
+about a minute for 40 digits images with SmallCNN (measured on 2 cores).
 """
 import argparse
 import json
