@@ -1009,3 +1009,21 @@ def test_compiled_and_eager_steps_agree():
         assert loss_c.item() == pytest.approx(loss_e.item(), rel=1e-4), k
         assert update_e.norm() > 0
         assert (update_c - update_e).norm() <= update_rtol * update_e.norm(), k
+
+
+def test_torchrun_ddp_on_cpu_trains_and_saves_the_unwrapped_model(tmp_path):
+    """`torchrun --nproc_per_node=2` on the CPU (gloo): one code path with DDP; only the main
+    process logs and saves, and it saves the unwrapped model (loads strictly into a plain one)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(HERE, "train_fire.py"), "--epochs", "1", "--attack-steps", "1",
+                        "--eval-steps", "1", "--device", "cpu", "--out-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300, cwd=HERE, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = (tmp_path / "log.txt").read_text()
+    assert log.count("epoch   1 |") == 1  # one writer
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+    ckpt = train_fire.load_checkpoint(str(tmp_path / "last.pt"))
+    model = train_fire.model_from_args(ckpt["args"])
+    train_fire.load_model_state(model, ckpt, "last.pt")  # strict: no "module." prefixes
+    assert json.loads((tmp_path / "summary.json").read_text())["epochs"] == 1
