@@ -28,7 +28,6 @@ import time
 from fractions import Fraction
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from train_fire import (UserError, ArgumentParser, _full, attack_pgd_ce, cli, get_datasets,
@@ -113,7 +112,7 @@ def get_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Attacks besides AutoAttack (for comparison with older papers)
+# The CW-Linf objective (PGD on it, for comparison with older papers)
 
 
 def cw_margin(logits, y):
@@ -122,18 +121,6 @@ def cw_margin(logits, y):
     z_y = logits.gather(1, y[:, None]).squeeze(1)
     z_other = logits.scatter(1, y[:, None], float("-inf")).max(dim=1).values
     return z_other - z_y
-
-
-def attack_pgd_cw(model, x, y, eps, step_size, steps):
-    """Linf PGD maximising the CW margin from a uniform start in the eps-ball; returns x'.
-    Caller sets eval mode."""
-    x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        grad, = torch.autograd.grad(cw_margin(model(x_adv), y).sum(), x_adv)
-        x_adv = x_adv.detach() + step_size * grad.sign()
-        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
-    return x_adv.detach()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,7 +225,7 @@ def evaluate_autoattack(model, x, y, eps, batch_size=500, seed=0, device="cpu", 
                 with torch.no_grad():
                     counts["pgd20"] += (model(x_pgd).argmax(1) == yb).sum().item()
             if cw:
-                x_cw = attack_pgd_cw(model, xb, yb, eps, 2.5 * eps / 20, 20)
+                x_cw = attack_pgd_ce(model, xb, yb, eps, 2.5 * eps / 20, 20, objective=cw_margin)
                 with torch.no_grad():
                     counts["cw"] += (model(x_cw).argmax(1) == yb).sum().item()
             n += len(yb)

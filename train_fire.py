@@ -436,19 +436,22 @@ def eval_loader(dataset, args):
         pin_memory=args.device_obj.type == "cuda")
 
 
-def attack_pgd_ce(model, x, y, eps, step_size, steps, start="uniform"):
+def attack_pgd_ce(model, x, y, eps, step_size, steps, start="uniform", objective=None):
     """Linf PGD maximising the cross-entropy; returns x'. Caller sets eval mode.
 
     start: "uniform" in the eps-ball (Madry et al.; our evaluation), "normal" = x + 0.001 N(0, 1)
-    (MART's code).
+    (MART's code). objective(logits, y) -> per-sample values replaces the cross-entropy (e.g. the
+    CW margin of eval_autoattack.py).
     """
+    if objective is None:
+        def objective(logits, y):
+            return F.cross_entropy(_full(logits), y, reduction="none")
     noise = (torch.empty_like(x).uniform_(-eps, eps) if start == "uniform"
              else 0.001 * torch.randn_like(x))
     x_adv = (x + noise).clamp(0, 1)
     for _ in range(steps):
         x_adv.requires_grad_(True)
-        objective = F.cross_entropy(_full(model(x_adv)), y, reduction="sum")
-        grad, = torch.autograd.grad(objective, x_adv)
+        grad, = torch.autograd.grad(objective(model(x_adv), y).sum(), x_adv)
         x_adv = x_adv.detach() + step_size * grad.sign()
         x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
     return x_adv.detach()
