@@ -7,9 +7,9 @@ Commands:
     python benchmark.py --dataset cifar10 --device cuda --batch-size 256 --dtype bfloat16 \
         --channels-last --json-out bench-bf16.json        # the paper's WRN-34-10 on one GPU
 
-Each timed step is the training loop's own step, train_fire.train_step with the attack and
-criterion that train_fire.py and train_trades.py build (build_method), on one fixed synthetic batch
-of the data set's shape already on the device (data loading is not timed):
+Each timed step is the training loop's own step: the train_step of train_fire.py or
+train_trades.py, then harness.sgd_update and harness.EpochStats as harness.train runs them, on one
+fixed synthetic batch of the data set's shape already on the device (data loading is not timed):
     model.eval(); x' = attack(model, x)                       # K PGD steps, natural logits once
     model.train(); loss = loss(model(x), model(x'), y)        # two forwards, one backward
     zero_grad; backward; SGD (Nesterov) step; loss/NaN statistics kept on the device.
@@ -39,7 +39,8 @@ import torch
 from models import get_model
 import train_fire
 import train_trades
-from train_fire import DATA_INFO, PRESETS, ArgumentParser, fire_loss, train_step
+from harness import DATA_INFO, PRESETS, ArgumentParser, EpochStats, sgd_update
+from train_fire import fire_loss
 from train_trades import trades_loss
 
 IMAGE_SIZE = {"digits": 28, "mnist": 28, "cifar10": 32, "cifar100": 32}
@@ -149,25 +150,17 @@ class Bench:
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")
         self.amp = (torch.autocast(device.type, dtype=getattr(torch, args.dtype))
                     if args.dtype != "float32" else nullcontext())
-        # The training loop's per-step statistics, kept on the device (no host sync per step).
-        self.stats = torch.zeros(3, device=device)
-        self.first_bad = torch.full((), -1, device=device)
-        self.step_index = 0
+        self.stats = EpochStats(device)  # the training loop's per-step statistics, on the device
 
-    def train_step(self, build_method, method_args, attacker=None):
-        """One step of the training loop: train_fire.train_step with the script's own attack and
-        criterion (build_method of train_fire.py or train_trades.py), then the loop's on-device
-        statistics. Returns the (detached) loss."""
-        attack, criterion, _ = build_method(method_args)
-        loss, logits = train_step(self.model, attacker or self.fwd, self.fwd, attack, criterion,
-                                  self.optimizer, self.scaler, self.amp, self.x, self.y, None, 0)
-        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), self.step_index,
-                                     self.first_bad)
-        self.stats[0] += loss * len(self.y)
-        self.stats[1] += (logits.argmax(1) == self.y).sum()
-        self.stats[2] += len(self.y)
-        self.step_index += 1
-        return loss
+    def train_step(self, script, method_args, attack_model=None):
+        """One step of the training loop (harness.train): the script's train_step under autocast,
+        the SGD update and the on-device statistics. Returns the (detached) loss."""
+        with self.amp:
+            loss, logits = script.train_step(method_args, self.fwd, attack_model or self.fwd,
+                                             self.x, self.y, None)
+        sgd_update(loss, self.optimizer, self.scaler)
+        self.stats.add(loss, logits, self.y)
+        return loss.detach()
 
     def floor_step(self, steps):
         """The network passes of a training step and nothing else (see the module docstring)."""
@@ -189,13 +182,13 @@ class Bench:
     def steps(self, k):
         a = self.args
         common = dict(eps=a.eps, step_size=a.step_size, attack_steps=k)
-        fire = argparse.Namespace(**common, lam=a.lam, distance="fisher-rao", self_adaptive=False)
-        trades = argparse.Namespace(**common, loss="trades", beta=a.beta, self_adaptive=False)
+        fire = argparse.Namespace(**common, lam=a.lam, distance="fisher-rao")
+        trades = argparse.Namespace(**common, loss="trades", beta=a.beta)
         public = RecomputeNatural(self.fwd, self.x)
         return {"floor": lambda: self.floor_step(k),
-                "FIRE": lambda: self.train_step(train_fire.build_method, fire),
-                "TRADES": lambda: self.train_step(train_trades.build_method, trades),
-                "TRADES-public": lambda: self.train_step(train_trades.build_method, trades, public)}
+                "FIRE": lambda: self.train_step(train_fire, fire),
+                "TRADES": lambda: self.train_step(train_trades, trades),
+                "TRADES-public": lambda: self.train_step(train_trades, trades, public)}
 
 
 class RecomputeNatural(torch.nn.Module):
@@ -287,7 +280,7 @@ def measure(args, batch_size, k, reps, warmup, device):
     steps = bench.steps(k)
     times = time_interleaved(steps, reps, warmup, device, args.clock)
     peaks = peak_memory(steps, device)
-    if bool(bench.first_bad.item() >= 0):
+    if bool(bench.stats.first_bad.item() >= 0):
         print(f"warning: a loss became NaN or infinite at batch {batch_size}, K {k}", file=sys.stderr)
     out = dict(batch_size=batch_size, attack_steps=k, reps=reps, warmup=warmup, steps={})
     for name in STEPS:

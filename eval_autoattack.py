@@ -30,8 +30,8 @@ from fractions import Fraction
 import torch
 from tqdm import tqdm
 
-from train_fire import (UserError, ArgumentParser, _full, attack_pgd_ce, cli, get_datasets,
-                        load_checkpoint, load_model_state, model_from_args)
+from harness import (UserError, ArgumentParser, attack_pgd_ce, cli, get_datasets, load_checkpoint,
+                     load_model_state, model_from_args, upcast_half)
 
 RESULT_FORMAT = "fire-repro-autoattack/1"
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")  # AutoAttack's standard order
@@ -117,7 +117,7 @@ def get_args(argv=None):
 
 def cw_margin(logits, y):
     """Carlini-Wagner margin, max_{j != y} z_j - z_y, per sample: > 0 iff misclassified."""
-    logits = _full(logits)
+    logits = upcast_half(logits)
     z_y = logits.gather(1, y[:, None]).squeeze(1)
     z_other = logits.scatter(1, y[:, None], float("-inf")).max(dim=1).values
     return z_other - z_y

@@ -150,11 +150,25 @@ class ResNet18(nn.Module):
 MODEL_NAMES = ("smallcnn", "resnet18", "wrn-D-W (e.g. wrn-34-10, wrn-28-10)")
 
 
+def check_model_name(name):
+    """Raise ValueError unless `name` is a model get_model can build (without building it)."""
+    wrn = re.fullmatch(r"wrn-(\d+)-(\d+)", name)
+    if wrn:
+        depth, widen = int(wrn.group(1)), int(wrn.group(2))
+        if depth < 10 or (depth - 4) % 6:
+            raise ValueError(f"WideResNet depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 34, ...), got {depth}")
+        if widen < 1:
+            raise ValueError(f"WideResNet widen factor must be >= 1, got {widen}")
+    elif name not in ("smallcnn", "resnet18"):
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}")
+
+
 def get_model(name, num_classes, in_channels=None, mean=None, std=None):
     """Build `name` for `num_classes` classes; `mean`/`std` (per channel) set the input normalisation.
 
     Inputs are images in [0, 1], outputs are logits. Raises ValueError for an unknown name.
     """
+    check_model_name(name)
     wrn = re.fullmatch(r"wrn-(\d+)-(\d+)", name)
     if name == "smallcnn":
         in_channels = in_channels or 1
@@ -165,8 +179,6 @@ def get_model(name, num_classes, in_channels=None, mean=None, std=None):
     elif wrn:
         in_channels = in_channels or 3
         net = WideResNet(int(wrn.group(1)), int(wrn.group(2)), num_classes, in_channels)
-    else:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}")
     mean = (0.0,) * in_channels if mean is None else tuple(mean)
     std = (1.0,) * in_channels if std is None else tuple(std)
     return nn.Sequential(Normalize(mean, std), net)

@@ -207,7 +207,7 @@ table2() {
         "$PY" - "$AUX_DATA" <<'EOF'
 import argparse, sys
 import numpy as np, torch
-from train_fire import get_datasets
+from harness import get_datasets
 train = get_datasets(argparse.Namespace(dataset="digits", data_dir="data", val_size=180))[0]
 x = torch.stack([train[i][0] for i in range(len(train))])
 x = torch.cat([torch.roll(x, 1, dims=3), torch.roll(x, -1, dims=2)])

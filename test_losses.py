@@ -18,6 +18,7 @@ from scipy.stats import norm
 
 import benchmark
 import gaussian_demo as gd
+import harness
 import train_fire
 import train_trades
 from models import get_model
@@ -168,7 +169,7 @@ def tiny_model(seed=0):
 
 
 def digits_batch(n=32):
-    x, y = train_fire.load_digits_tensors()
+    x, y = harness.load_digits_tensors()
     return x[:n], y[:n]
 
 
@@ -343,7 +344,7 @@ def test_presets_and_overrides():
 
 def test_step_schedule_matches_paper():
     args = train_fire.get_args(["--dataset", "cifar10"])
-    f = train_fire.lr_factor(args)
+    f = harness.lr_factor(args)
     assert [f(e) for e in (0, 74, 75, 89, 90, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
 
 
@@ -526,51 +527,57 @@ def test_hellinger_regulariser_and_loss():
 
 def test_self_adaptive_targets_and_ce():
     labels = torch.tensor([0, 1, 2, 1])
-    sa = train_fire.SelfAdaptiveTargets(labels, 3, alpha=0.9, start=3, device="cpu")
+    sa = harness.SelfAdaptiveTargets(labels, 3, alpha=0.9, start=3, device="cpu")
     logits = random_logits(2, 3, 2.0, 33).float()
     idx = torch.tensor([1, 3])
-    before = sa(logits, idx, epoch=1)  # epoch index 1 = the 2nd epoch < start 3: one-hot
+    sa.set_epoch(1)  # epoch index 1 = the 2nd epoch < start 3: one-hot
+    before = sa.update(idx, logits)
     assert torch.equal(before, F.one_hot(labels[idx], 3).float())
-    assert torch.allclose(train_fire.self_adaptive_ce(logits, before), F.cross_entropy(logits, labels[idx]))
-    after = sa(logits, idx, epoch=2)  # 3rd epoch: t <- 0.9 t + 0.1 softmax
+    assert torch.allclose(harness.natural_ce(logits, before), F.cross_entropy(logits, labels[idx]))
+    sa.set_epoch(2)  # 3rd epoch: t <- 0.9 t + 0.1 softmax
+    after = sa.update(idx, logits)
     expected = 0.9 * F.one_hot(labels[idx], 3).float() + 0.1 * F.softmax(logits, 1)
     assert torch.allclose(after, expected) and torch.allclose(sa.targets[idx], expected)
     assert torch.equal(sa.targets[0], torch.tensor([1.0, 0, 0]))  # other rows untouched
     w = expected.max(1).values
     hand = (w * -(expected * F.log_softmax(logits, 1)).sum(1)).sum() / w.sum()
-    assert torch.allclose(train_fire.self_adaptive_ce(logits, after), hand)
+    assert torch.allclose(harness.natural_ce(logits, after), hand)
     state = sa.state_dict()
-    other = train_fire.SelfAdaptiveTargets(labels, 3, 0.9, 3, "cpu")
+    other = harness.SelfAdaptiveTargets(labels, 3, 0.9, 3, "cpu")
     other.load_state_dict(state)
     assert torch.equal(other.targets, sa.targets)
 
 
 @pytest.mark.parametrize("script", [train_fire, train_trades])
-def test_self_adaptive_criterion_is_the_method_before_its_start(script):
-    """--self-adaptive in either script: the method's own loss while the targets are one-hot
-    (before --sa-start), soft-target CE + weight * regulariser after."""
-    args = script.get_args(["--self-adaptive", "--sa-start", "3"])
+def test_self_adaptive_step_is_the_method_before_its_start(script):
+    """--self-adaptive in either script: the method's own loss (the same function) while the
+    targets are one-hot (before --sa-start), soft-target CE + weight * regulariser after."""
+    args = script.get_args(["--self-adaptive", "--sa-start", "3", "--attack-steps", "0"])
     assert args.method == ("fire-sa" if script is train_fire else "trades-sa")
-    _, criterion, make_state = script.build_method(args)
-    state = make_state(train_fire.Indexed(torch.utils.data.TensorDataset(
-        torch.zeros(6, 1, 28, 28), torch.tensor([0, 1, 2, 3, 4, 5])), None), "cpu")
+    soft_targets = harness.SelfAdaptiveTargets(torch.tensor([0, 1, 2, 3, 4, 5]), 10, args.sa_alpha,
+                                               args.sa_start, "cpu")
     model = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(4, 1, 28, 28, generator=gen)
-    x_adv = (x + 0.1 * torch.rand(4, 1, 28, 28, generator=gen)).clamp(0, 1)
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     y, idx = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 3])
+
+    def step(targets):  # the same random start (0 attack steps: x' = x + 0.001 N(0, 1))
+        torch.manual_seed(1)
+        return script.train_step(args, model, model, x, y, idx, targets)[0]
+    torch.manual_seed(1)
+    x_adv = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
     logits_nat, logits_adv = model(x), model(x_adv)
     if script is train_fire:
-        plain = fire_loss(logits_nat, logits_adv, y, args.lam)
         reg = args.lam * fisher_rao_distance(logits_nat, logits_adv).pow(2).mean()
     else:
-        plain = trades_loss(logits_nat, logits_adv, y, args.beta)
         reg = args.beta * kl_per_sample(logits_nat, logits_adv).mean()
-    before, _ = criterion(model, x, x_adv, y, idx, 1, state=state)
-    assert before.item() == pytest.approx(plain.item(), rel=1e-6)
-    after, _ = criterion(model, x, x_adv, y, idx, 2, state=state)  # 3rd epoch: soft targets
+    plain = step(None)
+    assert plain.item() == pytest.approx((F.cross_entropy(logits_nat, y) + reg).item(), rel=1e-6)
+    soft_targets.set_epoch(1)
+    assert step(soft_targets).item() == pytest.approx(plain.item(), rel=1e-6)
+    soft_targets.set_epoch(2)  # 3rd epoch: soft targets
+    after = step(soft_targets)
     soft = 0.9 * F.one_hot(y, 10).float() + 0.1 * F.softmax(logits_nat.detach(), 1)
-    assert after.item() == pytest.approx((train_fire.self_adaptive_ce(logits_nat, soft) + reg).item(), rel=1e-6)
+    assert after.item() == pytest.approx((harness.natural_ce(logits_nat, soft) + reg).item(), rel=1e-6)
     assert after.item() != pytest.approx(plain.item(), rel=1e-4)
 
 
@@ -615,7 +622,7 @@ def test_self_adaptive_targets_resume_exactly(tmp_path):
 
 
 def digits_npz(path, n=200):
-    x, y = train_fire.load_digits_tensors()
+    x, y = harness.load_digits_tensors()
     images = (x[-n:].permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
     np.savez(path, images=images, labels=y[-n:].numpy())
     return path
@@ -623,7 +630,7 @@ def digits_npz(path, n=200):
 
 def test_aux_data_mixes_into_every_batch(tmp_path):
     gen = torch.Generator().manual_seed(0)
-    batches = list(train_fire.MixedBatches(100, 30, 16, 0.5, gen))
+    batches = list(harness.MixedBatches(100, 30, 16, 0.5, gen))
     assert len(batches) == 13
     lab = torch.cat([torch.tensor([i for i in b if i < 100]) for b in batches])
     assert sorted(lab.tolist()) == list(range(100))  # one pass over the training set
@@ -636,7 +643,7 @@ def test_aux_data_mixes_into_every_batch(tmp_path):
 
 def test_aux_data_pickle_needs_trust(tmp_path):
     import pickle
-    x, y = train_fire.load_digits_tensors()
+    x, y = harness.load_digits_tensors()
     path = tmp_path / "ti.pickle"
     with open(path, "wb") as f:
         pickle.dump({"data": (x[:10].permute(0, 2, 3, 1) * 255).to(torch.uint8).numpy(),
@@ -644,8 +651,8 @@ def test_aux_data_pickle_needs_trust(tmp_path):
     r = run_script("train_fire.py", "--aux-data", str(path), "--out-dir", str(tmp_path / "run"))
     assert r.returncode == 2 and "--trust-pickle" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     args = train_fire.get_args(["--aux-data", str(path), "--trust-pickle"])
-    train_set = train_fire.get_datasets(args)[0]
-    aux = train_fire.load_aux_data(args, train_set)
+    train_set = harness.get_datasets(args)[0]
+    aux = harness.load_aux_data(args, train_set)
     assert len(aux) == 10 and aux[0][0].shape == (1, 28, 28)
 
 
@@ -658,8 +665,8 @@ def test_aux_data_pickle_needs_trust(tmp_path):
 def test_aux_data_bad_files(content, needle, tmp_path):
     np.savez(tmp_path / "bad.npz", **content)
     args = train_fire.get_args(["--aux-data", str(tmp_path / "bad.npz")])
-    with pytest.raises(train_fire.UserError, match=needle):
-        train_fire.load_aux_data(args, train_fire.get_datasets(args)[0])
+    with pytest.raises(harness.UserError, match=needle):
+        harness.load_aux_data(args, harness.get_datasets(args)[0])
 
 
 def test_aux_data_preset_is_carmon():
@@ -684,7 +691,7 @@ class _Evil:
 def test_malicious_checkpoint_does_not_run_code(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "last.pt"
-    torch.save({"format": train_fire.CHECKPOINT_FORMAT, "payload": _Evil(marker)}, evil)
+    torch.save({"format": harness.CHECKPOINT_FORMAT, "payload": _Evil(marker)}, evil)
     r = run_script("train_fire.py", "--resume", str(evil), "--out-dir", str(tmp_path / "run"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "cannot load checkpoint" in r.stderr
@@ -706,9 +713,9 @@ def test_broken_and_foreign_checkpoints(fire_run, tmp_path):
         r = run_script("train_fire.py", *QUICK, "--resume", str(tmp_path / name), "--out-dir", str(tmp_path / name) + ".run")
         assert r.returncode == 2, (name, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, (name, r.stderr)
-    with pytest.raises(train_fire.UserError, match="does not match"):
+    with pytest.raises(harness.UserError, match="does not match"):
         saved = torch.load(tmp_path / "mislabelled.pt", weights_only=True)
-        train_fire.load_model_state(train_fire.model_from_args(saved["args"]), saved, "mislabelled.pt")
+        harness.load_model_state(harness.model_from_args(saved["args"]), saved, "mislabelled.pt")
     r = run_script("train_trades.py", "--resume", str(out / "last.pt"), "--out-dir", str(tmp_path / "t"))
     assert r.returncode == 2 and "method='fire'" in r.stderr  # a FIRE run cannot resume as TRADES
 
@@ -793,7 +800,7 @@ def test_autoattack_is_bounded_by_natural_and_pgd(fire_run, tmp_path):
 def test_autoattack_refuses_train_mode_and_bad_inputs(fire_run, tmp_path):
     import eval_autoattack as ea
     model = get_model("smallcnn", 10)
-    with pytest.raises(train_fire.UserError, match="train mode"):
+    with pytest.raises(harness.UserError, match="train mode"):
         ea.evaluate_autoattack(model.train(), torch.rand(4, 1, 28, 28), torch.zeros(4).long(), 0.1)
     out, _ = fire_run
     foreign = tmp_path / "foreign.pt"
@@ -1023,7 +1030,43 @@ def test_torchrun_ddp_on_cpu_trains_and_saves_the_unwrapped_model(tmp_path):
     log = (tmp_path / "log.txt").read_text()
     assert log.count("epoch   1 |") == 1  # one writer
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
-    ckpt = train_fire.load_checkpoint(str(tmp_path / "last.pt"))
-    model = train_fire.model_from_args(ckpt["args"])
-    train_fire.load_model_state(model, ckpt, "last.pt")  # strict: no "module." prefixes
+    ckpt = harness.load_checkpoint(str(tmp_path / "last.pt"))
+    model = harness.model_from_args(ckpt["args"])
+    harness.load_model_state(model, ckpt, "last.pt")  # strict: no "module." prefixes
     assert json.loads((tmp_path / "summary.json").read_text())["epochs"] == 1
+
+
+# ---- Moving code must not move numbers (issue 11) ----------------------------------------------
+# Per-epoch (loss, train natural, val natural, val PGD) and the final (test natural, test PGD) of
+# short seeded digits runs, recorded on the CPU before train_fire.py's harness moved to harness.py.
+# Bit-identical on the same machine and torch build with one thread (thread counts change the
+# order of float reductions).
+PINNED_FLAGS = ["--epochs", "2", "--lr", "0.1", "--attack-steps", "2", "--eval-steps", "3",
+                "--batch-size", "64", "--device", "cpu"]
+PINNED = {
+    "fire": (["train_fire.py"],
+             [[2.3065719604492188, 0.0922832116484642, 0.05000000074505806, 0.05000000074505806],
+              [2.2883670330047607, 0.15433572232723236, 0.4611110985279083, 0.3222222328186035]],
+             [0.5388888716697693, 0.3222222328186035]),
+    "fire-sa": (["train_fire.py", "--self-adaptive", "--sa-start", "2"],
+                [[2.3065719604492188, 0.0922832116484642, 0.05000000074505806, 0.05000000074505806],
+                 [2.29225492477417, 0.14797136187553406, 0.4000000059604645, 0.30000001192092896]],
+                [0.4555555582046509, 0.2888889014720917]),
+    "trades": (["train_trades.py"],
+               [[2.3065555095672607, 0.0922832116484642, 0.05000000074505806, 0.05000000074505806],
+                [2.2816104888916016, 0.1551312655210495, 0.5944444537162781, 0.2777777910232544]],
+               [0.5611110925674438, 0.25833332538604736]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_seeded_runs_are_bit_identical_to_before_the_move(name, tmp_path):
+    (script, *flags), epochs, test = PINNED[name]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([PY, os.path.join(HERE, script), *flags, *PINNED_FLAGS, "--out-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [[r["loss"], r["train_nat"], r["val_nat"], r["val_pgd"]] for r in rows] == epochs
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert [summary["test_nat"], summary["test_pgd"]] == test

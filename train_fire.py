@@ -10,162 +10,33 @@ Commands:
     torchrun --nproc_per_node=4 train_fire.py --dataset cifar10    # the same with DDP
     python train_fire.py --dataset cifar10 --out-dir runs/c10 --resume auto   # resume if preempted
 
-This file also holds the harness shared with train_trades.py (data, evaluation, checkpoints, the
-training loop), so a FIRE vs TRADES comparison differs only in the loss and the attack objective.
+To try another regulariser, edit `fire_loss` (or add an entry to REGULARISERS): the attack and
+the training step call it, and nothing else in the repository changes. Data, evaluation,
+checkpoints and the epoch loop live in harness.py, shared with train_trades.py.
 """
-import argparse
-import json
-import math
-import os
-import random
-import sys
-import time
-from contextlib import nullcontext
-
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from models import get_model
-
-CHECKPOINT_FORMAT = "fire-repro/1"
-
-# The paper's settings (Section 5.1). `digits` is a CPU-sized stand-in: scikit-learn's 1,797 real
-# handwritten digits, upsampled to 28x28 for the MNIST network. Its blurry strokes do not survive
-# MNIST's eps = 0.3 (the model collapses to chance), so its preset uses eps = 0.1.
-PRESETS = {
-    "digits": dict(model="smallcnn", epochs=15, batch_size=64, lr=0.05, schedule="step",
-                   eps=0.1, step_size=0.02, attack_steps=10, eval_steps=20),
-    "mnist": dict(model="smallcnn", epochs=100, batch_size=256, lr=0.01, schedule="step",
-                  eps=0.3, step_size=0.01, attack_steps=40, eval_steps=20),
-    "cifar10": dict(model="wrn-34-10", epochs=100, batch_size=256, lr=0.1, schedule="step",
-                    eps=0.031, step_size=0.007, attack_steps=10, eval_steps=20),
-    "cifar100": dict(model="wrn-34-10", epochs=100, batch_size=256, lr=0.1, schedule="step",
-                     eps=0.031, step_size=0.007, attack_steps=10, eval_steps=20),
-}
-AUX_PRESET = dict(model="wrn-28-10", schedule="cosine", epochs=200)  # Carmon et al.'s protocol
-DATA_INFO = {  # classes, channels, per-channel mean and std (normalisation is done inside the model)
-    "digits": (10, 1, (0.5,), (0.5,)),
-    "mnist": (10, 1, (0.1307,), (0.3081,)),
-    "cifar10": (10, 3, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
-    "cifar100": (100, 3, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-}
+import harness
+from harness import natural_ce, upcast_half
 
 
-class UserError(Exception):
-    """A problem with the user's input (flags, files, data): reported as one line, exit code 2."""
+def get_args(argv=None):
+    parser = harness.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--lam", type=float, default=12.0,
+                        help="weight of d^2 in Eq. 7 (paper: 12). The authors' code weights "
+                             "arccos(BC)^2 = d^2/4 by beta, so their beta = 4 * lam")
+    parser.add_argument("--distance", type=str, default="fisher-rao", choices=sorted(REGULARISERS),
+                        help="regulariser: fisher-rao = d^2 (FIRE, Eq. 7), hellinger = H^2 (Eq. 48)")
+    harness.add_self_adaptive_flags(parser, "FIRE + Self Adaptive (Table 2)")
 
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage block
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def build_parser(description):
-    """Flags shared by both training scripts; None means 'take the dataset preset'."""
-    p = ArgumentParser(description=description)
-    p.add_argument("--dataset", type=str, default="digits", choices=sorted(PRESETS),
-                   help="data set and preset of the paper's settings (digits: bundled, no download)")
-    p.add_argument("--data-dir", type=str, default="data", help="where torchvision data live / go")
-    p.add_argument("--val-size", type=int, default=None,
-                   help="training images held out for model selection (default 1000; digits 180)")
-    p.add_argument("--model", type=str, default=None,
-                   help="smallcnn | resnet18 | wrn-D-W (default: preset)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: preset)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch size (default: preset)")
-    p.add_argument("--lr", type=float, default=None, help="initial learning rate (default: preset)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Nesterov)")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
-    p.add_argument("--schedule", type=str, default=None, choices=["step", "cosine"],
-                   help="lr schedule: step = /10 at each milestone, cosine = cosine decay to 0")
-    p.add_argument("--lr-milestones", type=float, nargs="+", default=[0.75, 0.9],
-                   help="step schedule milestones as fractions of --epochs (0.75 0.9 = epochs 75, 90 of 100)")
-    p.add_argument("--eps", type=float, default=None, help="Linf radius in pixel units of [0, 1]")
-    p.add_argument("--step-size", type=float, default=None, help="PGD step size during training")
-    p.add_argument("--attack-steps", type=int, default=None, help="PGD steps during training")
-    p.add_argument("--eval-steps", type=int, default=None,
-                   help="steps of the CE PGD used for validation/test (step 2.5 * eps / steps)")
-    p.add_argument("--aux-data", type=str, default=None,
-                   help=".npz with `images` (N, H, W, C) uint8 and `labels` (N,): extra pseudo-labelled "
-                        "images mixed into every batch (Carmon et al.'s 500K; with cifar10 the preset "
-                        "becomes WRN-28-10, cosine, 200 epochs)")
-    p.add_argument("--unsup-fraction", type=float, default=0.5,
-                   help="share of each batch drawn from --aux-data")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow --aux-data in the public pickle format (unpickling runs code: "
-                        "only for files you trust; prefer converting to .npz)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random number generator")
-    p.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto = CUDA (all visible GPUs) when available, else CPU")
-    p.add_argument("--workers", type=int, default=4, help="data-loader worker processes (CIFAR)")
-    p.add_argument("--dtype", type=str, default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="autocast precision of training forwards and attacks; evaluation is float32")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
-                   help="channels-last memory layout (faster convolutions on recent GPUs)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the model")
-    p.add_argument("--out-dir", type=str, default=None, help="run folder (default runs/<method>-<dataset>-s<seed>)")
-    p.add_argument("--resume", type=str, default=None,
-                   help="checkpoint to resume from, or 'auto' = <out-dir>/last.pt if it exists")
-    p.add_argument("--overwrite", action="store_true", help="allow replacing a finished run's files")
-    p.add_argument("--log-every", type=int, default=50, help="batches between progress/NaN checks")
-    return p
-
-
-def finish_args(parser, argv, method):
-    """Parse, fill unset flags from the dataset preset, and check values. Exits 2 on bad input.
-
-    `method` names the run (a string, or a function of the parsed args)."""
-    args = parser.parse_args(argv)
-    args.method = method(args) if callable(method) else method
-    preset = dict(PRESETS[args.dataset])
-    if args.aux_data and args.dataset == "cifar10":
-        preset.update(AUX_PRESET)
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.val_size is None:
-        args.val_size = 180 if args.dataset == "digits" else 1000
-    if args.out_dir is None:
-        args.out_dir = os.path.join("runs", f"{args.method}-{args.dataset}-s{args.seed}")
-    checks = [
-        (args.eps >= 0 and math.isfinite(args.eps), f"--eps must be >= 0, got {args.eps}"),
-        (args.eps <= 1, f"--eps must be <= 1 (images are in [0, 1]), got {args.eps}"),
-        (args.step_size > 0 and math.isfinite(args.step_size), f"--step-size must be > 0, got {args.step_size}"),
-        (args.attack_steps >= 0, f"--attack-steps must be >= 0, got {args.attack_steps}"),
-        (args.eval_steps >= 0, f"--eval-steps must be >= 0, got {args.eval_steps}"),
-        (args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
-        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
-        (args.lr > 0 and math.isfinite(args.lr), f"--lr must be > 0, got {args.lr}"),
-        (args.val_size >= 1, f"--val-size must be >= 1, got {args.val_size}"),
-        (args.log_every >= 1, f"--log-every must be >= 1, got {args.log_every}"),
-        (all(0 < m <= 1 for m in args.lr_milestones), "--lr-milestones are fractions in (0, 1]"),
-        (0 < args.unsup_fraction < 1, f"--unsup-fraction must be in (0, 1), got {args.unsup_fraction}"),
-        (args.aux_data is None or os.path.isfile(args.aux_data), f"--aux-data {args.aux_data!r} does not exist"),
-    ]
-    for name in ("lam", "beta"):
-        value = getattr(args, name, None)
-        if value is not None:
-            checks.append((value >= 0 and math.isfinite(value), f"--{name} must be >= 0, got {value}"))
-    for ok, message in checks:
-        if not ok:
-            parser.error(message)
-    try:
-        get_model(args.model, 10)
-    except ValueError as e:
-        parser.error(str(e))
-    return args
+    def run_name(args):
+        return ("hellinger" if args.distance == "hellinger" else "fire") + ("-sa" if args.self_adaptive else "")
+    return harness.finish_args(parser, argv, method=run_name)
 
 
 # ----------------------------------------------------------------------------------------------
-# The FIRE loss and its attack
-
-
-def _full(logits):
-    """float16/bfloat16 logits -> float32; float32 and float64 stay as they are."""
-    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+# The loss
 
 
 def fisher_rao_distance(logits_a, logits_b):
@@ -176,17 +47,10 @@ def fisher_rao_distance(logits_a, logits_b):
     arccos(BC) = 2 arcsin(||sqrt(q_a) - sqrt(q_b)||_2 / 2), with sqrt(q) = exp(log_softmax / 2).
     Computed in float32 (float64 if given) whatever the autocast dtype. Range [0, pi].
     """
-    root_a = torch.exp(0.5 * F.log_softmax(_full(logits_a), dim=1))
-    root_b = torch.exp(0.5 * F.log_softmax(_full(logits_b), dim=1))
+    root_a = torch.exp(0.5 * F.log_softmax(upcast_half(logits_a), dim=1))
+    root_b = torch.exp(0.5 * F.log_softmax(upcast_half(logits_b), dim=1))
     chord = torch.linalg.vector_norm(root_a - root_b, dim=1)
     return 4 * torch.asin((0.5 * chord).clamp(max=1.0))
-
-
-def hellinger_sq(logits_a, logits_b):
-    """Squared Hellinger distance of Eq. 46, H^2 = 2 (1 - BC) = ||sqrt(q_a) - sqrt(q_b)||^2; shape (B,)."""
-    root_a = torch.exp(0.5 * F.log_softmax(_full(logits_a), dim=1))
-    root_b = torch.exp(0.5 * F.log_softmax(_full(logits_b), dim=1))
-    return (root_a - root_b).pow(2).sum(dim=1)
 
 
 def fisher_rao_sq(logits_a, logits_b):
@@ -194,46 +58,27 @@ def fisher_rao_sq(logits_a, logits_b):
     return fisher_rao_distance(logits_a, logits_b).pow(2)
 
 
+def hellinger_sq(logits_a, logits_b):
+    """Squared Hellinger distance of Eq. 46, H^2 = 2 (1 - BC) = ||sqrt(q_a) - sqrt(q_b)||^2; shape (B,)."""
+    root_a = torch.exp(0.5 * F.log_softmax(upcast_half(logits_a), dim=1))
+    root_b = torch.exp(0.5 * F.log_softmax(upcast_half(logits_b), dim=1))
+    return (root_a - root_b).pow(2).sum(dim=1)
+
+
 REGULARISERS = {"fisher-rao": fisher_rao_sq, "hellinger": hellinger_sq}  # Eq. 7 and Eq. 48
 
 
-def fire_loss(logits_nat, logits_adv, y, lam, regulariser=fisher_rao_sq):
-    """FIRE risk, Eq. 7: mean CE on the natural logits + lam * mean d^2(q_nat, q_adv).
+def fire_loss(logits_nat, logits_adv, targets, lam, regulariser=fisher_rao_sq):
+    """FIRE risk, Eq. 7: CE on the natural logits + lam * mean d^2(q_nat, q_adv).
 
-    With regulariser=hellinger_sq it is the Hellinger risk of Eq. 48 (H^2 = d^2 / 4 + O(d^4)).
+    `targets` are labels (B,), or soft targets (B, M) for self-adaptive training (see
+    harness.natural_ce). With regulariser=hellinger_sq it is the Hellinger risk of Eq. 48.
     """
-    return F.cross_entropy(_full(logits_nat), y) + lam * regulariser(logits_nat, logits_adv).mean()
+    return natural_ce(logits_nat, targets) + lam * regulariser(logits_nat, logits_adv).mean()
 
 
-def self_adaptive_ce(logits, targets):
-    """Self-adaptive training's CE (Huang et al. 2020): soft targets t, per-sample weight max_j t_j,
-    -sum_i w_i sum_j t_ij log q_ij / sum_i w_i. With one-hot targets it is the plain mean CE."""
-    weights = targets.max(dim=1).values
-    ce = -(targets * F.log_softmax(_full(logits), dim=1)).sum(dim=1)
-    return (weights * ce).sum() / weights.sum()
-
-
-class SelfAdaptiveTargets:
-    """Soft targets t <- alpha t + (1 - alpha) softmax(f(x)), one row per training image, updated
-    from epoch `start` (1-based) on; one-hot before. Saved in checkpoints, so resume is exact."""
-
-    def __init__(self, labels, num_classes, alpha, start, device):
-        self.targets = F.one_hot(labels, num_classes).float().to(device)
-        self.alpha, self.start = alpha, start
-
-    def __call__(self, logits_nat, idx, epoch):
-        """Update the rows `idx` (after epoch + 1 >= start) and return them."""
-        idx = idx.to(self.targets.device)
-        if epoch + 1 >= self.start:
-            probs = F.softmax(_full(logits_nat).detach(), dim=1)
-            self.targets[idx] = self.alpha * self.targets[idx] + (1 - self.alpha) * probs
-        return self.targets[idx]
-
-    def state_dict(self):
-        return {"targets": self.targets.cpu()}
-
-    def load_state_dict(self, state):
-        self.targets.copy_(state["targets"])
+# ----------------------------------------------------------------------------------------------
+# The attack and the training step
 
 
 def attack_fire(model, x, eps, step_size, steps, regulariser=fisher_rao_sq):
@@ -254,592 +99,24 @@ def attack_fire(model, x, eps, step_size, steps, regulariser=fisher_rao_sq):
     return x_adv.detach()
 
 
-# ----------------------------------------------------------------------------------------------
-# Shared harness: data, evaluation attack, checkpoints, device, training loop.
-
-
-class Indexed(torch.utils.data.Dataset):
-    """Yields (image, label, index) so that per-sample state (self-adaptive targets) can be kept."""
-
-    def __init__(self, base, indices=None, transform=None):
-        self.base, self.transform = base, transform
-        self.indices = list(range(len(base))) if indices is None else list(indices)
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        x, y = self.base[self.indices[i]]
-        if self.transform is not None:
-            x = self.transform(x)
-        return x, int(y), i
-
-    def labels(self):
-        """All labels without loading images."""
-        base = self.base.targets if hasattr(self.base, "targets") else self.base.tensors[1]
-        return torch.as_tensor(base)[self.indices]
-
-
-def load_digits_tensors():
-    """scikit-learn's 1,797 8x8 digits as (N, 1, 28, 28) float tensors in [0, 1] and labels."""
-    from sklearn.datasets import load_digits
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False).clamp(0, 1)
-    return x, torch.tensor(digits.target, dtype=torch.long)
-
-
-def get_datasets(args):
-    """(train, val, test) datasets of (image in [0,1], label, index). Raises UserError when missing.
-
-    The validation split is carved from the training set with a fixed seed (independent of
-    --seed), so every run of every method selects its checkpoint on the same images.
-    """
-    split = torch.Generator().manual_seed(12345)
-    if args.dataset == "digits":
-        x, y = load_digits_tensors()
-        perm = torch.randperm(len(x), generator=split).tolist()
-        base = torch.utils.data.TensorDataset(x, y)
-        test, rest = perm[:360], perm[360:]
-        return (Indexed(base, rest[args.val_size:]), Indexed(base, rest[:args.val_size]),
-                Indexed(base, test))
-
-    import torchvision
-    import torchvision.transforms as T
-    cls = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10,
-           "cifar100": torchvision.datasets.CIFAR100}[args.dataset]
-    to_tensor = T.ToTensor()
-    augment = to_tensor
-    if args.dataset != "mnist":  # TRADES' CIFAR augmentation
-        augment = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), to_tensor])
-    try:
-        train = _torchvision_split(cls, args.data_dir, train=True)
-        test = _torchvision_split(cls, args.data_dir, train=False)
-    except Exception as e:  # noqa: BLE001  (torchvision raises several kinds when offline)
-        raise UserError(f"{args.dataset} is not in {args.data_dir!r} and could not be downloaded "
-                        f"({type(e).__name__}); download it where there is a network and pass "
-                        f"--data-dir") from None
-    if args.val_size >= len(train):
-        raise UserError(f"--val-size {args.val_size} must be smaller than the training set ({len(train)})")
-    perm = torch.randperm(len(train), generator=split).tolist()
-    val_idx, train_idx = perm[:args.val_size], perm[args.val_size:]
-    return (Indexed(train, train_idx, augment), Indexed(train, val_idx, to_tensor),
-            Indexed(test, None, to_tensor))
-
-
-def _torchvision_split(cls, root, train):
-    try:
-        return cls(root, train=train, download=False)
-    except RuntimeError:  # not there yet: try to download
-        return cls(root, train=train, download=True)
-
-
-class AuxData(torch.utils.data.Dataset):
-    """Extra pseudo-labelled images (uint8, N x H x W x C) with the training set's augmentation."""
-
-    def __init__(self, images, labels, transform):
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        img = self.images[i]
-        if self.transform is not None:  # torchvision pipelines start from PIL images
-            from PIL import Image
-            x = self.transform(Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img))
-        else:
-            x = torch.from_numpy(img).permute(2, 0, 1).float() / 255
-        return x, int(self.labels[i]), -1
-
-
-def load_aux_data(args, train_set):
-    """Read --aux-data safely (.npz without pickles; the public pickle only with --trust-pickle)."""
-    path = args.aux_data
-    num_classes, channels = DATA_INFO[args.dataset][:2]
-    try:
-        if path.endswith((".pickle", ".pkl")):
-            if not args.trust_pickle:
-                raise UserError(f"refusing to unpickle {path!r} (unpickling runs code): convert it "
-                                f"to .npz (see README) or pass --trust-pickle if you trust the file")
-            import pickle
-            with open(path, "rb") as f:
-                raw = pickle.load(f)
-            images, labels = raw["data"], raw["extrapolated_targets"]
-        else:
-            with np.load(path, allow_pickle=False) as raw:
-                images, labels = raw["images"], raw["labels"]
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001  (bad zip, missing key, object arrays, ...)
-        raise UserError(f"cannot read --aux-data {path!r}: {type(e).__name__}: {str(e)[:150]}") from None
-    images, labels = np.asarray(images), np.asarray(labels).astype(np.int64)
-    if images.ndim == 3:
-        images = images[..., None]
-    shape = tuple(train_set[0][0].shape)  # (C, H, W) of the training images
-    if images.dtype != np.uint8 or images.shape[1:] != (shape[1], shape[2], shape[0]):
-        raise UserError(f"--aux-data images must be uint8 of shape (N, {shape[1]}, {shape[2]}, "
-                        f"{shape[0]}) for {args.dataset}, got {images.dtype} {images.shape}")
-    if len(labels) != len(images) or labels.min() < 0 or labels.max() >= num_classes:
-        raise UserError(f"--aux-data labels must be {len(images)} integers in [0, {num_classes})")
-    return AuxData(images, labels, train_set.transform)
-
-
-class MixedBatches(torch.utils.data.Sampler):
-    """Batches of indices into ConcatDataset([train, aux]): each epoch passes once over the training
-    set, and a share `fraction` of every batch is drawn at random from the aux set (Carmon et al.).
-    Under torchrun every rank builds the same batches and keeps its slice of each."""
-
-    def __init__(self, n_train, n_aux, batch_size, fraction, generator):
-        self.n_train, self.n_aux, self.gen = n_train, n_aux, generator
-        self.n_lab = max(1, round(batch_size * (1 - fraction)))
-        self.n_unl = batch_size - self.n_lab
-        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-    def __len__(self):
-        return math.ceil(self.n_train / self.n_lab)
-
-    def __iter__(self):
-        order = torch.randperm(self.n_train, generator=self.gen)
-        for lab in order.split(self.n_lab):
-            unl = self.n_train + torch.randint(self.n_aux, (self.n_unl,), generator=self.gen)
-            yield torch.cat([lab, unl])[self.rank::self.world].tolist()
-
-
-def train_loader(dataset, args, epoch):
-    """Shuffled loader whose order depends only on (seed, epoch): a resumed run sees the same
-    batches. Under torchrun each rank gets its shard and batch_size / world_size images."""
-    gen = torch.Generator().manual_seed(args.seed * 100003 + epoch)
-    workers = 0 if args.dataset == "digits" else args.workers
-    if isinstance(dataset, torch.utils.data.ConcatDataset):  # training set + --aux-data
-        batches = MixedBatches(len(dataset.datasets[0]), len(dataset.datasets[1]), args.batch_size,
-                               args.unsup_fraction, gen)
-        return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                                           pin_memory=args.device_obj.type == "cuda")
-    batch_size = args.batch_size
-    if dist.is_initialized():
-        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=args.seed)
-        sampler.set_epoch(epoch)
-        batch_size //= dist.get_world_size()
-    else:
-        sampler = torch.utils.data.RandomSampler(dataset, generator=gen)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, generator=gen, num_workers=workers,
-        pin_memory=args.device_obj.type == "cuda")
-
-
-def eval_loader(dataset, args):
-    """In-order loader over the whole split (every rank evaluates everything: same numbers)."""
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, shuffle=False,
-        num_workers=0 if args.dataset == "digits" else args.workers,
-        pin_memory=args.device_obj.type == "cuda")
-
-
-def attack_pgd_ce(model, x, y, eps, step_size, steps, start="uniform", objective=None):
-    """Linf PGD maximising the cross-entropy; returns x'. Caller sets eval mode.
-
-    start: "uniform" in the eps-ball (Madry et al.; our evaluation), "normal" = x + 0.001 N(0, 1)
-    (MART's code). objective(logits, y) -> per-sample values replaces the cross-entropy (e.g. the
-    CW margin of eval_autoattack.py).
-    """
-    if objective is None:
-        def objective(logits, y):
-            return F.cross_entropy(_full(logits), y, reduction="none")
-    noise = (torch.empty_like(x).uniform_(-eps, eps) if start == "uniform"
-             else 0.001 * torch.randn_like(x))
-    x_adv = (x + noise).clamp(0, 1)
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        grad, = torch.autograd.grad(objective(model(x_adv), y).sum(), x_adv)
-        x_adv = x_adv.detach() + step_size * grad.sign()
-        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
-    return x_adv.detach()
-
-
-def evaluate(model, loader, eps, steps, device):
-    """Natural and PGD-`steps` (CE, step 2.5 eps / steps) accuracy in float32 and eval mode."""
-    model.eval()
-    correct = torch.zeros(2, device=device)
-    n = 0
-    for x, y, _ in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.no_grad():
-            correct[0] += (model(x).argmax(1) == y).sum()
-        if steps > 0 and eps > 0:
-            x = attack_pgd_ce(model, x, y, eps, 2.5 * eps / steps, steps)
-        with torch.no_grad():
-            correct[1] += (model(x).argmax(1) == y).sum()
-        n += len(y)
-    nat, adv = (correct / max(n, 1)).tolist()
-    return nat, adv
-
-
-def rng_state():
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state["numpy"] = (kind, keys.tolist(), pos, has_gauss, cached)
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(state, path):
-    """Write atomically: a kill at any moment leaves the previous file at `path` readable."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    """Load a checkpoint of this repository safely (no code runs). Raises UserError otherwise."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path!r} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001  (truncated, corrupt or unsafe pickles all end here)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load checkpoint {path!r}: {first[:200]}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path!r} is not a checkpoint of this repository (format {CHECKPOINT_FORMAT})")
-    return ckpt
-
-
-def model_from_args(saved):
-    """Rebuild the model described by a checkpoint's stored arguments."""
-    num_classes, channels, mean, std = DATA_INFO[saved["dataset"]]
-    return get_model(saved["model"], num_classes, channels, mean, std)
-
-
-def load_model_state(model, ckpt, path):
-    try:
-        model.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as e:
-        raise UserError(f"{path!r} does not match model {ckpt['args'].get('model')!r}: "
-                        f"{str(e).splitlines()[0][:200]}") from None
-
-
-def setup_device(args):
-    """torchrun -> one process per GPU (DDP); otherwise one process over all visible GPUs."""
-    if "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        cuda = torch.cuda.is_available() and args.device != "cpu"
-        dist.init_process_group("nccl" if cuda else "gloo")
-        local_rank = int(os.environ["LOCAL_RANK"])
-        if cuda:
-            torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is visible")
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    return torch.device("cuda" if use_cuda else "cpu")
-
-
-def is_main():
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-class Logger:
-    """Prints and appends to <out-dir>/log.txt (main process only)."""
-
-    def __init__(self, out_dir):
-        self.path = os.path.join(out_dir, "log.txt")
-
-    def __call__(self, message):
-        if is_main():
-            tqdm.write(message)
-            with open(self.path, "a") as f:
-                f.write(message + "\n")
-
-
-def lr_factor(args):
-    if args.schedule == "cosine":
-        return lambda e: 0.5 * (1 + math.cos(math.pi * e / args.epochs))
-    milestones = [round(m * args.epochs) for m in args.lr_milestones]
-    return lambda e: 0.1 ** sum(e >= m for m in milestones)
-
-
-def prepare_out_dir(args):
-    """Create the run folder; refuse to clobber another run unless resuming or --overwrite."""
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-        probe = os.path.join(args.out_dir, f".write-test{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write to --out-dir {args.out_dir!r}: {e.strerror}") from None
-    existing = [f for f in ("last.pt", "best.pt", "metrics.jsonl") if os.path.exists(os.path.join(args.out_dir, f))]
-    if existing and not args.resume and not args.overwrite:
-        raise UserError(f"{args.out_dir!r} already holds a run ({', '.join(existing)}); "
-                        f"pass --resume auto to continue it or --overwrite to start over")
-    if existing and args.overwrite and not args.resume and is_main():
-        for f in existing + ["log.txt", "summary.json"]:
-            if os.path.exists(os.path.join(args.out_dir, f)):
-                os.remove(os.path.join(args.out_dir, f))
-
-
-def train_step(model, attacker, train_model, attack, criterion, optimizer, scaler, amp, x, y, idx,
-               epoch, state=None):
-    """One training step: attack the frozen model (eval mode: no dropout, BatchNorm running
-    statistics), then one SGD step on the method's loss over the natural and adversarial batches
-    in train mode. `attacker` and `train_model` are views of `model` (DataParallel, DDP,
-    compiled). Returns the detached loss and the logits that give the train accuracy."""
-    model.eval()
-    with amp:
-        x_adv = attack(attacker, x, y)
-    model.train()
-    with amp:
-        loss, logits = criterion(train_model, x, x_adv, y, idx, epoch, state=state)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return loss.detach(), logits.detach()
-
-
-def run(args, attack, criterion, make_state=None):
-    """Train with `attack(model, x, y) -> x_adv` and
-    `criterion(model, x, x_adv, y, idx, epoch) -> (loss, logits used for the train accuracy)`.
-
-    `make_state(train_set, device)` (optional) builds per-run state with state_dict() and
-    load_state_dict() that is saved in checkpoints (the self-adaptive targets); criterion gets it
-    as `state=` (None without make_state). Returns the final summary dict.
-    """
-    args.device_obj = device = setup_device(args)
-    if args.resume == "auto":  # continue a preempted run if there is one, else start fresh
-        last = os.path.join(args.out_dir, "last.pt")
-        args.resume = last if os.path.isfile(last) else None
-    if is_main():
-        prepare_out_dir(args)
-    if dist.is_initialized():
-        dist.barrier()
-    log = Logger(args.out_dir)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-
-    train_set, val_set, test_set = get_datasets(args)
-    if args.aux_data:
-        train_set = torch.utils.data.ConcatDataset([train_set, load_aux_data(args, train_set)])
-    model = model_from_args(vars(args)).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay, nesterov=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")
-    start_epoch, best, train_time, history = 0, -1.0, 0.0, []
-    method_state = None if make_state is None else make_state(train_set, device)
-
-    if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        for key in ("dataset", "model", "method"):
-            if ckpt["args"].get(key) != getattr(args, key):
-                raise UserError(f"--resume {args.resume!r} was trained with {key}="
-                                f"{ckpt['args'].get(key)!r}, not {getattr(args, key)!r}")
-        load_model_state(model, ckpt, args.resume)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        # The schedule follows this run's flags: resuming with a larger --epochs extends a run.
-        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
-            group["lr"] = base_lr * lr_factor(args)(scheduler.last_epoch)
-        scaler.load_state_dict(ckpt["scaler"])
-        if method_state is not None:
-            method_state.load_state_dict(ckpt["method_state"])
-        set_rng_state(ckpt["rng"])
-        start_epoch, best = ckpt["epoch"], ckpt["best_val_pgd"]
-        train_time, history = ckpt["train_time_s"], ckpt["history"]
-
-    # One model, three views: `fwd` (maybe compiled) for the training step, `attacker` for PGD.
-    fwd = torch.compile(model) if args.compile else model
-    if dist.is_initialized():
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            fwd, device_ids=[device.index] if device.type == "cuda" else None)
-        attacker = fwd  # each rank attacks its own shard: no gradient sync needed
-    elif device.type == "cuda" and torch.cuda.device_count() > 1:
-        train_model = attacker = torch.nn.DataParallel(fwd)
-    else:
-        train_model = attacker = fwd
-    amp = (torch.autocast(device.type, dtype=getattr(torch, args.dtype))
-           if args.dtype != "float32" else nullcontext())
-
-    log(json.dumps({k: v for k, v in vars(args).items() if k != "device_obj"}, sort_keys=True))
-    log(f"{len(train_set)} train / {len(val_set)} val / {len(test_set)} test images, "
-        f"{sum(p.numel() for p in model.parameters()):,} parameters, device {device}")
-    val_loader = eval_loader(val_set, args)
-
-    for epoch in range(start_epoch, args.epochs):
-        t0 = time.time()
-        lr = optimizer.param_groups[0]["lr"]  # this epoch's learning rate
-        loader = train_loader(train_set, args, epoch)
-        stats = torch.zeros(3, device=device)  # loss sum, correct, count (accumulated on device)
-        first_bad = torch.full((), -1, device=device)
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
-                   disable=None if is_main() else True)
-        for i, (x, y, idx) in enumerate(bar):
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            loss, logits = train_step(model, attacker, train_model, attack, criterion, optimizer,
-                                      scaler, amp, x, y, idx, epoch, method_state)
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), i, first_bad)
-            stats[0] += loss * len(y)
-            stats[1] += (logits.argmax(1) == y).sum()
-            stats[2] += len(y)
-            if (i + 1) % args.log_every == 0 or i + 1 == len(loader):
-                if first_bad.item() >= 0:  # the only host-device sync, once per log_every batches
-                    raise UserError(f"loss became NaN or infinite at epoch {epoch + 1}, batch "
-                                    f"{first_bad.item() + 1}: lower --lr or check the data")
-                bar.set_postfix(loss=f"{(stats[0] / stats[2]).item():.4f}")
-        scheduler.step()
-        if dist.is_initialized():
-            dist.all_reduce(stats)
-        epoch_time = time.time() - t0
-        train_time += epoch_time
-
-        val_nat, val_pgd = evaluate(model if dist.is_initialized() else attacker, val_loader,
-                                    args.eps, args.eval_steps, device)
-        is_best = val_pgd > best
-        best = max(best, val_pgd)
-        loss_mean, train_acc = (stats[0] / stats[2]).item(), (stats[1] / stats[2]).item()
-        record = dict(epoch=epoch + 1, lr=lr, loss=loss_mean,
-                      train_nat=train_acc, val_nat=val_nat, val_pgd=val_pgd,
-                      epoch_time_s=epoch_time, best=is_best)
-        history.append(record)
-        if is_main():
-            state = dict(format=CHECKPOINT_FORMAT, model=model.state_dict(),
-                         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                         scaler=scaler.state_dict(), epoch=epoch + 1, best_val_pgd=best,
-                         rng=rng_state(), args=public_args(args), train_time_s=train_time,
-                         history=history,
-                         method_state=None if method_state is None else method_state.state_dict())
-            save_checkpoint(state, os.path.join(args.out_dir, "last.pt"))
-            if is_best:
-                save_checkpoint(state, os.path.join(args.out_dir, "best.pt"))
-            with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-        log(f"epoch {epoch + 1:3d} | lr {record['lr']:.4g} | loss {loss_mean:.4f} | "
-            f"train nat {train_acc:.4f} | val nat {val_nat:.4f} | val PGD-{args.eval_steps} "
-            f"{val_pgd:.4f}{' *' if is_best else ''} | {epoch_time:.1f}s")
-
-    # Final numbers on the test split with the checkpoint chosen on validation.
-    if dist.is_initialized():
-        dist.barrier()
-    best_ckpt = load_checkpoint(os.path.join(args.out_dir, "best.pt"))
-    model.load_state_dict(best_ckpt["model"])
-    test_nat, test_pgd = evaluate(model if dist.is_initialized() else attacker,
-                                  eval_loader(test_set, args), args.eps, args.eval_steps, device)
-    summary = dict(method=args.method, dataset=args.dataset, model=args.model, eps=args.eps,
-                   lam=getattr(args, "lam", None), beta=getattr(args, "beta", None),
-                   aux_data=args.aux_data, seed=args.seed, epochs=args.epochs, best_epoch=best_ckpt["epoch"],
-                   val_nat=best_ckpt["history"][-1]["val_nat"], val_pgd=best_ckpt["best_val_pgd"],
-                   test_nat=test_nat, test_pgd=test_pgd, eval_steps=args.eval_steps,
-                   train_time_s=train_time, out_dir=args.out_dir)
-    if is_main():
-        with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-        log(json.dumps(summary))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return summary
-
-
-def public_args(args):
-    return {k: v for k, v in vars(args).items() if k != "device_obj"}
-
-
-def cli(main_fn):
-    """Run `main_fn`; user errors print one line and exit 2, Ctrl-C exits 130 (last.pt is intact)."""
-    try:
-        main_fn()
-    except UserError as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
-
-
-# ----------------------------------------------------------------------------------------------
-
-
-def add_self_adaptive_flags(parser, row):
-    parser.add_argument("--self-adaptive", action="store_true",
-                        help=f"{row}: CE on soft targets (self-adaptive training, Huang et al. 2020)")
-    parser.add_argument("--sa-alpha", type=float, default=0.9, help="soft-target momentum")
-    parser.add_argument("--sa-start", type=int, default=70,
-                        help="first epoch (1-based) of target updates")
-
-
-def check_self_adaptive(parser, args):
-    if not 0 <= args.sa_alpha < 1:
-        parser.error(f"--sa-alpha must be in [0, 1), got {args.sa_alpha}")
-    if args.self_adaptive and args.aux_data:
-        parser.error("--self-adaptive with --aux-data is not supported (the paper uses neither together)")
-    if args.self_adaptive and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        parser.error("--self-adaptive keeps per-image targets in one process: use DataParallel, not torchrun")
-
-
-def self_adaptive_state(args):
-    """run()'s make_state for --self-adaptive (the soft targets), else None."""
-    if not args.self_adaptive:
-        return None
-
-    def make_state(train_set, device):
-        return SelfAdaptiveTargets(train_set.labels(), DATA_INFO[args.dataset][0], args.sa_alpha,
-                                   args.sa_start, device)
-    return make_state
-
-
-def get_args(argv=None):
-    p = build_parser(__doc__.splitlines()[0])
-    p.add_argument("--lam", type=float, default=12.0,
-                   help="weight of d^2 in Eq. 7 (paper: 12). The authors' code weights "
-                        "arccos(BC)^2 = d^2/4 by beta, so their beta = 4 * lam")
-    p.add_argument("--distance", type=str, default="fisher-rao", choices=sorted(REGULARISERS),
-                   help="regulariser: fisher-rao = d^2 (FIRE, Eq. 7), hellinger = H^2 (Eq. 48)")
-    add_self_adaptive_flags(p, "FIRE + Self Adaptive (Table 2)")
-
-    def name(a):
-        return ("hellinger" if a.distance == "hellinger" else "fire") + ("-sa" if a.self_adaptive else "")
-    args = finish_args(p, argv, method=name)
-    check_self_adaptive(p, args)
-    return args
-
-
-def build_method(args):
-    """FIRE's (attack, criterion, make_state) for run(); make_state is None without
-    --self-adaptive. Needs args.eps, step_size, attack_steps, lam, distance, self_adaptive."""
+def train_step(args, model, attack_model, x, y, idx, soft_targets=None):
+    """One FIRE step on a batch: x' by PGD, then the risk of Eq. 7. Returns (loss, natural logits);
+    harness.train does the backward pass and the SGD step."""
     regulariser = REGULARISERS[args.distance]
-
-    def attack(model, x, y):
-        return attack_fire(model, x, args.eps, args.step_size, args.attack_steps, regulariser)
-
-    def criterion(model, x, x_adv, y, idx, epoch, state=None):
-        logits_nat, logits_adv = model(x), model(x_adv)
-        if state is None:
-            return fire_loss(logits_nat, logits_adv, y, args.lam, regulariser), logits_nat
-        ce = self_adaptive_ce(logits_nat, state(logits_nat, idx, epoch))
-        return ce + args.lam * regulariser(logits_nat, logits_adv).mean(), logits_nat
-
-    return attack, criterion, self_adaptive_state(args)
+    # Attack in eval mode: no dropout, BatchNorm uses its running statistics and does not update them.
+    attack_model.eval()
+    x_adv = attack_fire(attack_model, x, args.eps, args.step_size, args.attack_steps, regulariser)
+    model.train()
+    logits_nat, logits_adv = model(x), model(x_adv)
+    # Self-adaptive training (Huang et al. 2020) replaces the labels by soft targets; same loss.
+    targets = y if soft_targets is None else soft_targets.update(idx, logits_nat)
+    return fire_loss(logits_nat, logits_adv, targets, args.lam, regulariser), logits_nat
 
 
 def main(argv=None):
     args = get_args(argv)
-    return run(args, *build_method(args))
+    return harness.train(args, train_step)
 
 
 if __name__ == "__main__":
-    cli(main)
+    harness.cli(main)

@@ -13,32 +13,52 @@ Commands:
     python train_trades.py --dataset cifar10 --self-adaptive # "Self Adaptive" row (Huang et al.)
     torchrun --nproc_per_node=4 train_trades.py --dataset cifar10
 
-Data, schedule, evaluation, checkpoints and the training loop are imported from train_fire.py, so
-the only difference from FIRE is the loss and the attack objective.
+Data, schedule, evaluation, checkpoints and the epoch loop live in harness.py, shared with
+train_fire.py, so the only difference from FIRE is the loss and the attack objective.
 """
 import torch
 import torch.nn.functional as F
 
-from train_fire import (_full, add_self_adaptive_flags, attack_pgd_ce, build_parser,
-                        check_self_adaptive, cli, finish_args, run, self_adaptive_ce,
-                        self_adaptive_state)
+import harness
+from harness import attack_pgd_ce, natural_ce, upcast_half
+
+
+def get_args(argv=None):
+    parser = harness.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--loss", type=str, default="trades", choices=["trades", "madry", "mart"],
+                        help="training objective (the run folder and checkpoint record it)")
+    parser.add_argument("--beta", type=float, default=6.0,
+                        help="weight of the KL term for trades and mart (paper's comparison: 6)")
+    harness.add_self_adaptive_flags(parser, "Self Adaptive (Table 2), with --loss trades")
+    args = harness.finish_args(parser, argv,
+                               method=lambda a: a.loss + ("-sa" if a.self_adaptive else ""))
+    if args.self_adaptive and args.loss != "trades":
+        parser.error(f"--self-adaptive works with --loss trades, not {args.loss}")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# The losses
 
 
 def kl_per_sample(logits_p, logits_q):
     """KL(p || q) between softmax(logits_p) and softmax(logits_q), summed over classes; shape (B,)."""
-    log_p = F.log_softmax(_full(logits_p), dim=1)
-    log_q = F.log_softmax(_full(logits_q), dim=1)
+    log_p = F.log_softmax(upcast_half(logits_p), dim=1)
+    log_q = F.log_softmax(upcast_half(logits_q), dim=1)
     return (log_p.exp() * (log_p - log_q)).sum(dim=1)
 
 
-def trades_loss(logits_nat, logits_adv, y, beta):
-    """TRADES: mean CE on the natural logits + beta * KL(q_nat || q_adv) averaged over the batch."""
-    return F.cross_entropy(_full(logits_nat), y) + beta * kl_per_sample(logits_nat, logits_adv).mean()
+def trades_loss(logits_nat, logits_adv, targets, beta):
+    """TRADES: CE on the natural logits + beta * KL(q_nat || q_adv) averaged over the batch.
+
+    `targets` are labels (B,), or soft targets (B, M) for self-adaptive training (Huang et al.'s
+    TRADES-based version; see harness.natural_ce)."""
+    return natural_ce(logits_nat, targets) + beta * kl_per_sample(logits_nat, logits_adv).mean()
 
 
 def madry_loss(logits_adv, y):
     """Adversarial cross-entropy, Eq. 4."""
-    return F.cross_entropy(_full(logits_adv), y)
+    return F.cross_entropy(upcast_half(logits_adv), y)
 
 
 def mart_loss(logits_nat, logits_adv, y, beta):
@@ -47,11 +67,15 @@ def mart_loss(logits_nat, logits_adv, y, beta):
     Boosted CE = -log q'(y) - log(1 - max_{j != y} q'(j)) (the margin term pushes down the most
     likely wrong class). Probabilities come from log-softmax, so no 1e-12 fudge is needed.
     """
-    log_q_adv = F.log_softmax(_full(logits_adv), dim=1)
+    log_q_adv = F.log_softmax(upcast_half(logits_adv), dim=1)
     wrong = log_q_adv.scatter(1, y[:, None], float("-inf")).max(dim=1).values
     boosted_ce = F.nll_loss(log_q_adv, y) - torch.log1p(-wrong.exp()).mean()
-    q_nat_y = F.softmax(_full(logits_nat), dim=1).gather(1, y[:, None]).squeeze(1)
+    q_nat_y = F.softmax(upcast_half(logits_nat), dim=1).gather(1, y[:, None]).squeeze(1)
     return boosted_ce + beta * (kl_per_sample(logits_nat, logits_adv) * (1 - q_nat_y)).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# The attacks and the training step
 
 
 def attack_trades(model, x, eps, step_size, steps):
@@ -72,50 +96,33 @@ def attack_trades(model, x, eps, step_size, steps):
     return x_adv.detach()
 
 
-def get_args(argv=None):
-    p = build_parser(__doc__.splitlines()[0])
-    p.add_argument("--loss", type=str, default="trades", choices=["trades", "madry", "mart"],
-                   help="training objective (the run folder and checkpoint record it)")
-    p.add_argument("--beta", type=float, default=6.0,
-                   help="weight of the KL term for trades and mart (paper's comparison: 6)")
-    add_self_adaptive_flags(p, "Self Adaptive (Table 2), with --loss trades")
-    args = finish_args(p, argv, method=lambda a: a.loss + ("-sa" if a.self_adaptive else ""))
-    check_self_adaptive(p, args)
-    if args.self_adaptive and args.loss != "trades":
-        p.error(f"--self-adaptive works with --loss trades, not {args.loss}")
-    return args
-
-
-def build_method(args):
-    """The (attack, criterion, make_state) of --loss for run(); make_state is None without
-    --self-adaptive. Needs args.loss, eps, step_size, attack_steps, beta, self_adaptive."""
-    def attack(model, x, y):
-        if args.loss == "trades":
-            return attack_trades(model, x, args.eps, args.step_size, args.attack_steps)
-        if args.loss == "madry":
-            return attack_pgd_ce(model, x, y, args.eps, args.step_size, args.attack_steps)
-        # MART's code starts from x + 0.001 * N(0, 1)
-        return attack_pgd_ce(model, x, y, args.eps, args.step_size, args.attack_steps, start="normal")
-
-    def criterion(model, x, x_adv, y, idx, epoch, state=None):
-        if args.loss == "madry":
-            logits_adv = model(x_adv)
-            return madry_loss(logits_adv, y), logits_adv
-        logits_nat, logits_adv = model(x), model(x_adv)
-        if args.loss == "trades" and state is not None:  # Huang et al.'s TRADES-based version
-            ce = self_adaptive_ce(logits_nat, state(logits_nat, idx, epoch))
-            return ce + args.beta * kl_per_sample(logits_nat, logits_adv).mean(), logits_nat
-        if args.loss == "trades":
-            return trades_loss(logits_nat, logits_adv, y, args.beta), logits_nat
+def train_step(args, model, attack_model, x, y, idx, soft_targets=None):
+    """One step of --loss on a batch: x' by PGD, then the loss. Returns (loss, logits for the
+    train accuracy); harness.train does the backward pass and the SGD step."""
+    # Attack in eval mode: no dropout, BatchNorm uses its running statistics and does not update them.
+    attack_model.eval()
+    if args.loss == "trades":
+        x_adv = attack_trades(attack_model, x, args.eps, args.step_size, args.attack_steps)
+    elif args.loss == "madry":  # uniform random start in the eps-ball (Madry et al.)
+        x_adv = attack_pgd_ce(attack_model, x, y, args.eps, args.step_size, args.attack_steps)
+    else:  # MART's code starts from x + 0.001 * N(0, 1)
+        x_adv = attack_pgd_ce(attack_model, x, y, args.eps, args.step_size, args.attack_steps,
+                              start="normal")
+    model.train()
+    if args.loss == "madry":
+        logits_adv = model(x_adv)
+        return madry_loss(logits_adv, y), logits_adv
+    logits_nat, logits_adv = model(x), model(x_adv)
+    if args.loss == "mart":
         return mart_loss(logits_nat, logits_adv, y, args.beta), logits_nat
-
-    return attack, criterion, self_adaptive_state(args)
+    targets = y if soft_targets is None else soft_targets.update(idx, logits_nat)
+    return trades_loss(logits_nat, logits_adv, targets, args.beta), logits_nat
 
 
 def main(argv=None):
     args = get_args(argv)
-    return run(args, *build_method(args))
+    return harness.train(args, train_step)
 
 
 if __name__ == "__main__":
-    cli(main)
+    harness.cli(main)
