@@ -18,11 +18,16 @@ Commands (CPU only, numpy / scipy / matplotlib):
     python gaussian_demo.py --trades-ce nat          # TRADES as in Zhang et al. (CE on natural x)
     python gaussian_demo.py --theta-norm 30          # fix ||theta||_2 = 30, optimise the angle only
     python gaussian_demo.py --adversary worst        # x' maximises each per-sample loss exactly
-Outputs go to --out-dir (default runs/gaussian): results.json, fig3.png, fig6.png, fig9.png.
+Outputs go to --out-dir (default runs/gaussian): results.json, fig3.png, fig6.png, fig9.png. Every flag and
+--out-dir (created, probe-written) are checked before any work; each output is written to a temporary file
+in that folder and renamed onto its name, so an interrupted run never leaves a half-written file. A user
+mistake ends with one line `gaussian_demo.py: error: ...` on stderr and exit code 2.
 """
 import argparse
 import json
+import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -31,28 +36,78 @@ from scipy.optimize import minimize, minimize_scalar
 from scipy.stats import norm
 
 METHODS = ("ace", "trades", "fire", "hellinger")
+OUTPUTS = ("results.json", "fig3.png", "fig6.png", "fig9.png")
+PROG = os.path.basename(__file__)
+MIN_ANGLES = 100  # the Pareto set is an arc of the curve: with fewer angles it is a handful of points
+
+
+class UserError(Exception):
+    """A problem with the user's input (flags, --out-dir): reported as one line, exit code 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def check_args(args, p):
+    """Every numeric flag finite and in its range, before any work (p.error: one line, exit code 2)."""
+    def need(flag, values, ok, rule):
+        for v in values:  # ints need no finiteness test (and may be too large for a float)
+            if not ((isinstance(v, int) or math.isfinite(v)) and ok(v)):
+                p.error(f"{flag} must be {rule}, got {v}")
+
+    need("--eps", [args.eps], lambda v: v >= 0, "a finite radius >= 0")
+    need("--mu", args.mu, lambda v: True, "finite")
+    if not any(args.mu):
+        p.error("--mu must be non-zero (mu = 0 gives both classes one distribution: every theta has accuracy 1/2)")
+    need("--sigma", args.sigma, lambda v: True, "finite")
+    s = args.sigma
+    if not math.isclose(s[1], s[2], rel_tol=1e-9) or np.linalg.eigvalsh(np.array(s).reshape(2, 2)).min() <= 0:
+        p.error("--sigma must be symmetric positive definite")
+    need("--n-per-class", [args.n_per_class], lambda v: v >= 1, "at least 1")
+    need("--seed", [args.seed], lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)")
+    need("--lam-min", [args.lam_min], lambda v: v > 0, "a finite number > 0 (the grid is log-spaced)")
+    need("--lam-max", [args.lam_max], lambda v: v >= args.lam_min, f"finite and >= --lam-min {args.lam_min:g}")
+    need("--n-lam", [args.n_lam], lambda v: v >= 0, ">= 0 (0: lambda = 0 only)")
+    need("--lam-grid", args.lam_grid or [], lambda v: v >= 0, "finite values >= 0")
+    need("--refine", [args.refine], lambda v: v >= 0, ">= 0")
+    need("--theta-norm", [args.theta_norm], lambda v: v >= 0, "a finite number >= 0 (0: theta free)")
+    need("--gtol", [args.gtol], lambda v: v > 0, "a finite number > 0")
+    need("--zero-tol", [args.zero_tol], lambda v: v >= 0, "a finite number >= 0")
+    if 0 < args.theta_norm <= args.zero_tol:
+        p.error(f"--zero-tol {args.zero_tol:g} must be below --theta-norm {args.theta_norm:g}, "
+                "else every solution would count as theta = 0")
+    need("--n-angles", [args.n_angles], lambda v: v >= MIN_ANGLES, f"at least {MIN_ANGLES}")
+    need("--cover-tol", [args.cover_tol], lambda v: v > 0, "a finite number > 0")
+    need("--fig3-norm", [args.fig3_norm], lambda v: v > 0, "a finite number > 0")
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model (defaults: Fig. 6 caption of the paper)")
-    g.add_argument("--eps", type=float, default=0.1, help="l2 radius of the adversary, input units")
-    g.add_argument("--mu", type=float, nargs=2, default=[-0.0218, 0.0425], help="class mean: x|y ~ N(y mu, Sigma)")
+    g.add_argument("--eps", type=float, default=0.1, help="l2 radius of the adversary, >= 0, input units")
+    g.add_argument("--mu", type=float, nargs=2, default=[-0.0218, 0.0425],
+                   help="class mean: x|y ~ N(y mu, Sigma), finite, non-zero")
     g.add_argument("--sigma", type=float, nargs=4, default=[0.0212, 0.0036, 0.0036, 0.0042],
-                   help="Sigma, row-major 2x2, symmetric positive definite")
+                   help="Sigma, row-major 2x2, finite, symmetric positive definite")
     g = p.add_argument_group("empirical risk minimisation (footnote 4)")
-    g.add_argument("--n-per-class", type=int, default=None, help="training samples per class (10^4; 1000 with --quick)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the sampled training set")
+    g.add_argument("--n-per-class", type=int, default=None,
+                   help="training samples per class, >= 1 (10^4; 1000 with --quick)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampled training set, in [0, 2**32)")
     g.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="risks to minimise")
-    g.add_argument("--lam-min", type=float, default=1e-2, help="smallest non-zero lambda of the log-spaced grid")
-    g.add_argument("--lam-max", type=float, default=1e4, help="largest lambda of the grid")
+    g.add_argument("--lam-min", type=float, default=1e-2,
+                   help="smallest non-zero lambda of the log-spaced grid, > 0")
+    g.add_argument("--lam-max", type=float, default=1e4, help="largest lambda of the grid, >= --lam-min")
     g.add_argument("--n-lam", type=int, default=None,
-                   help="log-spaced lambdas in [lam-min, lam-max], lambda = 0 is added (61; 9 with --quick)")
+                   help="log-spaced lambdas in [lam-min, lam-max], lambda = 0 is added "
+                        "(>= 0, 0: lambda = 0 only; 61; 9 with --quick)")
     g.add_argument("--lam-grid", type=float, nargs="+", default=None,
-                   help="explicit lambda values (override --lam-min/--lam-max/--n-lam)")
+                   help="explicit lambda values >= 0 (override --lam-min/--lam-max/--n-lam)")
     g.add_argument("--refine", type=int, default=6,
-                   help="rounds of lambda bisection where consecutive solutions are more than --cover-tol apart")
+                   help="rounds (>= 0) of lambda bisection where consecutive solutions are more than --cover-tol "
+                        "apart")
     g.add_argument("--trades-ce", choices=("adv", "nat"), default="adv",
                    help="TRADES cross-entropy on x* (Eq. 5 as printed) or on x (original TRADES)")
     g.add_argument("--adversary", choices=("label", "worst"), default="label",
@@ -62,18 +117,22 @@ def get_args(argv=None):
     g.add_argument("--theta-norm", type=float, default=0.0,
                    help="0: theta free, BFGS from theta = 0 (paper). R > 0: theta = R [cos a, sin a], BFGS over a "
                         "from the angle of mean(y x), the direction of the free problem's first step")
-    g.add_argument("--gtol", type=float, default=1e-6, help="BFGS gradient-norm tolerance")
+    g.add_argument("--gtol", type=float, default=1e-6, help="BFGS gradient-norm tolerance, > 0")
     g.add_argument("--zero-tol", type=float, default=1e-8,
-                   help="solutions with ||theta||_2 below this are the constant classifier theta = 0 (no angle)")
+                   help="solutions with ||theta||_2 below this (>= 0; < --theta-norm) are the constant classifier "
+                        "theta = 0 (no angle)")
     g = p.add_argument_group("evaluation and output")
-    g.add_argument("--n-angles", type=int, default=20000, help="points of the exact curve, uniform on [0, 2 pi)")
+    g.add_argument("--n-angles", type=int, default=20000,
+                   help=f"points of the exact curve, uniform on [0, 2 pi), at least {MIN_ANGLES}")
     g.add_argument("--cover-metric", choices=("acc", "angle"), default="acc",
                    help="a Pareto point is reached if a solution is within --cover-tol of it in (nat, adv) "
                         "Euclidean distance (acc) or in angle, radians (angle)")
-    g.add_argument("--cover-tol", type=float, default=0.005, help="coverage tolerance (accuracy units or radians)")
+    g.add_argument("--cover-tol", type=float, default=0.005,
+                   help="coverage tolerance (accuracy units or radians), > 0")
     g.add_argument("--fig3-norm", type=float, default=1.0,
-                   help="||theta||_2 of both thetas in Fig. 3 (the FRD depends on it, the accuracies do not)")
-    g.add_argument("--out-dir", type=str, default="runs/gaussian", help="folder for results.json and the PNGs")
+                   help="||theta||_2 > 0 of both thetas in Fig. 3 (the FRD depends on it, the accuracies do not)")
+    g.add_argument("--out-dir", type=str, default="runs/gaussian",
+                   help="folder for results.json and the PNGs (created; must be writable)")
     g.add_argument("--quick", action="store_true", help="preset: 1000 samples per class, 9 lambdas (for tests)")
     args = p.parse_args(argv)
     # presets fill only what was not given explicitly
@@ -81,10 +140,44 @@ def get_args(argv=None):
         args.n_per_class = 1000 if args.quick else 10000
     if args.n_lam is None:
         args.n_lam = 9 if args.quick else 61
-    sigma = np.array(args.sigma).reshape(2, 2)
-    if not np.allclose(sigma, sigma.T) or np.linalg.eigvalsh(sigma).min() <= 0:
-        p.error("--sigma must be symmetric positive definite")
+    args.methods = list(dict.fromkeys(args.methods))  # a method named twice is fitted once
+    check_args(args, p)
     return args
+
+
+def prepare_out_dir(out_dir):
+    """Create --out-dir and probe-write a file there, so that an unwritable folder is refused before the
+    work, not after it. Raises UserError."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out-dir {out_dir!r} is a file, not a folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".write-test{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to --out-dir {out_dir!r}: {e.strerror or e}") from None
+    for name in OUTPUTS:
+        if os.path.isdir(os.path.join(out_dir, name)):
+            raise UserError(f"--out-dir {out_dir!r} holds a folder named {name!r}, where that output goes")
+
+
+def write_atomically(path, write, binary=False):
+    """write(f) into a temporary file next to `path`, then os.replace it onto `path`: an interrupted run
+    leaves the previous file (or none), never a half-written one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
 
 
 # ---------------------------------------------------------------- exact quantities (Sec. 4.1)
@@ -402,7 +495,7 @@ def tradeoff_figure(curve, panels, path):
         ax.grid(alpha=0.3)
         ax.legend(loc="lower left", fontsize=8)
     np.atleast_1d(axes)[0].set_ylabel(r"adversarial accuracy $1-P'_e(\theta)$")
-    fig.savefig(path, dpi=120)
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
 
 
 def fig3(curve, args, path, n=201):
@@ -424,15 +517,15 @@ def fig3(curve, args, path, n=201):
         ax.set_ylabel(r"$\delta_2$")
         ax.set_aspect("equal")
     fig.colorbar(im, ax=axes, label=r"$d_{R}(q(\cdot|0), q(\cdot|\delta))$")
-    fig.savefig(path, dpi=120)
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
 
 
 def main(argv=None):
     args = get_args(argv)
+    prepare_out_dir(args.out_dir)  # before the work: an unwritable folder is not found after it
     print("args:", json.dumps(vars(args)))
     t0 = time.time()
     mu, sigma = np.array(args.mu), np.array(args.sigma).reshape(2, 2)
-    os.makedirs(args.out_dir, exist_ok=True)
 
     curve = exact_curve(mu, sigma, args.eps, args.n_angles)
     nat_n, adv_n = accuracies(curve["a_nat"], mu, sigma, args.eps)
@@ -463,13 +556,16 @@ def main(argv=None):
               f"{sum(not s['converged'] for s in sols)} not converged")
     print(format_table(results, curve, args))
 
-    fig3(curve, args, os.path.join(args.out_dir, "fig3.png"))
     sol = {m: results[m]["solutions"] if m in results else None for m in METHODS}
     top = ("(a) Pareto set", None)
-    tradeoff_figure(curve, [top, ("(b) " + method_label("trades", args), sol["trades"]),
-                            ("(c) FIRE", sol["fire"])], os.path.join(args.out_dir, "fig6.png"))
-    tradeoff_figure(curve, [top, ("(b) Hellinger", sol["hellinger"]), ("(c) FIRE", sol["fire"])],
-                    os.path.join(args.out_dir, "fig9.png"))
+    try:
+        fig3(curve, args, os.path.join(args.out_dir, "fig3.png"))
+        tradeoff_figure(curve, [top, ("(b) " + method_label("trades", args), sol["trades"]),
+                                ("(c) FIRE", sol["fire"])], os.path.join(args.out_dir, "fig6.png"))
+        tradeoff_figure(curve, [top, ("(b) Hellinger", sol["hellinger"]), ("(c) FIRE", sol["fire"])],
+                        os.path.join(args.out_dir, "fig9.png"))
+    except OSError as e:
+        raise UserError(f"cannot write the figures to --out-dir {args.out_dir!r}: {e.strerror or e}") from None
 
     record = {"args": vars(args),
               "alpha_nat": curve["a_nat"], "nat_acc_at_alpha_nat": float(nat_n), "adv_acc_at_alpha_nat": float(adv_n),
@@ -479,11 +575,24 @@ def main(argv=None):
               "pareto_alpha_range": [float(par_alpha.min()), float(par_alpha.max())],
               "prop2_lower_slack": curve["prop2_lower_slack"], "prop2_upper_slack": curve["prop2_upper_slack"],
               "methods": results, "seconds": time.time() - t0}
-    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
-        json.dump(record, f, indent=1)
+    try:
+        write_atomically(os.path.join(args.out_dir, "results.json"), lambda f: json.dump(record, f, indent=1))
+    except OSError as e:
+        raise UserError(f"cannot write results.json to --out-dir {args.out_dir!r}: {e.strerror or e}") from None
     print(f"wrote {args.out_dir}/results.json, fig3.png, fig6.png, fig9.png in {time.time() - t0:.1f}s")
     return record
 
 
+def cli(argv=None):
+    """main() for the command line: a UserError, or any other OSError, ends with one line on stderr and
+    exit code 2 instead of a traceback."""
+    try:
+        return main(argv)
+    except (UserError, OSError) as e:
+        message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        sys.stderr.write(f"{PROG}: error: {message}\n")
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

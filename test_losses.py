@@ -1070,3 +1070,96 @@ def test_seeded_runs_are_bit_identical_to_before_the_move(name, tmp_path):
     assert [[r["loss"], r["train_nat"], r["val_nat"], r["val_pgd"]] for r in rows] == epochs
     summary = json.load(open(tmp_path / "summary.json"))
     assert [summary["test_nat"], summary["test_pgd"]] == test
+
+# ---- gaussian_demo.py: every flag checked before work starts (issue 12)
+
+def one_error_line(stderr, needle):
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gaussian_demo.py: error: ") and needle in lines[0], lines
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--eps", "nan"], "--eps"),  # was a traceback
+    (["--eps", "-1"], "--eps"),  # was accepted: adversarial accuracy 1.0
+    (["--eps", "two"], "--eps"),  # argparse's own errors are one line too
+    (["--mu", "nan", "0"], "--mu"),  # was a traceback
+    (["--sigma", "1", "0", "0", "inf"], "--sigma"),
+    (["--n-per-class", "0"], "--n-per-class"),  # was accepted
+    (["--lam-grid", "-1", "nan"], "--lam-grid"),  # was accepted
+    (["--n-angles", "0"], "--n-angles"),  # was a traceback
+    (["--theta-norm", "1", "--zero-tol", "1"], "--zero-tol"),  # every solution would count as theta = 0
+])
+def test_gaussian_bad_flags_exit_2_with_one_line(args, needle, tmp_path):
+    r = run_script("gaussian_demo.py", "--quick", *args, "--out-dir", str(tmp_path / "out"), timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    one_error_line(r.stderr, needle)
+    assert r.stdout == "" and not (tmp_path / "out").exists()  # refused before any work or output
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--mu", "0", "0"], "--mu"), (["--sigma", "1", "2", "2", "1"], "--sigma"), (["--seed", "-1"], "--seed"),
+    (["--seed", str(2 ** 32)], "--seed"), (["--lam-min", "0"], "--lam-min"), (["--lam-max", "inf"], "--lam-max"),
+    (["--lam-min", "2", "--lam-max", "1"], "--lam-max"), (["--n-lam", "-1"], "--n-lam"),
+    (["--lam-grid", "1", "inf"], "--lam-grid"), (["--refine", "-1"], "--refine"),
+    (["--theta-norm", "-1"], "--theta-norm"), (["--gtol", "0"], "--gtol"), (["--zero-tol", "nan"], "--zero-tol"),
+    (["--n-angles", "1"], "--n-angles"), (["--cover-tol", "0"], "--cover-tol"),
+    (["--fig3-norm", "inf"], "--fig3-norm"),
+])
+def test_gaussian_every_numeric_flag_has_a_range(args, needle, capsys):
+    """The same parser in-process (fast): each remaining flag's rule; the subprocess test covers the CLI."""
+    with pytest.raises(SystemExit) as e:
+        gd.get_args(args)
+    assert e.value.code == 2
+    one_error_line(capsys.readouterr().err, needle)
+
+
+def test_gaussian_boundary_values_are_accepted():
+    args = gd.get_args(["--eps", "0", "--n-per-class", "1", "--seed", str(2 ** 32 - 1), "--lam-min", "1",
+                        "--lam-max", "1", "--n-lam", "0", "--lam-grid", "0", "--refine", "0", "--theta-norm", "0",
+                        "--zero-tol", "0", "--n-angles", str(gd.MIN_ANGLES), "--methods", "fire", "fire"])
+    assert args.methods == ["fire"] and args.n_lam == 0
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "proc"])
+def test_gaussian_unwritable_out_dir_is_refused_before_work(where, tmp_path):
+    if where == "proc" and not os.path.isdir("/proc"):
+        pytest.skip("no /proc")
+    (tmp_path / "file.txt").write_text("")
+    out = str(tmp_path / "file.txt" / "sub") if where == "under-a-file" else "/proc/x"
+    r = run_script("gaussian_demo.py", "--quick", "--out-dir", out, timeout=120)
+    assert r.returncode == 2
+    one_error_line(r.stderr, "--out-dir")
+    assert r.stdout == ""  # not even the args line: the curve and the BFGS fits never started
+    assert [p.name for p in tmp_path.rglob("*")] == ["file.txt"]  # no results.json, no figure
+
+
+def test_gaussian_out_dir_that_is_a_file_or_holds_a_folder_output(tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("")
+    (tmp_path / "run" / "fig6.png").mkdir(parents=True)
+    for out, needle in ((tmp_path / "file.txt", "not a folder"), (tmp_path / "run", "'fig6.png'")):
+        with pytest.raises(SystemExit) as e:
+            gd.cli(["--quick", "--out-dir", str(out)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        one_error_line(err, "--out-dir")
+        assert needle in err
+
+
+def test_gaussian_failed_write_is_one_line_and_keeps_the_old_results(tmp_path, capsys, monkeypatch):
+    """A full disk while results.json is written: the previous results.json stays whole, no temporary file is
+    left, and the run ends with one line and exit code 2 (not a traceback)."""
+    from types import SimpleNamespace
+    (tmp_path / "results.json").write_text('{"old": 1}')
+
+    def dump_half_then_fail(obj, f, **kw):
+        f.write('{"maa": ')
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gd, "json", SimpleNamespace(dumps=json.dumps, dump=dump_half_then_fail))
+    with pytest.raises(SystemExit) as e:
+        gd.cli(["--quick", "--methods", "ace", "--n-angles", "400", "--out-dir", str(tmp_path)])
+    assert e.value.code == 2
+    one_error_line(capsys.readouterr().err, "--out-dir")
+    assert (tmp_path / "results.json").read_text() == '{"old": 1}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig3.png", "fig6.png", "fig9.png", "results.json"]
