@@ -140,7 +140,11 @@ def finish_args(parser, argv, method):
         (args.log_every >= 1, f"--log-every must be >= 1, got {args.log_every}"),
         (all(0 < m <= 1 for m in args.lr_milestones), "--lr-milestones are fractions in (0, 1]"),
         (0 < args.unsup_fraction < 1, f"--unsup-fraction must be in (0, 1), got {args.unsup_fraction}"),
-        (args.aux_data is None or os.path.isfile(args.aux_data), f"--aux-data {args.aux_data!r} does not exist"),
+        (0 <= args.momentum < 1, f"--momentum must be in [0, 1), got {args.momentum}"),
+        (args.weight_decay >= 0 and math.isfinite(args.weight_decay),
+         f"--weight-decay must be >= 0, got {args.weight_decay}"),
+        (0 <= args.seed < 2**32, f"--seed must be in [0, 2**32) (NumPy's range), got {args.seed}"),
+        (args.workers >= 0, f"--workers must be >= 0, got {args.workers}"),
     ]
     for name in ("lam", "beta"):
         value = getattr(args, name, None)
@@ -149,6 +153,7 @@ def finish_args(parser, argv, method):
     if hasattr(args, "self_adaptive"):
         checks += [
             (0 <= args.sa_alpha < 1, f"--sa-alpha must be in [0, 1), got {args.sa_alpha}"),
+            (args.sa_start >= 1, f"--sa-start is a 1-based epoch, got {args.sa_start}"),
             (not (args.self_adaptive and args.aux_data),
              "--self-adaptive with --aux-data is not supported (the paper uses neither together)"),
             (not (args.self_adaptive and int(os.environ.get("WORLD_SIZE", 1)) > 1),
@@ -159,7 +164,10 @@ def finish_args(parser, argv, method):
             parser.error(message)
     try:
         check_model_name(args.model)  # the name only: no network is built here
-    except ValueError as e:
+        for path, flag in ((args.aux_data, "--aux-data"), (args.resume, "--resume")):
+            if path is not None and not (flag == "--resume" and path == "auto"):
+                check_input_file(path, flag)
+    except (ValueError, UserError) as e:
         parser.error(str(e))
     return args
 
@@ -264,6 +272,8 @@ def get_datasets(args):
         perm = torch.randperm(len(x), generator=split).tolist()
         base = torch.utils.data.TensorDataset(x, y)
         test, rest = perm[:360], perm[360:]
+        if args.val_size >= len(rest):
+            raise UserError(f"--val-size {args.val_size} must be smaller than the training set ({len(rest)})")
         return (Indexed(base, rest[args.val_size:]), Indexed(base, rest[:args.val_size]),
                 Indexed(base, test))
 
@@ -320,6 +330,7 @@ def load_aux_data(args, train_set):
     """Read --aux-data safely (.npz without pickles; the public pickle only with --trust-pickle)."""
     path = args.aux_data
     num_classes, channels = DATA_INFO[args.dataset][:2]
+    check_input_file(path, "--aux-data")
     try:
         if path.endswith((".pickle", ".pkl")):
             if not args.trust_pickle:
@@ -330,13 +341,21 @@ def load_aux_data(args, train_set):
                 raw = pickle.load(f)
             images, labels = raw["data"], raw["extrapolated_targets"]
         else:
+            with open(path, "rb") as f:
+                magic = f.read(6)
+            if not magic.startswith(b"PK") and magic != b"\x93NUMPY":
+                raise UserError(f"--aux-data {path!r} is not an .npz file (no zip header)")
             with np.load(path, allow_pickle=False) as raw:
                 images, labels = raw["images"], raw["labels"]
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001  (bad zip, missing key, object arrays, ...)
         raise UserError(f"cannot read --aux-data {path!r}: {type(e).__name__}: {str(e)[:150]}") from None
-    images, labels = np.asarray(images), np.asarray(labels).astype(np.int64)
+    images, labels = np.asarray(images), np.asarray(labels)
+    if labels.ndim != 1 or len(labels) == 0 or not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"--aux-data labels must be a non-empty 1-D array of integer class indices "
+                        f"(not one-hot), got {labels.dtype} of shape {labels.shape}")
+    labels = labels.astype(np.int64)
     if images.ndim == 3:
         images = images[..., None]
     shape = tuple(train_set[0][0].shape)  # (C, H, W) of the training images
@@ -466,10 +485,22 @@ def save_checkpoint(state, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
+def check_input_file(path, what):
+    """Raise UserError saying exactly why `path` cannot be read as a file (`what` names the flag)."""
+    if os.path.isfile(path) and os.access(path, os.R_OK):
+        return
+    if os.path.isdir(path):
+        raise UserError(f"{what} {path!r} is a directory, not a file")
+    if os.path.islink(path):
+        raise UserError(f"{what} {path!r} is a broken symbolic link or a link loop")
+    if os.path.exists(path):
+        raise UserError(f"{what} {path!r} is not a readable regular file")
+    raise UserError(f"{what} {path!r} does not exist")
+
+
+def load_checkpoint(path, what="checkpoint"):
     """Load a checkpoint of this repository safely (no code runs). Raises UserError otherwise."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path!r} does not exist")
+    check_input_file(path, what)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (truncated, corrupt or unsafe pickles all end here)
@@ -533,23 +564,83 @@ def lr_factor(args):
     return lambda e: 0.1 ** sum(e >= m for m in milestones)
 
 
-def prepare_out_dir(args):
-    """Create the run folder; refuse to clobber another run unless resuming or --overwrite."""
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "log.txt", "summary.json")
+# Flags a resumed run may change: where things live, how fast they run, and --epochs (extending a
+# run). Any other flag changes what the run computes, so resuming with it changed is refused.
+RESUME_MAY_CHANGE = {"out_dir", "resume", "overwrite", "epochs", "data_dir", "device", "workers",
+                     "log_every", "compile", "channels_last", "trust_pickle", "stop_on_collapse"}
+
+
+def write_atomic(path, text):
+    """Write `text` to `path` through a temporary file: a kill leaves the old file or the new one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def lock_run_dir(args):
+    """Create --out-dir, take its exclusive lock (held until the process ends: a second run into the
+    same folder stops here) and refuse to touch another run unless resuming or --overwrite.
+    Deletes nothing: see start_run_dir. Returns the open lock file."""
+    import fcntl
     try:
         os.makedirs(args.out_dir, exist_ok=True)
-        probe = os.path.join(args.out_dir, f".write-test{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
+        lock = open(os.path.join(args.out_dir, ".lock"), "a+")
     except OSError as e:
         raise UserError(f"cannot write to --out-dir {args.out_dir!r}: {e.strerror}") from None
-    existing = [f for f in ("last.pt", "best.pt", "metrics.jsonl") if os.path.exists(os.path.join(args.out_dir, f))]
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UserError(f"--out-dir {args.out_dir!r} is in use by another running training "
+                        f"(wait for it, or choose another --out-dir)") from None
+    existing = [f for f in RUN_FILES[:3] if os.path.exists(os.path.join(args.out_dir, f))]
     if existing and not args.resume and not args.overwrite:
         raise UserError(f"{args.out_dir!r} already holds a run ({', '.join(existing)}); "
                         f"pass --resume auto to continue it or --overwrite to start over")
-    if existing and args.overwrite and not args.resume and is_main():
-        for f in existing + ["log.txt", "summary.json"]:
-            if os.path.exists(os.path.join(args.out_dir, f)):
-                os.remove(os.path.join(args.out_dir, f))
+    return lock
+
+
+def check_resume(args, ckpt):
+    """Refuse to resume `ckpt` into this run if it belongs to another folder or another setting."""
+    saved = ckpt["args"]
+    first = ("method", "dataset", "model")  # the most telling difference first
+    for key, value in sorted(vars(args).items(), key=lambda kv: (kv[0] not in first, kv[0])):
+        if key in saved and key not in RESUME_MAY_CHANGE and saved[key] != value:
+            name = key if key == "method" else "--" + key.replace("_", "-")
+            raise UserError(f"--resume {args.resume!r} was trained with {name}={saved[key]!r}, this "
+                            f"command gives {value!r}: resuming must not change what the run computes")
+    here = os.path.realpath(args.out_dir)
+    if os.path.dirname(os.path.realpath(args.resume)) != here:
+        raise UserError(f"--resume {args.resume!r} is not in --out-dir {args.out_dir!r}: a run "
+                        f"continues in its own folder (copy the folder to continue it elsewhere)")
+
+
+def committed_best_epoch(ckpt):
+    """Epoch of the best validation PGD accuracy recorded in a checkpoint (older ones: its history)."""
+    if "best_epoch" in ckpt:
+        return ckpt["best_epoch"]
+    return max((r["epoch"] for r in ckpt["history"] if r.get("best")), default=0)
+
+
+def start_run_dir(args, ckpt):
+    """Make the run folder agree with the run about to start (main process, after every input was
+    checked). Fresh run: delete an old run's files (--overwrite). Resumed run: last.pt is the
+    commit point of its epoch, so rebuild from it what a kill may have left behind: metrics.jsonl
+    from its history, log.txt cut back to its committed length, best.pt when its epoch was the best."""
+    path = lambda name: os.path.join(args.out_dir, name)  # noqa: E731
+    if ckpt is None:
+        for name in RUN_FILES:
+            if os.path.exists(path(name)):
+                os.remove(path(name))
+        return
+    write_atomic(path("metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in ckpt["history"]))
+    if "log_bytes" in ckpt and os.path.exists(path("log.txt")) and os.path.getsize(path("log.txt")) > ckpt["log_bytes"]:
+        os.truncate(path("log.txt"), ckpt["log_bytes"])
+    if committed_best_epoch(ckpt) == ckpt["epoch"]:
+        best = load_checkpoint(path("best.pt")) if os.path.isfile(path("best.pt")) else None
+        if best is None or best["epoch"] != ckpt["epoch"]:
+            save_checkpoint(ckpt, path("best.pt"))
 
 
 def sgd_update(loss, optimizer, scaler):
@@ -601,11 +692,9 @@ def train(args, train_step):
     if args.resume == "auto":  # continue a preempted run if there is one, else start fresh
         last = os.path.join(args.out_dir, "last.pt")
         args.resume = last if os.path.isfile(last) else None
-    if is_main():
-        prepare_out_dir(args)
+    lock = lock_run_dir(args) if is_main() else None
     if dist.is_initialized():
         dist.barrier()
-    log = Logger(args.out_dir)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -620,18 +709,16 @@ def train(args, train_step):
                                 weight_decay=args.weight_decay, nesterov=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args))
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")
-    start_epoch, best, train_time, history = 0, -1.0, 0.0, []
+    start_epoch, best, best_epoch, train_time, history = 0, -1.0, 0, 0.0, []
     soft_targets = None
     if getattr(args, "self_adaptive", False):
         soft_targets = SelfAdaptiveTargets(train_set.labels(), DATA_INFO[args.dataset][0],
                                            args.sa_alpha, args.sa_start, device)
 
+    ckpt = None
     if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        for key in ("dataset", "model", "method"):
-            if ckpt["args"].get(key) != getattr(args, key):
-                raise UserError(f"--resume {args.resume!r} was trained with {key}="
-                                f"{ckpt['args'].get(key)!r}, not {getattr(args, key)!r}")
+        ckpt = load_checkpoint(args.resume, "--resume")
+        check_resume(args, ckpt)
         load_model_state(model, ckpt, args.resume)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -642,8 +729,12 @@ def train(args, train_step):
         if soft_targets is not None:
             soft_targets.load_state_dict(ckpt["method_state"])
         set_rng_state(ckpt["rng"])
-        start_epoch, best = ckpt["epoch"], ckpt["best_val_pgd"]
+        start_epoch, best, best_epoch = ckpt["epoch"], ckpt["best_val_pgd"], committed_best_epoch(ckpt)
         train_time, history = ckpt["train_time_s"], ckpt["history"]
+    # Every input is checked: only now may an old run's files go (--overwrite).
+    if is_main():
+        start_run_dir(args, ckpt)
+    log = Logger(args.out_dir)
 
     train_model, attack_model = network_views(model, args, device)
     eval_model = model if dist.is_initialized() else attack_model  # every rank evaluates everything
@@ -692,21 +783,26 @@ def train(args, train_step):
                       train_nat=train_acc, val_nat=val_nat, val_pgd=val_pgd,
                       epoch_time_s=epoch_time, best=is_best)
         history.append(record)
-        if is_main():
-            state = dict(format=CHECKPOINT_FORMAT, model=model.state_dict(),
-                         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                         scaler=scaler.state_dict(), epoch=epoch + 1, best_val_pgd=best,
-                         rng=rng_state(), args=vars(args), train_time_s=train_time,
-                         history=history,
-                         method_state=None if soft_targets is None else soft_targets.state_dict())
-            save_checkpoint(state, os.path.join(args.out_dir, "last.pt"))
-            if is_best:
-                save_checkpoint(state, os.path.join(args.out_dir, "best.pt"))
-            with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
         log(f"epoch {epoch + 1:3d} | lr {record['lr']:.4g} | loss {record['loss']:.4f} | "
             f"train nat {record['train_nat']:.4f} | val nat {val_nat:.4f} | val PGD-{args.eval_steps} "
             f"{val_pgd:.4f}{' *' if is_best else ''} | {epoch_time:.1f}s")
+        if is_main():
+            with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if is_best:
+                best_epoch = epoch + 1
+            state = dict(format=CHECKPOINT_FORMAT, model=model.state_dict(),
+                         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                         scaler=scaler.state_dict(), epoch=epoch + 1, best_val_pgd=best,
+                         best_epoch=best_epoch, rng=rng_state(), args=vars(args),
+                         train_time_s=train_time, history=history,
+                         log_bytes=os.path.getsize(log.path),
+                         method_state=None if soft_targets is None else soft_targets.state_dict())
+            # last.pt is the commit point of the epoch; a kill after it is repaired on resume
+            # (start_run_dir), one before it repeats the epoch.
+            save_checkpoint(state, os.path.join(args.out_dir, "last.pt"))
+            if is_best:
+                save_checkpoint(state, os.path.join(args.out_dir, "best.pt"))
 
     # Final numbers on the test split with the checkpoint chosen on validation.
     if dist.is_initialized():
@@ -722,9 +818,9 @@ def train(args, train_step):
                    test_nat=test_nat, test_pgd=test_pgd, eval_steps=args.eval_steps,
                    train_time_s=train_time, out_dir=args.out_dir)
     if is_main():
-        with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        write_atomic(os.path.join(args.out_dir, "summary.json"), json.dumps(summary, indent=1))
         log(json.dumps(summary))
+        lock.close()
     if dist.is_initialized():
         dist.destroy_process_group()
     return summary
@@ -736,6 +832,10 @@ def cli(main_fn):
         main_fn()
     except UserError as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a full disk, a folder made read-only mid-run: last.pt is intact
+        where = f": {e.filename!r}" if e.filename else ""
+        print(f"{os.path.basename(sys.argv[0])}: error: {e.strerror or e}{where}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

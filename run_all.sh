@@ -24,7 +24,13 @@ AUX_DATA="${AUX_DATA:-$DATA_DIR/ti_500K_pseudo_labeled.npz}"  # Carmon et al.'s 
 OUT_DIR="${OUT_DIR:-runs/paper}"
 NPROC="${NPROC:-1}"         # >1: torchrun with NPROC processes (DDP); 1: DataParallel over GPUS
 JOBS="${JOBS:-1}"           # trainings run side by side (CPU smoke runs; keep 1 on GPUs)
-PY="${PYTHON:-python}"
+# The repository's environment (README: python3 -m venv .venv) unless PYTHON names another.
+if [[ -z ${PYTHON:-} && -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; fi
+PY="${PYTHON:-python3}"
+if ! "$PY" -c "import torch, pyautoattack" >/dev/null 2>&1; then
+    echo "run_all.sh: error: '$PY' cannot import torch and pyautoattack: create .venv as the README says, or set PYTHON=/path/to/python" >&2
+    exit 2
+fi
 SMOKE="${SMOKE:-0}"
 
 if [[ $SMOKE == 1 ]]; then

@@ -3,6 +3,7 @@ bundled digits, and the command-line contract. Run with `python -m pytest -q` (C
 import json
 import math
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -743,6 +744,18 @@ def test_nan_loss_stops_with_epoch_and_batch(tmp_path):
     ("train_fire.py", ["--resume", "/no/such/last.pt"], "does not exist"),
     ("train_fire.py", ["--out-dir", "/etc/hostname/run"], "--out-dir"),
     ("train_fire.py", ["--epochs", "two"], "--epochs"),
+    # issue 12, item 8
+    ("train_fire.py", ["--val-size", "1437"], "--val-size"),  # the whole digits training split
+    ("train_fire.py", ["--model", "wrn-10-0"], "widen factor"),
+    ("train_fire.py", ["--model", "wrn-11-2"], "depth"),
+    ("train_fire.py", ["--momentum", "-1"], "--momentum"),
+    ("train_fire.py", ["--weight-decay", "-1"], "--weight-decay"),
+    ("train_fire.py", ["--seed", "-1"], "--seed"),
+    ("train_fire.py", ["--seed", "99999999999"], "--seed"),
+    ("train_trades.py", ["--sa-start", "0"], "--sa-start"),
+    ("train_trades.py", ["--workers", "-1"], "--workers"),
+    ("train_fire.py", ["--resume", "/"], "is a directory"),
+    ("train_fire.py", ["--aux-data", "/"], "is a directory"),
     ("train_trades.py", ["--eps", "-1"], "--eps"),
     ("train_trades.py", ["--step-size", "-0.01"], "--step-size"),
     ("train_trades.py", ["--dataset", "svhn"], "--dataset"),
@@ -1163,3 +1176,166 @@ def test_gaussian_failed_write_is_one_line_and_keeps_the_old_results(tmp_path, c
     one_error_line(capsys.readouterr().err, "--out-dir")
     assert (tmp_path / "results.json").read_text() == '{"old": 1}'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fig3.png", "fig6.png", "fig9.png", "results.json"]
+
+
+# ---- Reliability II: the run folder (issue 12) -------------------------------------------------
+COMMIT = ["--epochs", "2", "--lr", "0.1", "--attack-steps", "2", "--eval-steps", "3", "--batch-size", "64"]
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(tmp_path_factory):
+    """A finished 2-epoch digits run whose 2nd epoch is the best one, and a copy of its folder as
+    it was after epoch 1 (best.pt of epoch 1)."""
+    root = tmp_path_factory.mktemp("commit")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = lambda *a: subprocess.run([PY, os.path.join(HERE, "train_fire.py"), *a], capture_output=True,  # noqa: E731
+                                    text=True, timeout=600, cwd=HERE, env=env)
+    r = run(*COMMIT, "--epochs", "1", "--out-dir", str(root / "run"))
+    assert r.returncode == 0, r.stderr
+    epoch1 = {f: (root / "run" / f).read_bytes() for f in ("best.pt", "metrics.jsonl", "log.txt")}
+    r = run(*COMMIT, "--out-dir", str(root / "run"), "--resume", "auto")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((root / "run" / "summary.json").read_text())
+    assert summary["best_epoch"] == 2
+    return root / "run", epoch1, summary, run
+
+
+def test_kill_after_the_commit_point_is_repaired_on_resume(two_epoch_run, tmp_path):
+    """Item 1: the state a SIGKILL leaves right after last.pt of the last epoch is written (best.pt,
+    metrics and summary of that epoch missing); resume rebuilds them from last.pt."""
+    done, epoch1, summary, run = two_epoch_run
+    out = tmp_path / "run"
+    shutil.copytree(done, out)
+    (out / "best.pt").write_bytes(epoch1["best.pt"])
+    (out / "metrics.jsonl").write_bytes(epoch1["metrics.jsonl"])
+    (out / "summary.json").unlink()
+    r = run(*COMMIT, "--out-dir", str(out), "--resume", "auto")
+    assert r.returncode == 0, r.stderr
+    resumed = json.loads((out / "summary.json").read_text())
+    for key in ("best_epoch", "val_pgd", "test_nat", "test_pgd"):
+        assert resumed[key] == summary[key], key
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert torch.load(out / "best.pt", weights_only=True)["epoch"] == 2
+
+
+def test_kill_before_the_commit_point_repeats_the_epoch(two_epoch_run, tmp_path):
+    """A kill after epoch 2 wrote its metrics and log lines but before last.pt: those lines are
+    dropped on resume and the epoch is trained again, to the uninterrupted result."""
+    done, epoch1, summary, run = two_epoch_run
+    out = tmp_path / "run"
+    out.mkdir()
+    r = run(*COMMIT, "--epochs", "1", "--out-dir", str(out))
+    assert r.returncode == 0, r.stderr
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 2, "uncommitted": True}) + "\n")
+    with open(out / "log.txt", "a") as f:
+        f.write("epoch   2 | uncommitted\n")
+    r = run(*COMMIT, "--out-dir", str(out), "--resume", "auto")
+    assert r.returncode == 0, r.stderr
+    assert "uncommitted" not in (out / "metrics.jsonl").read_text() + (out / "log.txt").read_text()
+    assert (out / "metrics.jsonl").read_text().count('"epoch": 2') == 1
+    assert json.loads((out / "summary.json").read_text())["test_pgd"] == summary["test_pgd"]
+
+
+@pytest.mark.parametrize("flags, needle", [(["--val-size", "5000"], "--val-size"),
+                                           (["--aux-data", "BAD"], "--aux-data")])
+def test_overwrite_checks_every_input_before_deleting(two_epoch_run, tmp_path, flags, needle):
+    """Item 2: --overwrite with an input that is then rejected leaves the finished run intact."""
+    done, _, _, run = two_epoch_run
+    out = tmp_path / "run"
+    shutil.copytree(done, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    (tmp_path / "bad.npz").write_bytes(b"\x00" * 64)
+    flags = [str(tmp_path / "bad.npz") if f == "BAD" else f for f in flags]
+    r = run(*COMMIT, *flags, "--overwrite", "--out-dir", str(out))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_a_run_folder_in_use_is_refused(tmp_path):
+    """Item 3: a second training into a folder whose lock is held stops with one line."""
+    import fcntl
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = run_script("train_fire.py", "--epochs", "1", "--out-dir", str(out))
+    assert r.returncode == 2 and "in use" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+@pytest.mark.parametrize("flags, needle", [(["--eps", "0.2"], "--eps"), (["--lam", "6"], "--lam"),
+                                           (["--seed", "1"], "--seed"), (["--val-size", "100"], "--val-size"),
+                                           (["--resume", "OTHER"], "not in --out-dir")])
+def test_resume_refuses_a_changed_run(two_epoch_run, tmp_path, flags, needle):
+    """Item 4: resuming must not change what the run computes, nor adopt another folder's run."""
+    done, _, _, run = two_epoch_run
+    out = tmp_path / "run"
+    shutil.copytree(done, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    other = tmp_path / "other"
+    shutil.copytree(done, other)
+    flags = [str(other / "last.pt") if f == "OTHER" else f for f in flags]
+    resume = [] if "--resume" in flags else ["--resume", "auto"]
+    r = run(*COMMIT, "--epochs", "3", *flags, *resume, "--out-dir", str(out))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("labels, needle", [
+    (np.array(["a"] * 20), "integer"), (np.array([], dtype=np.int64), "non-empty"),
+    (np.zeros((20, 2), dtype=np.int64), "1-D"), (np.array(3), "1-D"),
+    (np.eye(10, dtype=np.int64)[np.arange(20) % 10], "one-hot")])
+def test_aux_data_labels_are_checked(tmp_path, labels, needle):
+    """Item 8: --aux-data labels of the wrong kind are one clear line."""
+    path = tmp_path / "aux.npz"
+    np.savez(path, images=np.zeros((20, 28, 28, 1), dtype=np.uint8), labels=labels)
+    args = train_fire.get_args(["--aux-data", str(path)])
+    with pytest.raises(harness.UserError, match=needle):
+        harness.load_aux_data(args, harness.get_datasets(args)[0])
+
+
+def test_aux_data_and_checkpoint_messages_say_what_is_wrong(tmp_path):
+    """Item 10: random bytes are not 'pickled data'; a directory or a link loop does exist."""
+    (tmp_path / "random.npz").write_bytes(os.urandom(256))
+    args = train_fire.get_args(["--aux-data", str(tmp_path / "random.npz")])
+    with pytest.raises(harness.UserError, match="not an .npz file"):
+        harness.load_aux_data(args, harness.get_datasets(args)[0])
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    for path, needle in [(tmp_path, "is a directory"), (tmp_path / "loop", "link loop")]:
+        for flag in ("--aux-data", "--resume"):
+            r = run_script("train_fire.py", flag, str(path), "--out-dir", str(tmp_path / "run"))
+            assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        with pytest.raises(harness.UserError, match=needle):
+            harness.load_checkpoint(str(path))
+
+
+def test_model_name_is_checked_without_building_it(monkeypatch):
+    """Item 11: --model wrn-1000-1000 (9 GB) is validated by name only."""
+    import models
+    monkeypatch.setattr(models.WideResNet, "__init__", lambda *a, **k: pytest.fail("built the network"))
+    args = train_fire.get_args(["--model", "wrn-1000-1000"])
+    assert args.model == "wrn-1000-1000"
+
+
+def test_unwritable_folder_mid_run_is_one_line(tmp_path, monkeypatch, capsys):
+    """Item 8: the output folder failing mid-run (here: the first checkpoint write) ends in one
+    line and exit 2, not a traceback."""
+    def refuse(state, path):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(harness, "save_checkpoint", refuse)
+    monkeypatch.setattr(sys, "argv", ["train_fire.py"])
+    with pytest.raises(SystemExit) as exit_info:
+        harness.cli(lambda: train_fire.main(["--epochs", "1", "--attack-steps", "1", "--eval-steps", "1",
+                                             "--out-dir", str(tmp_path / "run")]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Permission denied" in err[0] and "last.pt" in err[0]
+
+
+def test_run_all_finds_the_environment_or_says_how(tmp_path):
+    """Item 12: run_all.sh with a Python that has no torch says so in one line."""
+    r = subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), "table3"], capture_output=True, text=True,
+                       cwd=HERE, env=dict(os.environ, PYTHON="/usr/bin/false", SMOKE="1",
+                                          OUT_DIR=str(tmp_path / "out")), timeout=60)
+    assert r.returncode == 2 and "PYTHON=" in r.stderr and len(r.stderr.strip().splitlines()) == 1
