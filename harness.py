@@ -330,12 +330,12 @@ def load_imagenet32(folder):
     The ten training files (1,281,167 images, 3.9 GB) are copied one at a time into one array."""
     missing = [f for f in IMAGENET32_FILES if not os.path.isfile(os.path.join(folder, f))]
     if missing:
-        raise UserError(f"imagenet32: {missing[0]}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''} "
-                        f"not in {folder!r}; it cannot be downloaded automatically: get "
-                        f"Imagenet32_train_npz.zip and Imagenet32_val_npz.zip from "
-                        f"https://image-net.org/download-images (registration needed) and unzip both so "
-                        f"that train_data_batch_1.npz ... train_data_batch_10.npz and val_data.npz lie in "
-                        f"that folder (<--data-dir>/imagenet32)")
+        listed = missing[0] + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        raise UserError(f"imagenet32: {listed} not in {folder!r} (<data-dir>/imagenet32); it cannot be "
+                        f"downloaded automatically: get Imagenet32_train_npz.zip and "
+                        f"Imagenet32_val_npz.zip from https://image-net.org/download-images "
+                        f"(registration needed) and unzip both so that train_data_batch_1.npz ... "
+                        f"train_data_batch_10.npz and val_data.npz lie in that folder")
     splits = []
     for names in (IMAGENET32_FILES[:-1], IMAGENET32_FILES[-1:]):
         paths = [os.path.join(folder, name) for name in names]
@@ -580,10 +580,9 @@ def init_from(model, args):
     included. When resuming, the run keeps the record of its resumed checkpoint and --init-from is
     ignored: its own weights are loaded after this.
     """
-    keys = ("init_from", "init_from_sha256", "pretrain_time_s")
     if args.resume:
         saved = load_checkpoint(args.resume)["args"]
-        for key in keys:
+        for key in ("init_from", "init_from_sha256", "pretrain_time_s"):
             setattr(args, key, saved.get(key))
         return
     path = args.init_from
@@ -605,12 +604,13 @@ def init_from(model, args):
     if ckpt["model"][f"{head}.weight"].shape[0] != target[f"{head}.weight"].shape[0]:
         keep |= {k for k in target if k.startswith(f"{head}.")}  # a new classifier
     for key, value in ckpt["model"].items():
-        if key not in keep and value.shape != target[key].shape:
+        if key in keep:
+            continue
+        if value.shape != target[key].shape:
             raise UserError(f"--init-from {path!r} ({saved.get('dataset')}) does not fit this "
                             f"{args.dataset} run: {key} is {tuple(value.shape)} there, "
                             f"{tuple(target[key].shape)} here")
-        if key not in keep:
-            target[key] = value
+        target[key] = value
     model.load_state_dict(target, strict=True)
     sha = hashlib.sha256()
     with open(path, "rb") as f:
