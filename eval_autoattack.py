@@ -269,6 +269,8 @@ def default_defense(saved, checkpoint):
     Rice et al. 2020).
     """
     stem = os.path.splitext(os.path.basename(checkpoint))[0]
+    if saved.get("init_from"):  # fine-tuned from another run: Hendrycks et al. (2019)'s row
+        return "Pre-training" + ("" if stem == "best" else f" [{stem}]")
     if saved.get("method") == "madry" and stem in ("best", "last"):
         return "Madry et al." if stem == "last" else "Overfitting (Madry, early stopping)"
     name = METHOD_NAMES.get(saved.get("method"), str(saved.get("method")))

@@ -11,6 +11,7 @@ every method, so a FIRE vs TRADES comparison differs only in the loss and the at
 `attack_model` the same weights without gradient synchronisation, for the attack.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -25,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models import check_model_name, get_model
+from models import Normalize, check_model_name, get_model
 
 CHECKPOINT_FORMAT = "fire-repro/1"
 
@@ -41,6 +42,10 @@ PRESETS = {
                     eps=0.031, step_size=0.007, attack_steps=10, eval_steps=20),
     "cifar100": dict(model="wrn-34-10", epochs=100, batch_size=256, lr=0.1, schedule="step",
                      eps=0.031, step_size=0.007, attack_steps=10, eval_steps=20),
+    # Hendrycks, Lee & Mazeika (2019)'s adversarial pre-training (hendrycks/pre-training,
+    # robustness/adversarial/train_imagenet.py): Madry's loss, PGD-10 of 2/255 at 8/255.
+    "imagenet32": dict(model="wrn-28-10", epochs=100, batch_size=256, lr=0.1, schedule="cosine",
+                       eps=8 / 255, step_size=2 / 255, attack_steps=10, eval_steps=20),
 }
 AUX_PRESET = dict(model="wrn-28-10", schedule="cosine", epochs=200)  # Carmon et al.'s protocol
 DATA_INFO = {  # classes, channels, per-channel mean and std (normalisation is done inside the model)
@@ -48,7 +53,10 @@ DATA_INFO = {  # classes, channels, per-channel mean and std (normalisation is d
     "mnist": (10, 1, (0.1307,), (0.3081,)),
     "cifar10": (10, 3, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
     "cifar100": (100, 3, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    # The usual full-resolution ImageNet statistics (not computed on the 32x32 release).
+    "imagenet32": (1000, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
+IMAGENET32_FILES = [f"train_data_batch_{i}.npz" for i in range(1, 11)] + ["val_data.npz"]
 
 
 class UserError(Exception):
@@ -65,9 +73,11 @@ def base_parser(description):
     p = ArgumentParser(description=description)
     p.add_argument("--dataset", type=str, default="digits", choices=sorted(PRESETS),
                    help="data set and preset of the paper's settings (digits: bundled, no download)")
-    p.add_argument("--data-dir", type=str, default="data", help="where torchvision data live / go")
+    p.add_argument("--data-dir", type=str, default="data",
+                   help="where torchvision data live / go; imagenet32 reads <data-dir>/imagenet32/*.npz")
     p.add_argument("--val-size", type=int, default=None,
-                   help="training images held out for model selection (default 1000; digits 180)")
+                   help="training images held out for model selection (default 1000; digits 180, "
+                        "imagenet32 10000)")
     p.add_argument("--model", type=str, default=None,
                    help="smallcnn | resnet18 | wrn-D-W (default: preset)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: preset)")
@@ -93,6 +103,10 @@ def base_parser(description):
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow --aux-data in the public pickle format (unpickling runs code: "
                         "only for files you trust; prefer converting to .npz)")
+    p.add_argument("--init-from", type=str, default=None, metavar="CHECKPOINT",
+                   help="start from another run's weights (same --model): the classifier is new when "
+                        "the class counts differ, the normalisation is this data set's (Hendrycks et "
+                        "al.'s fine-tuning); ignored by --resume, which continues this run")
     p.add_argument("--seed", type=int, default=0, help="seed of every random number generator")
     p.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto = CUDA (all visible GPUs) when available, else CPU")
@@ -124,7 +138,7 @@ def finish_args(parser, argv, method):
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.val_size is None:
-        args.val_size = 180 if args.dataset == "digits" else 1000
+        args.val_size = {"digits": 180, "imagenet32": 10000}.get(args.dataset, 1000)
     if args.out_dir is None:
         args.out_dir = os.path.join("runs", f"{args.method}-{args.dataset}-s{args.seed}")
     checks = [
@@ -164,7 +178,8 @@ def finish_args(parser, argv, method):
             parser.error(message)
     try:
         check_model_name(args.model)  # the name only: no network is built here
-        for path, flag in ((args.aux_data, "--aux-data"), (args.resume, "--resume")):
+        for path, flag in ((args.aux_data, "--aux-data"), (args.resume, "--resume"),
+                           (args.init_from, "--init-from")):
             if path is not None and not (flag == "--resume" and path == "auto"):
                 check_input_file(path, flag)
     except (ValueError, UserError) as e:
@@ -279,25 +294,86 @@ def get_datasets(args):
 
     import torchvision
     import torchvision.transforms as T
-    cls = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10,
-           "cifar100": torchvision.datasets.CIFAR100}[args.dataset]
-    to_tensor = T.ToTensor()
-    augment = to_tensor
-    if args.dataset != "mnist":  # TRADES' CIFAR augmentation
-        augment = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), to_tensor])
-    try:
-        train = _torchvision_split(cls, args.data_dir, train=True)
-        test = _torchvision_split(cls, args.data_dir, train=False)
-    except Exception as e:  # noqa: BLE001  (torchvision raises several kinds when offline)
-        raise UserError(f"{args.dataset} is not in {args.data_dir!r} and could not be downloaded "
-                        f"({type(e).__name__}); download it where there is a network and pass "
-                        f"--data-dir") from None
+    crop_flip = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]  # TRADES' CIFAR augmentation
+    if args.dataset == "imagenet32":  # the test split is the release's validation set
+        (x, y), (x_test, y_test) = load_imagenet32(os.path.join(args.data_dir, "imagenet32"))
+        train, test = UInt8Images(x, y), UInt8Images(x_test, y_test)
+        to_tensor, augment = None, T.Compose(crop_flip)  # the items are tensors already
+    else:
+        cls = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10,
+               "cifar100": torchvision.datasets.CIFAR100}[args.dataset]
+        to_tensor = T.ToTensor()
+        augment = to_tensor if args.dataset == "mnist" else T.Compose([*crop_flip, to_tensor])
+        try:
+            train = _torchvision_split(cls, args.data_dir, train=True)
+            test = _torchvision_split(cls, args.data_dir, train=False)
+        except Exception as e:  # noqa: BLE001  (torchvision raises several kinds when offline)
+            raise UserError(f"{args.dataset} is not in {args.data_dir!r} and could not be downloaded "
+                            f"({type(e).__name__}); download it where there is a network and pass "
+                            f"--data-dir") from None
     if args.val_size >= len(train):
         raise UserError(f"--val-size {args.val_size} must be smaller than the training set ({len(train)})")
     perm = torch.randperm(len(train), generator=split).tolist()
     val_idx, train_idx = perm[:args.val_size], perm[args.val_size:]
     return (Indexed(train, train_idx, augment), Indexed(train, val_idx, to_tensor),
             Indexed(test, None, to_tensor))
+
+
+class UInt8Images(torch.utils.data.Dataset):
+    """Images kept as uint8 rows (N, C*H*W) in CHW order; an item is a float tensor in [0, 1]."""
+
+    def __init__(self, data, targets, shape=(3, 32, 32)):
+        self.data, self.targets, self.shape = data, targets, shape
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.data[i]).view(self.shape).float() / 255, int(self.targets[i])
+
+
+def load_imagenet32(folder):
+    """Chrabaszcz et al. (2017)'s 32x32 ImageNet, .npz release, read without pickles:
+    ((train images, labels), (val images, labels)), images uint8 (N, 3072) in CHW order, labels
+    0..999 (the files' 1-based labels, in the devkit's map_clsloc.txt order, minus 1).
+
+    The ten training files (1,281,167 images, 3.9 GB) are copied one at a time into one array."""
+    missing = [f for f in IMAGENET32_FILES if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        listed = missing[0] + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        raise UserError(f"imagenet32: {listed} not in {folder!r} (<data-dir>/imagenet32); it cannot be "
+                        f"downloaded automatically: get Imagenet32_train_npz.zip and "
+                        f"Imagenet32_val_npz.zip from https://image-net.org/download-images "
+                        f"(registration needed) and unzip both so that train_data_batch_1.npz ... "
+                        f"train_data_batch_10.npz and val_data.npz lie in that folder")
+    splits = []
+    for names in (IMAGENET32_FILES[:-1], IMAGENET32_FILES[-1:]):
+        paths = [os.path.join(folder, name) for name in names]
+        labels = [_imagenet32_array(path, "labels") for path in paths]
+        for path, y in zip(paths, labels):
+            if y.ndim != 1 or not len(y) or y.dtype.kind not in "iu" or y.min() < 1 or y.max() > 1000:
+                raise UserError(f"{path!r}: `labels` must be integers in 1..1000, got {y.dtype} {y.shape}")
+        images = np.empty((sum(map(len, labels)), 3 * 32 * 32), np.uint8)
+        start = 0
+        for path, y in zip(paths, labels):
+            x = _imagenet32_array(path, "data")
+            if x.dtype != np.uint8 or x.shape != (len(y), 3 * 32 * 32):
+                raise UserError(f"{path!r}: `data` must be uint8 of shape ({len(y)}, 3072), got "
+                                f"{x.dtype} {x.shape}")
+            images[start:start + len(y)] = x
+            start += len(y)
+        splits.append((images, np.concatenate(labels).astype(np.int64) - 1))
+    return splits
+
+
+def _imagenet32_array(path, key):
+    try:
+        with np.load(path, allow_pickle=False) as raw:
+            return raw[key]
+    except Exception as e:  # noqa: BLE001  (truncated zip, missing key, object arrays, ...)
+        first = str(e).strip().splitlines()[0][:150] if str(e).strip() else ""
+        raise UserError(f"cannot read {key!r} from {path!r} ({type(e).__name__}: {first}): damaged or "
+                        f"not from the Imagenet32 .npz release; unzip it again") from None
 
 
 def _torchvision_split(cls, root, train):
@@ -525,6 +601,55 @@ def load_model_state(model, ckpt, path):
                         f"{str(e).splitlines()[0][:200]}") from None
 
 
+def init_from(model, args):
+    """--init-from: start `model` from another run's weights (Hendrycks et al. 2019's fine-tuning).
+
+    Every tensor is copied except the input normalisation (this data set's mean and std stay) and,
+    when the class counts differ, the classifier (the last nn.Linear, left freshly initialised).
+    The source must be the same --model with equal shapes, else UserError. Records in `args` (so in
+    this run's checkpoints and summary) the source's SHA-256 and its training time, pre-training
+    included. A resumed run ignores --init-from and keeps the record of its checkpoint (train()).
+    """
+    path = args.init_from
+    try:
+        ckpt = load_checkpoint(path)
+    except UserError as e:
+        raise UserError(f"--init-from: {e}") from None
+    saved = ckpt["args"]
+    if saved.get("model") != args.model:
+        raise UserError(f"--init-from {path!r} is a {saved.get('model')}, this run is a {args.model}")
+    target = model.state_dict()
+    if set(ckpt["model"]) != set(target):
+        odd = sorted(set(ckpt["model"]) ^ set(target))
+        raise UserError(f"--init-from {path!r} does not hold a {args.model}: {odd[0]!r} is in one "
+                        f"of the two networks only ({len(odd)} tensors differ)")
+    keep = {f"{name}.{b}" for name, m in model.named_modules() if isinstance(m, Normalize)
+            for b in ("mean", "std")}
+    head = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    if ckpt["model"][f"{head}.weight"].shape[0] != target[f"{head}.weight"].shape[0]:
+        keep |= {k for k in target if k.startswith(f"{head}.")}  # a new classifier
+    for key, value in ckpt["model"].items():
+        if key in keep:
+            continue
+        if value.shape != target[key].shape:
+            raise UserError(f"--init-from {path!r} ({saved.get('dataset')}) does not fit this "
+                            f"{args.dataset} run: {key} is {tuple(value.shape)} there, "
+                            f"{tuple(target[key].shape)} here")
+        target[key] = value
+    model.load_state_dict(target, strict=True)
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    try:  # the whole source run's time (best.pt only knows the time up to its epoch)
+        with open(os.path.join(os.path.dirname(os.path.abspath(path)), "summary.json")) as f:
+            source_time = float(json.load(f)["train_time_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        source_time = float(ckpt.get("train_time_s", float("nan")))
+    args.init_from_sha256 = sha.hexdigest()
+    args.pretrain_time_s = source_time + (saved.get("pretrain_time_s") or 0.0)
+
+
 def setup_device(args):
     """torchrun -> one process per GPU (DDP); otherwise one process over all visible GPUs."""
     if "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -705,6 +830,9 @@ def train(args, train_step):
     model = model_from_args(vars(args)).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    args.init_from_sha256 = args.pretrain_time_s = None
+    if args.init_from and not args.resume:  # another run's weights
+        init_from(model, args)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay, nesterov=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args))
@@ -718,6 +846,8 @@ def train(args, train_step):
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume, "--resume")
+        for key in ("init_from", "init_from_sha256", "pretrain_time_s"):  # where the run started
+            setattr(args, key, ckpt["args"].get(key))
         check_resume(args, ckpt)
         load_model_state(model, ckpt, args.resume)
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -816,7 +946,8 @@ def train(args, train_step):
                    aux_data=args.aux_data, seed=args.seed, epochs=args.epochs, best_epoch=best_ckpt["epoch"],
                    val_nat=best_ckpt["history"][-1]["val_nat"], val_pgd=best_ckpt["best_val_pgd"],
                    test_nat=test_nat, test_pgd=test_pgd, eval_steps=args.eval_steps,
-                   train_time_s=train_time, out_dir=args.out_dir)
+                   train_time_s=train_time, out_dir=args.out_dir, init_from=args.init_from,
+                   pretrain_time_s=args.pretrain_time_s)
     if is_main():
         write_atomic(os.path.join(args.out_dir, "summary.json"), json.dumps(summary, indent=1))
         log(json.dumps(summary))

@@ -1339,3 +1339,168 @@ def test_run_all_finds_the_environment_or_says_how(tmp_path):
                        cwd=HERE, env=dict(os.environ, PYTHON="/usr/bin/false", SMOKE="1",
                                           OUT_DIR=str(tmp_path / "out")), timeout=60)
     assert r.returncode == 2 and "PYTHON=" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+# ---- imagenet32 and --init-from (issue 15) ---------------------------------------------------
+
+TINY = ["--model", "wrn-10-1", "--epochs", "1", "--batch-size", "16", "--attack-steps", "1",
+        "--eval-steps", "1", "--workers", "0", "--device", "cpu"]
+
+
+def imagenet32_folder(data_dir, per_file=8, n_val=16):
+    """A tiny stand-in of the Imagenet32 .npz release in <data_dir>/imagenet32: the ten training
+    files and val_data.npz, uint8 rows (N, 3072) in CHW order, 1-based labels."""
+    folder = data_dir / "imagenet32"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in harness.IMAGENET32_FILES:
+        n = n_val if name == "val_data.npz" else per_file
+        np.savez(folder / name, data=rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 labels=rng.integers(1, 1001, n))
+    return folder
+
+
+def cli_error(main, argv, capsys):
+    """Run a script's main() as its command line does: (exit code, stderr lines)."""
+    with pytest.raises(SystemExit) as e:
+        harness.cli(lambda: main(argv))
+    return e.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_imagenet32_reader_chw_labels_and_splits(tmp_path):
+    folder = imagenet32_folder(tmp_path)
+    with np.load(folder / "val_data.npz") as raw:
+        data, labels = raw["data"].copy(), raw["labels"].copy()
+    data[0] = np.repeat([10, 20, 30], 1024)  # R, G and B planes of different values
+    labels[:2] = [1, 1000]
+    np.savez(folder / "val_data.npz", data=data, labels=labels)
+    args = train_trades.get_args(["--dataset", "imagenet32", "--data-dir", str(tmp_path),
+                                  "--val-size", "5"])
+    assert (args.model, args.eps, args.step_size, args.schedule) == ("wrn-28-10", 8 / 255, 2 / 255, "cosine")
+    train, val, test = harness.get_datasets(args)
+    assert (len(train), len(val), len(test)) == (75, 5, 16)
+    x, y, _ = test[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert [round(v * 255) for v in x.flatten(1).unique(dim=1).squeeze(1).tolist()] == [10, 20, 30]
+    assert (y, test[1][1]) == (0, 999)  # 1-based in the files, 0-based here
+    assert test.labels().tolist() == (labels - 1).tolist()
+    x_train = torch.stack([train[i][0] for i in range(8)])
+    assert x_train.shape == (8, 3, 32, 32) and 0 <= x_train.min() and x_train.max() <= 1
+    same = harness.get_datasets(args)[1]  # the validation split is fixed
+    assert val.indices == same.indices
+
+
+@pytest.mark.parametrize("damage,needle", [
+    ("missing", "image-net.org"), ("truncated", "train_data_batch_3.npz"),
+    ("labels", "1..1000"), ("shape", "uint8 of shape"),
+])
+def test_imagenet32_bad_folders_are_one_line(damage, needle, tmp_path, capsys):
+    folder = imagenet32_folder(tmp_path)
+    bad = folder / "train_data_batch_3.npz"
+    if damage == "missing":
+        bad.unlink()
+    elif damage == "truncated":
+        bad.write_bytes(bad.read_bytes()[:2000])
+    elif damage == "labels":
+        np.savez(bad, data=np.zeros((8, 3072), np.uint8), labels=np.zeros(8, np.int64))  # 0-based
+    else:
+        np.savez(bad, data=np.zeros((8, 32, 32, 3), np.uint8), labels=np.ones(8, np.int64))
+    code, lines = cli_error(train_trades.main, ["--dataset", "imagenet32", "--data-dir", str(tmp_path),
+                                                "--out-dir", str(tmp_path / "run")], capsys)
+    assert code == 2 and len(lines) == 1 and needle in lines[0], lines
+    if damage == "missing":
+        assert str(folder) in lines[0] and "Imagenet32_train_npz.zip" in lines[0]
+
+
+class FakeCIFAR(torch.utils.data.Dataset):
+    """What torchvision's CIFAR10 yields (PIL images, integer labels): the real cifar10 code path
+    of harness.get_datasets without the download."""
+
+    def __init__(self, n, seed):
+        rng = np.random.default_rng(seed)
+        self.data = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        self.targets = rng.integers(0, 10, n).tolist()
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        return Image.fromarray(self.data[i]), self.targets[i]
+
+
+@pytest.fixture
+def fake_cifar(monkeypatch):
+    monkeypatch.setattr(harness, "_torchvision_split",
+                        lambda cls, root, train: FakeCIFAR(40 if train else 16, seed=int(train)))
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """Madry adversarial pre-training on a tiny imagenet32 folder through train_trades.main()."""
+    root = tmp_path_factory.mktemp("pretrain")
+    imagenet32_folder(root / "data")
+    summary = train_trades.main(["--loss", "madry", "--dataset", "imagenet32", "--data-dir",
+                                 str(root / "data"), "--val-size", "16", *TINY, "--out-dir",
+                                 str(root / "run")])
+    return root / "run" / "best.pt", summary
+
+
+def finetune_argv(source, out_dir, *extra):
+    return ["--loss", "madry", "--dataset", "cifar10", "--val-size", "8", "--init-from", str(source),
+            *TINY, "--out-dir", str(out_dir), *extra]
+
+
+def test_init_from_replaces_the_classifier_and_keeps_the_rest(pretrained):
+    source, _ = pretrained
+    args = train_trades.get_args(finetune_argv(source, "unused"))
+    args.resume = None
+    torch.manual_seed(0)
+    model = harness.model_from_args(vars(args))
+    torch.manual_seed(0)
+    fresh = harness.model_from_args(vars(args)).state_dict()
+    harness.init_from(model, args)
+    got, src = model.state_dict(), torch.load(source, weights_only=True)["model"]
+    new = {"0.mean", "0.std", "1.fc.weight", "1.fc.bias"}  # normalisation and the 64 -> 10 classifier
+    assert all(torch.equal(got[k], src[k]) for k in got if k not in new)
+    assert all(torch.equal(got[k], fresh[k]) for k in new)
+    assert got["1.fc.weight"].shape == (10, 64) and src["1.fc.weight"].shape == (1000, 64)
+    assert torch.allclose(got["0.mean"].flatten(), torch.tensor(harness.DATA_INFO["cifar10"][2]))
+    import hashlib
+    assert args.init_from_sha256 == hashlib.sha256(source.read_bytes()).hexdigest()
+
+
+def test_init_from_errors_are_one_line(pretrained, fake_cifar, tmp_path, capsys):
+    source, _ = pretrained
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    cases = [
+        (finetune_argv(source, tmp_path / "a", "--model", "wrn-16-1"),
+         "is a wrn-10-1, this run is a wrn-16-1"),  # another architecture
+        (["--init-from", str(source), "--model", "wrn-10-1", "--out-dir", str(tmp_path / "b")],
+         "(imagenet32) does not fit this digits run: 1.conv1.weight is (16, 3, 3, 3) there"),  # shapes
+        (finetune_argv(tmp_path / "notes.pt", tmp_path / "c"), "--init-from: cannot load checkpoint"),
+        (finetune_argv(tmp_path / "nothing.pt", tmp_path / "d"), "--init-from"),
+        (finetune_argv(source, tmp_path / "e", "--model", "wrn-35-1"), "6n+4"),
+    ]
+    for argv, needle in cases:
+        code, lines = cli_error(train_trades.main, argv, capsys)
+        assert code == 2 and len(lines) == 1 and needle in lines[0], lines
+
+
+def test_pretrain_then_finetune_chain_and_resume_ignores_init_from(pretrained, fake_cifar, tmp_path):
+    source, pre = pretrained
+    assert pre["dataset"] == "imagenet32" and pre["init_from"] is None
+    summary = train_fire.main(["--dataset", "cifar10", "--val-size", "8", "--init-from", str(source),
+                               *TINY, "--out-dir", str(tmp_path / "ft")])  # the other script too
+    assert summary["init_from"] == str(source) and summary["pretrain_time_s"] == pre["train_time_s"]
+    ckpt = torch.load(tmp_path / "ft" / "last.pt", weights_only=True)
+    assert ckpt["args"]["init_from"] == str(source) and len(ckpt["args"]["init_from_sha256"]) == 64
+    import eval_autoattack
+    assert eval_autoattack.default_defense(ckpt["args"], str(tmp_path / "ft" / "best.pt")) == "Pre-training"
+    # --resume continues this run: its own weights, its record; this other --init-from is ignored
+    other = tmp_path / "other.pt"
+    other.write_bytes(b"would fail if it were read")
+    resumed = train_fire.main(["--dataset", "cifar10", "--val-size", "8", "--init-from", str(other),
+                               *TINY, "--epochs", "2", "--resume", "auto", "--out-dir", str(tmp_path / "ft")])
+    assert resumed["init_from"] == str(source) and resumed["pretrain_time_s"] == pre["train_time_s"]
+    history = torch.load(tmp_path / "ft" / "last.pt", weights_only=True)["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
