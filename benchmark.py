@@ -6,6 +6,8 @@ Commands:
     python benchmark.py --model resnet18 --shape 3 32 32 --batch-size 32 --reps 10
     python benchmark.py --dataset cifar10 --device cuda --batch-size 256 --dtype bfloat16 \
         --channels-last --json-out bench-bf16.json        # the paper's WRN-34-10 on one GPU
+    python benchmark.py --dataset cifar10 --device cuda --batch-size 256 --dtype bfloat16 \
+        --channels-last --compile --compile-mode reduce-overhead   # + torch.compile with CUDA graphs
 
 Each timed step is the training loop's own step: the train_step of train_fire.py or
 train_trades.py, then harness.sgd_update and harness.EpochStats as harness.train runs them, on one
@@ -13,6 +15,8 @@ fixed synthetic batch of the data set's shape already on the device (data loadin
     model.eval(); x' = attack(model, x)                       # K PGD steps, natural logits once
     model.train(); loss = loss(model(x), model(x'), y)        # two forwards, one backward
     zero_grad; backward; SGD (Nesterov) step; loss/NaN statistics kept on the device.
+On CUDA the settings are training's: cudnn.benchmark on and a fused SGD step (--no-cudnn-benchmark,
+--no-fused-sgd time the step without them).
 
 The floor is the same network work with nothing else: in eval mode one forward without gradients
 (the natural softmax), then K forwards each followed by a backward to the input only
@@ -23,10 +27,13 @@ projections, sign, random start, Python, copies and synchronisation are what a s
 its floor. A fourth step, TRADES-public, is the TRADES step with the natural forward recomputed
 at every attack step, as TRADES' public code (and the paper's timing of it) does. All four share
 one model and are timed in interleaved repetitions (their order rotates every repetition) in one
-process; the figures are medians.
+process; the figures are medians. The floor's FLOPs (convolutions and matrix products, as
+torch.utils.flop_counter counts them) are counted once, and over its median time give the
+achieved TFLOP/s of the floor.
 """
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -35,11 +42,12 @@ import time
 from contextlib import nullcontext
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from models import get_model
+from models import check_model_name, get_model
 import train_fire
 import train_trades
-from harness import DATA_INFO, PRESETS, ArgumentParser, EpochStats, sgd_update
+from harness import DATA_INFO, PRESETS, ArgumentParser, EpochStats, UserError, sgd_update
 from train_fire import fire_loss
 from train_trades import trades_loss
 
@@ -49,79 +57,145 @@ STEPS = ("floor", "FIRE", "TRADES", "TRADES-public")  # TRADES-public: natural f
 # wall: elapsed time. cpu: CPU seconds of this process (all its threads), which do not count the
 # time other processes hold the cores: steadier on a shared machine, and meaningless on a GPU.
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+PROG = "benchmark.py"
 
 
 def get_args(argv=None):
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--dataset", type=str, default="mnist", choices=sorted(PRESETS),
                    help="preset of model, image shape, classes, normalisation, eps, step size and lr "
                         "(the training scripts' presets); batch size and attack steps are this "
                         "script's own defaults, 128 and 10, whatever the data set")
     p.add_argument("--model", type=str, default=None, help="smallcnn | resnet18 | wrn-D-W (default: preset)")
     p.add_argument("--shape", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
-                   help="image shape of the synthetic batch (default: the data set's)")
-    p.add_argument("--num-classes", type=int, default=None, help="classes (default: the data set's)")
-    p.add_argument("--batch-size", type=int, default=128, help="images per training step")
-    p.add_argument("--attack-steps", type=int, default=10, help="PGD steps K per training step")
-    p.add_argument("--lam", type=float, default=12.0, help="FIRE's weight of d^2 (Eq. 7)")
-    p.add_argument("--beta", type=float, default=6.0, help="TRADES' weight of the KL")
+                   help="image shape of the synthetic batch, each >= 1 and fit for the model "
+                        "(default: the data set's; SmallCNN takes 28x28 only)")
+    p.add_argument("--num-classes", type=int, default=None, help="classes, >= 2 (default: the data set's)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per training step, >= 1")
+    p.add_argument("--attack-steps", type=int, default=10, help="PGD steps K per training step, >= 0")
+    p.add_argument("--eps", type=float, default=None,
+                   help="Linf radius in pixel units, in [0, 1] (default: preset)")
+    p.add_argument("--step-size", type=float, default=None, help="PGD step size, > 0 (default: preset)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of the timed SGD steps, > 0 (default: preset)")
+    p.add_argument("--lam", type=float, default=12.0, help="FIRE's weight of d^2 (Eq. 7), >= 0")
+    p.add_argument("--beta", type=float, default=6.0, help="TRADES' weight of the KL, >= 0")
     p.add_argument("--dtype", type=str, default="float32", choices=["float32", "bfloat16", "float16"],
                    help="autocast precision of the forwards, as in training (GradScaler for float16)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                    help="channels-last memory layout of the model and the batch")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the model (compilation happens in the warm-up repetitions)")
+    p.add_argument("--compile-mode", type=str, default="default",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile's mode, with --compile (reduce-overhead and max-autotune use CUDA "
+                        "graphs on a GPU; the training scripts compile with the default)")
+    p.add_argument("--fused-sgd", action=argparse.BooleanOptionalAction, default=True,
+                   help="fused SGD step on CUDA, as training runs it (--no-fused-sgd: torch's default, "
+                        "foreach); no effect on the CPU")
+    p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch.backends.cudnn.benchmark on CUDA (cuDNN picks the fastest convolutions for "
+                        "the fixed shapes in the warm-up), as training runs it; no effect on the CPU")
     p.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto = CUDA when available, else CPU")
     p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch (0: torch's default). On a CPU shared with other jobs "
+                   help="CPU threads for torch, >= 0 (0: torch's default). On a CPU shared with other jobs "
                         "use 1: torch's threads wait for each other whenever one loses its core")
     p.add_argument("--clock", type=str, default="wall", choices=sorted(CLOCKS),
                    help="wall = elapsed time; cpu = CPU time of this process (CPU device only: does not "
                         "count time the cores spend on other processes)")
-    p.add_argument("--reps", type=int, default=20, help="timed repetitions of each step")
+    p.add_argument("--reps", type=int, default=20, help="timed repetitions of each step, >= 1")
     p.add_argument("--warmup", type=int, default=3,
-                   help="untimed repetitions of each step first (allocator, cuDNN autotuning, compile)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the synthetic batch")
+                   help="untimed repetitions of each step first, >= 0 (allocator, cuDNN autotuning, compile)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the weights and of the synthetic batch, in [0, 2**32)")
     p.add_argument("--sweep", action="store_true",
                    help="also print a table of step cost over --sweep-steps x --sweep-batch-sizes")
-    p.add_argument("--sweep-steps", type=int, nargs="+", default=[0, 1, 5, 10], help="attack steps of the sweep")
+    p.add_argument("--sweep-steps", type=int, nargs="+", default=[0, 1, 5, 10],
+                   help="attack steps of the sweep, each >= 0")
     p.add_argument("--sweep-batch-sizes", type=int, nargs="+", default=[32, 128, 256],
-                   help="batch sizes of the sweep")
-    p.add_argument("--sweep-reps", type=int, default=7, help="timed repetitions per sweep cell")
-    p.add_argument("--json-out", type=str, default=None, help="also write every figure to this JSON file")
+                   help="batch sizes of the sweep, each >= 1")
+    p.add_argument("--sweep-reps", type=int, default=7, help="timed repetitions per sweep cell, >= 1")
+    p.add_argument("--json-out", type=str, default=None,
+                   help="also write every figure to this JSON file (its folder must exist and be writable)")
     args = p.parse_args(argv)
 
     preset = PRESETS[args.dataset]
     num_classes, channels, mean, std = DATA_INFO[args.dataset]
     args.model = args.model or preset["model"]
     args.shape = args.shape or [channels, IMAGE_SIZE[args.dataset], IMAGE_SIZE[args.dataset]]
-    args.num_classes = args.num_classes or num_classes
+    args.num_classes = num_classes if args.num_classes is None else args.num_classes
     # The preset's normalisation only fits the preset's channel count.
     args.mean, args.std = (mean, std) if args.shape[0] == channels else (None, None)
-    args.eps, args.step_size, args.lr = preset["eps"], preset["step_size"], preset["lr"]
-    checks = [
-        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
-        (args.attack_steps >= 0, f"--attack-steps must be >= 0, got {args.attack_steps}"),
-        (min(args.shape) >= 1, f"--shape must be positive, got {args.shape}"),
-        (args.num_classes >= 2, f"--num-classes must be >= 2, got {args.num_classes}"),
-        (args.reps >= 1 and args.warmup >= 0, "--reps must be >= 1 and --warmup >= 0"),
-        (args.sweep_reps >= 1, f"--sweep-reps must be >= 1, got {args.sweep_reps}"),
-        (min(args.sweep_steps) >= 0 and min(args.sweep_batch_sizes) >= 1,
-         "--sweep-steps must be >= 0 and --sweep-batch-sizes >= 1"),
-        (args.threads >= 0, f"--threads must be >= 0, got {args.threads}"),
-        (args.device != "cuda" or torch.cuda.is_available(), "--device cuda but no CUDA device is visible"),
-        (args.clock == "wall" or args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()),
-         "--clock cpu measures the CPU only: use it with --device cpu"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            p.error(message)
+    for key in ("eps", "step_size", "lr"):  # an explicit flag overrides the preset
+        if getattr(args, key) is None:
+            setattr(args, key, preset[key])
+
+    def need(flag, values, ok, rule):
+        for v in values:  # ints need no finiteness test (and may be too large for a float)
+            if not ((isinstance(v, int) or math.isfinite(v)) and ok(v)):
+                p.error(f"{flag} must be {rule}, got {v}")
+
+    need("--shape", args.shape, lambda v: v >= 1, "three sizes >= 1")
+    need("--num-classes", [args.num_classes], lambda v: v >= 2, ">= 2")
+    need("--batch-size", [args.batch_size], lambda v: v >= 1, ">= 1")
+    need("--attack-steps", [args.attack_steps], lambda v: v >= 0, ">= 0")
+    need("--eps", [args.eps], lambda v: 0 <= v <= 1, "finite and in [0, 1] (images are in [0, 1])")
+    need("--step-size", [args.step_size], lambda v: v > 0, "a finite number > 0")
+    need("--lr", [args.lr], lambda v: v > 0, "a finite number > 0")
+    need("--lam", [args.lam], lambda v: v >= 0, "a finite number >= 0")
+    need("--beta", [args.beta], lambda v: v >= 0, "a finite number >= 0")
+    need("--threads", [args.threads], lambda v: v >= 0, ">= 0 (0: torch's default)")
+    need("--reps", [args.reps], lambda v: v >= 1, ">= 1")
+    need("--warmup", [args.warmup], lambda v: v >= 0, ">= 0")
+    need("--seed", [args.seed], lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)")
+    need("--sweep-steps", args.sweep_steps, lambda v: v >= 0, ">= 0")
+    need("--sweep-batch-sizes", args.sweep_batch_sizes, lambda v: v >= 1, ">= 1")
+    need("--sweep-reps", [args.sweep_reps], lambda v: v >= 1, ">= 1")
+    if args.compile_mode != "default" and not args.compile:
+        p.error(f"--compile-mode {args.compile_mode} needs --compile")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but no CUDA device is visible")
+    if not (args.clock == "wall" or args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())):
+        p.error("--clock cpu measures the CPU only: use it with --device cpu")
     try:
-        get_model(args.model, args.num_classes, args.shape[0])
+        check_model_name(args.model)  # the name only: the shape is checked on the built model (Bench)
     except ValueError as e:
-        p.error(str(e))
+        p.error(f"--model: {e}")
     return args
+
+
+def check_json_out(path):
+    """Refuse a --json-out that cannot be written before the timing runs, not after it: its folder
+    must exist and take a file (probed by writing the temporary file that write_json uses), and
+    the path must not be a folder. Raises UserError."""
+    if os.path.isdir(path):
+        raise UserError(f"--json-out {path!r} is a folder")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        what = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise UserError(f"--json-out {path!r}: {folder!r} {what}")
+    probe = f"{path}.tmp{os.getpid()}"
+    try:
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write --json-out {path!r}: {e.strerror or e}") from None
+
+
+def write_json(path, report):
+    """Write into a temporary file next to `path`, then os.replace it onto `path`: an interrupted
+    or failed write leaves the previous file (or none), never a half-written one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise UserError(f"cannot write --json-out {path!r}: {e.strerror or e}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,15 +209,21 @@ class Bench:
         self.args, self.device = args, device
         gen = torch.Generator().manual_seed(args.seed)
         torch.manual_seed(args.seed)
+        if device.type == "cuda":  # as harness.train sets it: fixed shapes, so autotuning pays off
+            torch.backends.cudnn.benchmark = args.cudnn_benchmark
         model = get_model(args.model, args.num_classes, args.shape[0], args.mean, args.std).to(device)
+        check_shape(model, args, device)
         self.x = torch.rand(batch_size, *args.shape, generator=gen).to(device)
         self.y = torch.randint(args.num_classes, (batch_size,), generator=gen).to(device)
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
             self.x = self.x.contiguous(memory_format=torch.channels_last)
         self.model = model
-        self.fwd = torch.compile(model) if args.compile else model
-        sgd = dict(momentum=0.9, weight_decay=5e-4, nesterov=True)
+        self.fwd = torch.compile(model, mode=args.compile_mode) if args.compile else model
+        # harness.train's optimiser: fused on CUDA. fused=None (not False) keeps torch's default,
+        # foreach on CUDA, for --no-fused-sgd; on the CPU both are torch's default (neither).
+        fused = True if device.type == "cuda" and args.fused_sgd else None
+        sgd = dict(momentum=0.9, weight_decay=5e-4, nesterov=True, fused=fused)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, **sgd)
         # The floor's optimiser does an SGD step's work (weight decay, momentum, update) at lr 0.
         self.floor_optimizer = torch.optim.SGD(model.parameters(), lr=0.0, **sgd)
@@ -162,9 +242,10 @@ class Bench:
         self.stats.add(loss, logits, self.y)
         return loss.detach()
 
-    def floor_step(self, steps):
-        """The network passes of a training step and nothing else (see the module docstring)."""
-        model, fwd, x = self.model, self.fwd, self.x
+    def floor_step(self, steps, fwd=None):
+        """The network passes of a training step and nothing else (see the module docstring);
+        `fwd` replaces the (possibly compiled) model, as floor_flops does."""
+        model, fwd, x = self.model, fwd or self.fwd, self.x
         model.eval()
         with self.amp:
             with torch.no_grad():
@@ -179,6 +260,16 @@ class Bench:
         loss.backward()
         self.floor_optimizer.step()
 
+    def floor_flops(self, steps):
+        """FLOPs of one floor step as torch's FlopCounterMode counts them: convolutions and matrix
+        products (2 per multiply-add), forward and backward (a backward to the input only counts
+        only that). Run once, on the eager model (compiled code does the same products). The
+        model sees a view of its input: FlopCounterMode's module hooks fail on autograd.grad with
+        respect to a leaf that is the input of a module itself (a view costs no FLOPs)."""
+        with FlopCounterMode(display=False) as counter:
+            self.floor_step(steps, lambda inputs: self.model(inputs.view_as(inputs)))
+        return counter.get_total_flops()
+
     def steps(self, k):
         a = self.args
         common = dict(eps=a.eps, step_size=a.step_size, attack_steps=k)
@@ -189,6 +280,23 @@ class Bench:
                 "FIRE": lambda: self.train_step(train_fire, fire),
                 "TRADES": lambda: self.train_step(train_trades, trades),
                 "TRADES-public": lambda: self.train_step(train_trades, trades, public)}
+
+
+def check_shape(model, args, device):
+    """One forward of a single zero image of `shape` (eval mode, no gradients): a shape the model
+    cannot take (SmallCNN takes 28x28 only; tiny images under the kernels) ends with one line
+    naming --shape before any timing, instead of a traceback from inside the first step."""
+    shape = " ".join(map(str, args.shape))
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, *args.shape, device=device))
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--shape {shape} does not fit --model {args.model}: {reason}") from None
+    if tuple(out.shape) != (1, args.num_classes):
+        raise UserError(f"--shape {shape} does not fit --model {args.model}: it gives outputs of "
+                        f"shape {tuple(out.shape[1:])}, not ({args.num_classes},)")
 
 
 class RecomputeNatural(torch.nn.Module):
@@ -277,12 +385,16 @@ def quartiles(values):
 def measure(args, batch_size, k, reps, warmup, device):
     """Time floor, FIRE and TRADES at one (batch size, K); returns a dict of figures."""
     bench = Bench(args, batch_size, device)
+    flops = bench.floor_flops(k)
     steps = bench.steps(k)
     times = time_interleaved(steps, reps, warmup, device, args.clock)
     peaks = peak_memory(steps, device)
     if bool(bench.stats.first_bad.item() >= 0):
         print(f"warning: a loss became NaN or infinite at batch {batch_size}, K {k}", file=sys.stderr)
     out = dict(batch_size=batch_size, attack_steps=k, reps=reps, warmup=warmup, steps={})
+    # Achieved throughput of the floor: its counted FLOPs over its median time.
+    out["floor_flops"] = flops
+    out["floor_tflops_per_s"] = flops / statistics.median(times["floor"]) / 1e12
     for name in STEPS:
         q1, med, q3 = quartiles(times[name])
         out["steps"][name] = dict(ms=1e3 * med, ms_q1=1e3 * q1, ms_q3=1e3 * q3,
@@ -311,6 +423,9 @@ def describe(args, device):
                   f"thread(s), {os.cpu_count()} cores")
     return dict(model=args.model, shape=list(args.shape), num_classes=args.num_classes,
                 dtype=args.dtype, channels_last=args.channels_last, compile=args.compile,
+                compile_mode=args.compile_mode if args.compile else None,
+                fused_sgd=device.type == "cuda" and args.fused_sgd,
+                cudnn_benchmark=device.type == "cuda" and args.cudnn_benchmark,
                 device=str(device), device_name=where, torch=torch.__version__,
                 python=platform.python_version(), lam=args.lam, beta=args.beta, eps=args.eps,
                 step_size=args.step_size, lr=args.lr, clock=args.clock, threads=torch.get_num_threads())
@@ -329,6 +444,9 @@ def main_table(result):
                      f"{b / (s['ms'] / 1e3):.0f} | {vs:.3f} | {mem} |")
     r, m = result["ratios"], result["ratios_of_medians"]
     lines.append("")
+    lines.append(f"floor: {result['floor_flops'] / 1e9:.1f} GFLOP per step (convolutions and matrix products, "
+                 f"forward and backward, counted by FlopCounterMode), {result['floor_tflops_per_s']:.3f} "
+                 f"TFLOP/s achieved")
     lines.append(f"FIRE / TRADES = {r['FIRE/TRADES']:.3f}   FIRE / floor = {r['FIRE/floor']:.3f}   "
                  f"TRADES / floor = {r['TRADES/floor']:.3f}   (medians of the per-round ratios; ratios "
                  f"of the medians: {m['FIRE/TRADES']:.3f}, {m['FIRE/floor']:.3f}, {m['TRADES/floor']:.3f})")
@@ -344,14 +462,14 @@ def main_table(result):
 
 def sweep_table(rows):
     lines = ["| batch | K | floor ms | FIRE ms | TRADES ms | FIRE / floor | TRADES / floor | "
-             "FIRE / TRADES | FIRE images/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "FIRE / TRADES | FIRE images/s | floor TFLOP/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         s, r = row["steps"], row["ratios"]
         lines.append(f"| {row['batch_size']} | {row['attack_steps']} | {s['floor']['ms']:.2f} | "
                      f"{s['FIRE']['ms']:.2f} | {s['TRADES']['ms']:.2f} | {r['FIRE/floor']:.3f} | "
                      f"{r['TRADES/floor']:.3f} | {r['FIRE/TRADES']:.3f} | "
-                     f"{s['FIRE']['images_per_s']:.0f} |")
+                     f"{s['FIRE']['images_per_s']:.0f} | {row['floor_tflops_per_s']:.3f} |")
     return "\n".join(lines)
 
 
@@ -379,6 +497,8 @@ def growth(rows):
 
 def main(argv=None):
     args = get_args(argv)
+    if args.json_out:
+        check_json_out(args.json_out)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -388,7 +508,9 @@ def main(argv=None):
     c, h, w = args.shape
     print(f"{args.model}, {c}x{h}x{w} synthetic images, {args.num_classes} classes, batch {args.batch_size}, "
           f"{args.attack_steps} attack steps, {args.dtype}{', channels-last' if args.channels_last else ''}"
-          f"{', compiled' if args.compile else ''}; {config['device_name']}; torch {torch.__version__}; "
+          f"{f', compiled ({args.compile_mode})' if args.compile else ''}"
+          f"{', fused SGD' if config['fused_sgd'] else ''}{', cudnn.benchmark' if config['cudnn_benchmark'] else ''}"
+          f"; {config['device_name']}; torch {torch.__version__}; "
           f"{args.reps} interleaved repetitions after {args.warmup} warm-up, {args.clock} clock"
           + (f"; load average {load[0]:.2f} before" if load else ""))
     result = measure(args, args.batch_size, args.attack_steps, args.reps, args.warmup, device)
@@ -415,11 +537,20 @@ def main(argv=None):
     if load:
         print(f"load average {report['load_average_after'][0]:.2f} after (other processes share these cores)")
     if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(args.json_out, report)
         print(f"wrote {args.json_out}")
     return report
 
 
+def cli(argv=None):
+    """main() for the command line: a UserError (a shape the model cannot take, an unwritable
+    --json-out) ends with one line on stderr and exit code 2 instead of a traceback."""
+    try:
+        return main(argv)
+    except UserError as e:
+        sys.stderr.write(f"{PROG}: error: {e}\n")
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli()
