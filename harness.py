@@ -852,6 +852,8 @@ def train(args, train_step):
         check_resume(args, ckpt)
         load_model_state(model, ckpt, args.resume)
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group in optimizer.param_groups:  # this machine's SGD kernel, not the saving machine's
+            group["fused"] = device.type == "cuda"
         scheduler.load_state_dict(ckpt["scheduler"])
         # The schedule follows this run's flags: resuming with a larger --epochs extends a run.
         for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
