@@ -51,8 +51,9 @@ from harness import DATA_INFO, PRESETS, ArgumentParser, EpochStats, UserError, s
 from train_fire import fire_loss
 from train_trades import trades_loss
 
-IMAGE_SIZE = {"digits": 28, "mnist": 28, "cifar10": 32, "cifar100": 32}
-TRAIN_IMAGES = {"digits": 1257, "mnist": 59000, "cifar10": 49000, "cifar100": 49000}  # after validation
+IMAGE_SIZE = {"digits": 28, "mnist5k": 28, "mnist": 28, "cifar10": 32, "cifar100": 32, "imagenet32": 32}
+TRAIN_IMAGES = {"digits": 1257, "mnist5k": 3500, "mnist": 59000, "cifar10": 49000, "cifar100": 49000,
+                "imagenet32": 1271167}  # after validation
 STEPS = ("floor", "FIRE", "TRADES", "TRADES-public")  # TRADES-public: natural forward at every attack step
 # wall: elapsed time. cpu: CPU seconds of this process (all its threads), which do not count the
 # time other processes hold the cores: steadier on a shared machine, and meaningless on a GPU.
@@ -238,8 +239,8 @@ class Bench:
         with self.amp:
             loss, logits = script.train_step(method_args, self.fwd, attack_model or self.fwd,
                                              self.x, self.y, None)
-        sgd_update(loss, self.optimizer, self.scaler)
-        self.stats.add(loss, logits, self.y)
+        grad_norm = sgd_update(loss, self.optimizer, self.scaler)
+        self.stats.add(loss, logits, self.y, grad_norm)
         return loss.detach()
 
     def floor_step(self, steps, fwd=None):

