@@ -160,6 +160,8 @@ def get_args(argv=None):
                 "or --time-model NAME")
     if args.out and len(args.checkpoints) > 1:
         p.error("--out needs exactly one checkpoint")
+    if args.out and not args.out.endswith(".json"):
+        p.error(f"--out must name a .json file (its .npz, .log and .chunks/ go beside it), got {args.out!r}")
     checks = [
         (args.n_examples is None or args.n_examples >= 1, f"--n-examples must be >= 1, got {args.n_examples}"),
         (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
@@ -540,16 +542,24 @@ class Plan:
 
 
 def finished_result(plan):
-    """The existing result JSON if it comes from this checkpoint (hash) and these settings and
-    its per-image file exists; else None (a stale or foreign result is evaluated again)."""
+    """(the existing result JSON if it comes from this checkpoint (hash) and these settings and
+    its per-image file exists, else None; why an existing JSON will be replaced, else None)."""
     try:
         with open(plan.out) as f:
             record = json.load(f)
     except (OSError, ValueError):
-        return None
-    matches = (isinstance(record, dict) and record.get("format") == RESULT_FORMAT
-               and all(record.get(k) == v for k, v in plan.identity.items()))
-    return record if matches and os.path.isfile(plan.stem + ".npz") else None
+        return None, None
+    if not (isinstance(record, dict) and record.get("format") == RESULT_FORMAT):
+        return None, "it is not a result of this script"
+    if record.get("checkpoint_sha256") != plan.identity["checkpoint_sha256"]:
+        return None, "it was evaluated on another checkpoint (other SHA-256)"
+    old, new = record.get("settings") or {}, plan.identity["settings"]
+    changed = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
+    if changed:
+        return None, f"it was evaluated with other settings ({', '.join(changed)})"
+    if not os.path.isfile(plan.stem + ".npz"):
+        return None, "its per-image .npz is missing"
+    return record, None
 
 
 def read_chunk(path, identity, chunk, n):
@@ -590,7 +600,9 @@ def evaluate_checkpoint(plan, args, device):
     then merge the chunks into the result JSON and the per-image .npz; returns the result dict
     (None on the other processes). A finished evaluation with the same identity is skipped."""
     rank, world = rank_and_world()
-    done = finished_result(plan)
+    done, stale = finished_result(plan)
+    if stale and rank == 0:
+        print(f"{plan.path}: replacing {plan.out}: {stale}", flush=True)
     if done is not None:
         if args.defense and done.get("defense") != args.defense and rank == 0:
             done["defense"] = args.defense  # a new row name needs no new attack
@@ -1130,7 +1142,7 @@ def main(argv=None):
     if args.out:
         check_output(args.out, "--out")
     plans = [Plan(path, args, args.out) for path in args.checkpoints]
-    outs = [p.out if args.time_images is None else p.stem + "-timing.json" for p in plans]
+    outs = [p.out if args.time_images is None or args.out else p.stem + "-timing.json" for p in plans]
     for plan, out in zip(plans, outs):
         check_output(out, plan.what)
     if len(set(outs)) != len(outs):

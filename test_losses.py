@@ -1349,7 +1349,8 @@ def test_eval_is_tied_to_its_checkpoint(fire_run, tmp_path, capsys):
     assert len(err) == 1 and "ignoring" in err[0] and "autoattack.json" in err[0] and "changed" in err[0]
     assert "| 1 (0) |" in table and table.count("| FIRE") == 1
     redone, = ea.main([str(run / "best.pt"), *small])
-    assert "already evaluated" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "already evaluated" not in out and "replacing" in out and "another checkpoint" in out
     assert redone["checkpoint_sha256"] != first["checkpoint_sha256"] and redone["epoch"] == first["epoch"] + 1
     (run / "best.pt").unlink()
     ea.find_results([str(tmp_path)])
@@ -1397,6 +1398,7 @@ def eval_error(monkeypatch, capsys, argv):
     (["--chunk-size", "0"], "--chunk-size"), (["--seed", "-1"], "--seed"), (["--seed", str(2 ** 32)], "--seed"),
     (["--eps", "nan"], "--eps"), (["--eps", "2"], "--eps"), (["--time-images", "0"], "--time-images"),
     (["--quoted", "table2"], "--quoted"), (["--n-examples", "0"], "--n-examples"),
+    (["--out", "DIR/aa.npz"], ".json"),
     (["OUT_IS_DIR"], "is a folder"), (["OUT_UNDER_FILE"], "cannot write --out"),
     (["SUMMARY", "--table-out", "UNDER_FILE/t.md"], "--table-out"),
     (["PLOT", "--plot-out", "DIR/x.foo"], "--plot-out"), (["PLOT", "--plot-out", "UNDER_FILE/x.png"], "--plot-out"),
@@ -1426,7 +1428,8 @@ def test_eval_bad_input_catalogue(case, needle, fire_run, tmp_path, monkeypatch,
             if word in ("SUMMARY", "PLOT"):
                 argv.append(str(tmp_path / "results"))
     if "OUT_IS_DIR" in case:
-        argv += ["--out", str(tmp_path / "results")]
+        (tmp_path / "dir.json").mkdir()
+        argv += ["--out", str(tmp_path / "dir.json")]
     if "OUT_UNDER_FILE" in case:
         argv += ["--out", str(tmp_path / "file.txt" / "aa.json")]
     if not any(w in case for w in ("SUMMARY", "PLOT", "--time-model")) and not argv[0].endswith(".pt"):
@@ -1439,8 +1442,11 @@ def test_eval_bad_input_catalogue(case, needle, fire_run, tmp_path, monkeypatch,
 
 def test_eval_out_folder_fails_at_once_on_the_command_line(fire_run, tmp_path):
     """Before: the whole attack ran, then a traceback left a temporary file in the folder."""
+    folder = tmp_path / "aa.json"
+    folder.mkdir()
     r = subprocess.run([PY, os.path.join(HERE, "eval_autoattack.py"), str(fire_run[0] / "best.pt"),
-                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=HERE,
+                        "--out", str(folder)], capture_output=True, text=True, timeout=120, cwd=HERE,
                        env=eval_env())
-    assert r.returncode == 2 and r.stdout == "" and list(tmp_path.iterdir()) == []
-    assert r.stderr.strip().splitlines() == [f"eval_autoattack.py: error: --out {str(tmp_path)!r} is a folder, not a file"]
+    assert r.returncode == 2 and r.stdout == "" and list(tmp_path.iterdir()) == [folder]
+    assert list(folder.iterdir()) == []
+    assert r.stderr.strip().splitlines() == [f"eval_autoattack.py: error: --out {str(folder)!r} is a folder, not a file"]
