@@ -2,43 +2,73 @@
 
 Evaluates a checkpoint written by train_fire.py or train_trades.py the way Section 5.1 does:
 natural accuracy and the standard AutoAttack (Croce & Hein 2020; Linf, APGD-CE, APGD-T, FAB-T,
-Square) at the training eps, in float32 and eval mode, with the robust accuracy after each attack
-and Avg. Acc. = (Natural + AutoAttack) / 2. The model is rebuilt from the arguments stored in the
-checkpoint; the result goes to a JSON file next to it that holds everything a table row needs.
+Square) at the training eps, in float32 (TF32 off) and eval mode, with the robust accuracy after
+each attack and Avg. Acc. = (Natural + AutoAttack) / 2. The model is rebuilt from the arguments
+stored in the checkpoint; the result goes to a JSON file next to it that holds everything a table
+row needs, tied to the checkpoint by its SHA-256, and per-image results go to an .npz beside it.
 
 Commands:
     python eval_autoattack.py runs/fire-digits-s0/best.pt        # -> runs/fire-digits-s0/autoattack.json
-    python eval_autoattack.py runs/c10/best.pt --eps 8/255 --pgd20 --cw     # + PGD-20 and CW-20
+    python eval_autoattack.py runs/c10/best.pt --eps 8/255 --pgd20 --cw   # -> autoattack-eps8-255.json
     python eval_autoattack.py runs/c10/best.pt --n-examples 1000 --batch-size 500   # quicker check
     python eval_autoattack.py runs/madry/last.pt --defense "Madry et al."   # -> autoattack-last.json
+    python eval_autoattack.py runs/c10/best.pt --split val                  # -> autoattack-val.json
+    torchrun --nproc_per_node=4 eval_autoattack.py runs/c10/best.pt --eps 8/255   # one GPU per process
+    python eval_autoattack.py runs/c10/best.pt --time-images 500   # images/s, projected 10,000-image time
+    python eval_autoattack.py --time-images 200 --time-model wrn-34-10 --time-dataset cifar10
     python eval_autoattack.py --summarize runs/ --table-out table.md   # mean +- std over seeds
+    python eval_autoattack.py --summarize runs/ --quoted table2        # + the rows the paper quotes
     python eval_autoattack.py --plot-sweep runs/sweep --plot-kind lambda --plot-out fig7.png
     python eval_autoattack.py --plot-sweep runs/sweep --plot-kind plane --plot-out fig8.png
 
-All visible GPUs are used through DataParallel; on the CPU the full standard AutoAttack takes
-about a minute for 40 digits images with SmallCNN (measured on 2 cores).
+The images are evaluated in chunks of --chunk-size, each saved when it finishes (<json
+stem>.chunks/): the same command after a kill or preemption continues from the finished chunks,
+and a finished evaluation of the same checkpoint (same SHA-256) and settings is skipped. Under
+torchrun the chunks are shared among the processes; otherwise all visible GPUs are used through
+DataParallel. On the CPU the full standard AutoAttack takes about a minute for 40 digits images
+with SmallCNN (measured on 2 cores).
 """
 import argparse
+import datetime
+import hashlib
 import json
 import logging
 import math
 import os
+import shutil
 import statistics
+import sys
 import time
 from fractions import Fraction
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
-from harness import (UserError, ArgumentParser, attack_pgd_ce, cli, get_datasets, load_checkpoint,
-                     load_model_state, model_from_args, upcast_half)
+from harness import (DATA_INFO, UserError, ArgumentParser, attack_pgd_ce, cli, get_datasets,
+                     load_checkpoint, load_model_state, model_from_args, upcast_half)
+from models import check_model_name, get_model
 
 RESULT_FORMAT = "fire-repro-autoattack/1"
+TIMING_FORMAT = "fire-repro-autoattack-timing/1"
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")  # AutoAttack's standard order
-DATASET_NAMES = {"mnist": "MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "digits": "digits"}
+DATASET_NAMES = {"mnist": "MNIST", "mnist5k": "MNIST (5k)", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100",
+                 "imagenet32": "ImageNet32", "digits": "digits"}
 METHOD_NAMES = {"fire": "FIRE", "fire-sa": "FIRE + Self-Adaptive", "hellinger": "Hellinger",
                 "trades": "TRADES", "trades-sa": "Self Adaptive", "madry": "Madry et al.",
                 "mart": "MART"}
+FIRE_LAM = 12.0  # the paper's lambda and train_fire.py's default: the reference row of the paired comparison
+TEST_SET_SIZE = 10_000  # AutoAttack's papers evaluate the first 10,000 test images
+N_BOOTSTRAP = 10_000
+# Rows the paper quotes from other papers without training them (Table 2): natural, AutoAttack
+# and Avg. Acc. as printed there.
+QUOTED = {"table2": [
+    dict(defense="Atzmon et al.", dataset="mnist", model="cnn", eps=0.3, aux_data=False,
+         natural=0.9935, autoattack=0.9085, avg_acc=0.9510),
+    dict(defense="UAT", dataset="cifar10", model="wrn-106-8", eps=8 / 255, aux_data=True,
+         natural=0.8646, autoattack=0.5603, avg_acc=0.7124),
+]}
 
 
 def parse_eps(text):
@@ -63,10 +93,18 @@ def get_args(argv=None):
     g.add_argument("--n-examples", type=int, default=None,
                    help="first N images of the split (default: all; AutoAttack's papers use the "
                         "first 10,000 of the test set)")
-    g.add_argument("--batch-size", type=int, default=500, help="images per AutoAttack batch")
-    g.add_argument("--seed", type=int, default=0, help="seed of AutoAttack and of the PGD starts")
+    g.add_argument("--batch-size", type=int, default=500,
+                   help="images per AutoAttack batch (500: not tuned on a GPU; it changes the "
+                        "random starts, so it is part of the evaluation's settings)")
+    g.add_argument("--chunk-size", type=int, default=1000,
+                   help="images per saved chunk: a killed evaluation resumes from its last "
+                        "finished chunk; under torchrun the chunks are shared among processes")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed in [0, 2^32) of AutoAttack and of the PGD starts; chunk k is "
+                        "seeded with seed * 1000003 + k")
     g.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto = CUDA (all visible GPUs, DataParallel) when available, else CPU")
+                   help="auto = CUDA (all visible GPUs, DataParallel; one per process under "
+                        "torchrun) when available, else CPU")
     g.add_argument("--split", type=str, default="test", choices=["test", "val"],
                    help="test split, or the training script's held-out validation split")
     g.add_argument("--data-dir", type=str, default=None,
@@ -83,12 +121,28 @@ def get_args(argv=None):
                    help="name of the table row (default: from the method, lam/beta, extra data "
                         "and checkpoint, e.g. 'FIRE (lam=12)')")
     g.add_argument("--out", type=str, default=None,
-                   help="result JSON (default: <run>/autoattack.json for best.pt, "
-                        "<run>/autoattack-<name>.json for <name>.pt)")
+                   help="result JSON (default: <run>/autoattack[-<name>][-eps<eps>][-val].json: "
+                        "<name> for <name>.pt other than best.pt, the eps when it is not the "
+                        "training eps, -val for --split val)")
+    g = p.add_argument_group("AutoAttack throughput")
+    g.add_argument("--time-images", type=int, default=None, metavar="N",
+                   help="time the AutoAttack on the first N images of each checkpoint's split "
+                        "(or of --time-model) instead of evaluating: images/s and the projected "
+                        "time for 10,000 images, printed and written to <json stem>-timing.json "
+                        "(or --out)")
+    g.add_argument("--time-model", type=str, default=None,
+                   help="time a freshly initialised model of this architecture (e.g. wrn-34-10) "
+                        "on random images labelled with its own predictions, no checkpoint")
+    g.add_argument("--time-dataset", type=str, default="cifar10", choices=sorted(DATA_INFO),
+                   help="image shape and classes for --time-model")
     g = p.add_argument_group("tables and figures from result JSONs")
     g.add_argument("--summarize", type=str, nargs="+", default=None, metavar="DIR",
                    help="collect result JSONs under these folders (recursively) and print the "
-                        "paper's table: mean +- std over seeds")
+                        "paper's table: mean +- std over seeds, and each row's paired AutoAttack "
+                        "difference to FIRE")
+    g.add_argument("--quoted", type=str, default=None, choices=sorted(QUOTED),
+                   help="with --summarize: add the rows this table of the paper quotes from other "
+                        "papers (marked, no std)")
     g.add_argument("--table-out", type=str, default=None, help="also write the Markdown table here")
     g.add_argument("--title", type=str, default=None, help="heading written above the table")
     g.add_argument("--plot-sweep", type=str, nargs="+", default=None, metavar="DIR",
@@ -96,19 +150,89 @@ def get_args(argv=None):
     g.add_argument("--plot-kind", type=str, default="lambda", choices=["lambda", "plane"],
                    help="lambda: natural and AutoAttack accuracy against lambda (Fig. 7); "
                         "plane: AutoAttack against natural accuracy, one curve per method (Fig. 8)")
-    g.add_argument("--plot-out", type=str, default="sweep.png", help="PNG written by --plot-sweep")
+    g.add_argument("--plot-out", type=str, default="sweep.png",
+                   help="figure written by --plot-sweep; its extension picks the format (png, pdf, svg, ...)")
     args = p.parse_args(argv)
 
-    modes = sum([bool(args.checkpoints), args.summarize is not None, args.plot_sweep is not None])
+    modes = sum([bool(args.checkpoints), args.summarize is not None, args.plot_sweep is not None,
+                 args.time_model is not None])
     if modes != 1:
-        p.error("give checkpoints to evaluate, or --summarize DIR..., or --plot-sweep DIR...")
+        p.error("give checkpoints to evaluate, or --summarize DIR..., or --plot-sweep DIR..., "
+                "or --time-model NAME")
     if args.out and len(args.checkpoints) > 1:
         p.error("--out needs exactly one checkpoint")
-    if args.n_examples is not None and args.n_examples < 1:
-        p.error(f"--n-examples must be >= 1, got {args.n_examples}")
-    if args.batch_size < 1:
-        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.out and not args.out.endswith(".json"):
+        p.error(f"--out must name a .json file (its .npz, .log and .chunks/ go beside it), got {args.out!r}")
+    checks = [
+        (args.n_examples is None or args.n_examples >= 1, f"--n-examples must be >= 1, got {args.n_examples}"),
+        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (args.chunk_size >= 1, f"--chunk-size must be >= 1, got {args.chunk_size}"),
+        (0 <= args.seed < 2 ** 32, f"--seed must be in [0, 2^32), got {args.seed}"),
+        (args.time_images is None or args.time_images >= 1, f"--time-images must be >= 1, got {args.time_images}"),
+        (args.time_model is None or args.time_images is not None, "--time-model needs --time-images N"),
+        (args.quoted is None or args.summarize is not None, "--quoted goes with --summarize"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            p.error(message)
+    if args.time_model is not None:
+        try:
+            check_model_name(args.time_model)  # the name only: no network is built here
+        except ValueError as e:
+            p.error(f"--time-model: {e}")
+    if args.plot_sweep is not None:
+        ext = os.path.splitext(args.plot_out)[1].lstrip(".").lower()
+        formats = plot_formats()
+        if ext not in formats:
+            p.error(f"--plot-out {args.plot_out!r}: the extension must name a figure format "
+                    f"({', '.join(sorted(formats))})")
     return args
+
+
+def plot_formats():
+    """File formats matplotlib's Agg canvas writes (png, pdf, svg, ...)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    return FigureCanvasAgg.get_supported_filetypes()
+
+
+# ----------------------------------------------------------------------------------------------
+# Output files: checked before the work starts, written atomically
+
+
+def check_output(path, what):
+    """Refuse an output that is a folder or cannot be written, before any work starts."""
+    if os.path.isdir(path):
+        raise UserError(f"{what} {path!r} is a folder, not a file")
+    folder = os.path.dirname(os.path.abspath(path))
+    probe = os.path.join(folder, f".write-test{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write {what} {path!r}: {e.strerror or e}") from None
+
+
+def write_atomic(path, write, binary=False):
+    """write(f) into a temporary file, then rename it over `path`: a reader (or a rerun after a
+    kill) sees the old file or the new one, never half of one. A failure is a UserError."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb" if binary else "w") as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"cannot write {path!r}: {e.strerror or e}") from None
+
+
+def write_json(path, record):
+    write_atomic(path, lambda f: json.dump(record, f, indent=1))
+
+
+def write_npz(path, arrays):
+    write_atomic(path, lambda f: np.savez(f, **arrays), binary=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,15 +292,24 @@ class _Collect(logging.Handler):
             self.messages.append(message)
 
 
+def chunk_seed(seed, chunk):
+    """The seed of chunk `chunk`: a resumed or sharded evaluation draws exactly the random
+    numbers of an uninterrupted one."""
+    return seed * 1_000_003 + chunk
+
+
 def evaluate_autoattack(model, x, y, eps, batch_size=500, seed=0, device="cpu", pgd20=False,
                         cw=False, smoke=False, log_path=None, progress=True):
-    """Natural accuracy, the standard AutoAttack (robust accuracy after each attack) and
-    optionally PGD-20 and CW-20 on images x in [0, 1] (on the CPU) with labels y.
+    """Natural correctness, robustness after each attack of the standard AutoAttack, and
+    optionally under PGD-20 and CW-20, per image, for images x in [0, 1] (on the CPU) and labels y.
     smoke=True cuts AutoAttack's iterations and queries (see --smoke-aa): only for smoke tests.
 
-    The model must already be in eval mode (dropout off, BatchNorm running statistics): a model
-    in train mode raises UserError rather than silently giving wrong numbers. Returns a dict of
-    accuracies in [0, 1].
+    `seed` drives everything random: AutoAttack re-seeds torch from its `seed` before each attack
+    (run_standard_evaluation sets attack.seed = adversary.get_seed()), and each batch's PGD
+    starts are seeded from (seed, batch). The model must already be in eval mode (dropout off,
+    BatchNorm running statistics): a model in train mode raises UserError rather than silently
+    giving wrong numbers. Returns ({"natural", attacks..., ["pgd20"], ["cw"]: bool arrays},
+    {"max_perturbation", "aa_warnings"}).
     """
     if any(m.training for m in model.modules()):
         raise UserError("the model is in train mode: call model.eval() before evaluating it")
@@ -198,18 +331,18 @@ def evaluate_autoattack(model, x, y, eps, batch_size=500, seed=0, device="cpu", 
         if smoke:  # same attacks, order and targets; a tenth of the iterations, 1/50 of the queries
             adversary.apgd.n_iter = adversary.apgd_targeted.n_iter = adversary.fab.n_iter = 10
             adversary.square.n_queries = 100
-        counts = dict.fromkeys(["natural", *STANDARD_ATTACKS, "pgd20", "cw"], 0)
+        names = ["natural", *STANDARD_ATTACKS] + ["pgd20"] * pgd20 + ["cw"] * cw
+        per_sample = {k: [] for k in names}
         max_pert, n = 0.0, 0
-        starts = range(0, len(x), batch_size)
-        bar = tqdm(starts, desc="AutoAttack", unit="batch", leave=False,
+        bar = tqdm(range(0, len(x), batch_size), desc="AutoAttack", unit="batch", leave=False,
                    disable=None if progress else True)  # None: off when not a terminal
-        for start in bar:
+        for batch, start in enumerate(bar):
             xb = x[start:start + batch_size].to(device)
             yb = y[start:start + batch_size].to(device)
             correct, after, x_adv = autoattack_batch(adversary, model, xb, yb)
-            counts["natural"] += correct.sum().item()
+            per_sample["natural"].append(correct.cpu())
             for attack in STANDARD_ATTACKS:
-                counts[attack] += after[attack].sum().item()
+                per_sample[attack].append(after[attack].cpu())
             max_pert = max(max_pert, (x_adv - xb).abs().max().item())
             if x_adv.min() < 0 or x_adv.max() > 1 or max_pert > eps + 1e-5:
                 raise RuntimeError(f"AutoAttack left the eps-ball or [0, 1] (max |x' - x| = {max_pert})")
@@ -218,44 +351,83 @@ def evaluate_autoattack(model, x, y, eps, batch_size=500, seed=0, device="cpu", 
             if again != after["square"].sum().item():
                 collect.messages.append(f"re-evaluating x' gave {again} robust points in a batch, "
                                         f"AutoAttack {after['square'].sum().item()}")
-            if pgd20 or cw:
-                torch.manual_seed(seed + start)  # each batch's random start, independent of order
+            if pgd20 or cw:  # each batch's random start, independent of the batches before it
+                torch.manual_seed((seed * 1_000_003 + batch) % 2 ** 64)
             if pgd20:
                 x_pgd = attack_pgd_ce(model, xb, yb, eps, 2.5 * eps / 20, 20)
                 with torch.no_grad():
-                    counts["pgd20"] += (model(x_pgd).argmax(1) == yb).sum().item()
+                    per_sample["pgd20"].append((model(x_pgd).argmax(1) == yb).cpu())
             if cw:
                 x_cw = attack_pgd_ce(model, xb, yb, eps, 2.5 * eps / 20, 20, objective=cw_margin)
                 with torch.no_grad():
-                    counts["cw"] += (model(x_cw).argmax(1) == yb).sum().item()
+                    per_sample["cw"].append((model(x_cw).argmax(1) == yb).cpu())
             n += len(yb)
-            bar.set_postfix(natural=f"{counts['natural'] / n:.3f}", aa=f"{counts['square'] / n:.3f}")
+            bar.set_postfix(natural=f"{sum(c.sum().item() for c in per_sample['natural']) / n:.3f}",
+                            aa=f"{sum(c.sum().item() for c in per_sample['square']) / n:.3f}")
     finally:
         for h in handlers:
             logger.removeHandler(h)
             h.close()
         logger.setLevel(old[0])
         logger.propagate = old[1]
-    result = dict(natural=counts["natural"] / n,
-                  robust_after={a: counts[a] / n for a in STANDARD_ATTACKS},
-                  autoattack=counts["square"] / n, n_examples=n, max_perturbation=max_pert,
-                  aa_version="smoke (10 iterations, 100 queries)" if smoke else "standard",
-                  aa_warnings=collect.messages)
+    per_sample = {k: torch.cat(v).numpy() if v else np.zeros(0, bool) for k, v in per_sample.items()}
+    return per_sample, dict(max_perturbation=max_pert, aa_warnings=collect.messages)
+
+
+def accuracies(per_sample, smoke):
+    """The JSON's accuracies in [0, 1] from the per-image results of evaluate_autoattack."""
+    n = len(per_sample["natural"])
+    result = dict(natural=per_sample["natural"].mean().item(),
+                  robust_after={a: per_sample[a].mean().item() for a in STANDARD_ATTACKS},
+                  autoattack=per_sample["square"].mean().item(), n_examples=n,
+                  aa_version="smoke (10 iterations, 100 queries)" if smoke else "standard")
     result["avg_acc"] = (result["natural"] + result["autoattack"]) / 2
-    if pgd20:
-        result["pgd20"] = counts["pgd20"] / n
-    if cw:
-        result["cw"] = counts["cw"] / n
+    for k in ("pgd20", "cw"):
+        if k in per_sample:
+            result[k] = per_sample[k].mean().item()
     return result
 
 
-def load_split(saved, split, n_examples, data_dir=None):
-    """The first n_examples images and labels of a split, as CPU tensors (x in [0, 1])."""
+# ----------------------------------------------------------------------------------------------
+# Checkpoints, their data and where their results go
+
+
+def checked_args(ckpt, path):
+    """The checkpoint's stored training arguments, checked: the fields evaluation relies on."""
+    saved = ckpt.get("args")
+    if not isinstance(saved, dict):
+        raise UserError(f"{path!r} holds no training arguments ('args')")
+    eps, model = saved.get("eps"), saved.get("model")
+    problems = [
+        (isinstance(model, str), f"no model name (got {model!r})"),
+        (saved.get("dataset") in DATA_INFO, f"unknown dataset {saved.get('dataset')!r}"),
+        (isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps)
+         and 0 <= eps <= 1, f"eps must be a number in [0, 1], got {eps!r}"),
+        (isinstance(saved.get("method"), str), f"no method name (got {saved.get('method')!r})"),
+        (isinstance(saved.get("seed"), int), f"no integer seed (got {saved.get('seed')!r})"),
+        (isinstance(saved.get("val_size"), int) and saved["val_size"] >= 1,
+         f"val_size must be an integer >= 1, got {saved.get('val_size')!r}"),
+    ]
+    for ok, problem in problems:
+        if not ok:
+            raise UserError(f"{path!r} does not describe its training run: {problem}")
+    try:
+        check_model_name(model)
+    except ValueError as e:
+        raise UserError(f"{path!r} does not describe its model: {e}") from None
+    return saved
+
+
+def split_dataset(saved, split, data_dir=None):
+    """The test or validation split of the checkpoint's data set (images in [0, 1])."""
     spec = argparse.Namespace(dataset=saved["dataset"], val_size=saved["val_size"],
-                              data_dir=data_dir or saved.get("data_dir", "data"))
+                              data_dir=data_dir or saved.get("data_dir") or "data")
     _, val_set, test_set = get_datasets(spec)
-    dataset = test_set if split == "test" else val_set
-    n = len(dataset) if n_examples is None else min(n_examples, len(dataset))
+    return test_set if split == "test" else val_set
+
+
+def first_images(dataset, n):
+    """The first n images and labels of a split, as CPU tensors."""
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=500)
     xs, ys = zip(*[(x, y) for x, y, _ in loader])
     return torch.cat(xs), torch.cat(ys)
@@ -279,7 +451,7 @@ def default_defense(saved, checkpoint):
     weight = {"fire": "lam", "fire-sa": "lam", "hellinger": "lam", "trades": "beta",
               "trades-sa": "beta", "mart": "beta"}
     key = weight.get(saved.get("method"))
-    if key and saved.get(key) is not None:
+    if key and isinstance(saved.get(key), (int, float)):
         name += f" ({key}={saved[key]:g})"
     if saved.get("aux_data"):
         name += " + extra data"
@@ -290,79 +462,312 @@ def default_defense(saved, checkpoint):
 
 def training_time(checkpoint, ckpt):
     """Wall-clock training time of the whole run (best.pt only knows the time up to its epoch):
-    summary.json of the run folder, else its last.pt, else the checkpoint's own."""
+    summary.json of the run folder, else its last.pt, else the checkpoint's own. Returns
+    (seconds, source, pretrain seconds or None): a run fine-tuned from another (--init-from)
+    records that run's time as `pretrain_time_s` in its summary.json."""
     run_dir = os.path.dirname(os.path.abspath(checkpoint))
     summary = os.path.join(run_dir, "summary.json")
     if os.path.isfile(summary):
         try:
             with open(summary) as f:
-                return float(json.load(f)["train_time_s"]), "summary.json"
-        except (ValueError, KeyError, TypeError):
+                record = json.load(f)
+            pretrain = record.get("pretrain_time_s")
+            return (float(record["train_time_s"]), "summary.json",
+                    None if pretrain is None else float(pretrain))
+        except (ValueError, KeyError, TypeError, AttributeError):
             pass
     last = os.path.join(run_dir, "last.pt")
     if os.path.isfile(last) and os.path.abspath(last) != os.path.abspath(checkpoint):
         try:
-            return float(load_checkpoint(last)["train_time_s"]), "last.pt"
+            return float(load_checkpoint(last)["train_time_s"]), "last.pt", None
         except (UserError, KeyError, TypeError):
             pass
-    return float(ckpt.get("train_time_s", float("nan"))), "checkpoint"
+    return float(ckpt.get("train_time_s", float("nan"))), "checkpoint", None
 
 
-def default_out(checkpoint):
+def eps_tag(eps):
+    """eps in a file name: 8-255 for 8/255, else 0.05."""
+    k = eps * 255
+    return f"{round(k)}-255" if abs(k - round(k)) < 1e-6 and round(k) > 0 else f"{eps:g}"
+
+
+def default_out(checkpoint, eps=None, train_eps=None, split="test"):
+    """<run>/autoattack[-<name>][-eps<eps>][-val].json: different checkpoints, radii and splits
+    never share a file."""
     stem = os.path.splitext(os.path.basename(checkpoint))[0]
-    name = "autoattack.json" if stem == "best" else f"autoattack-{stem}.json"
-    return os.path.join(os.path.dirname(os.path.abspath(checkpoint)), name)
+    name = "autoattack" + ("" if stem == "best" else f"-{stem}")
+    if eps is not None and train_eps is not None and abs(eps - train_eps) > 1e-9:
+        name += f"-eps{eps_tag(eps)}"
+    if split != "test":
+        name += f"-{split}"
+    return os.path.join(os.path.dirname(os.path.abspath(checkpoint)), name + ".json")
 
 
-def evaluate_checkpoint(path, args, device):
-    """Evaluate one checkpoint and write its result JSON; returns the result dict."""
-    ckpt = load_checkpoint(path)
-    saved = ckpt.get("args")
+_HASHES = {}
+
+
+def sha256_file(path):
+    """SHA-256 of a file, read in 1 MiB blocks (checkpoints can be hundreds of MB); cached per
+    (path, size, modification time) within this process."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+def settings_of(args, eps, n):
+    """Everything besides the checkpoint that changes an evaluation's numbers. Batch and chunk
+    size change the random starts; the number of processes does not (chunks are seeded alone)."""
+    attacks = [*STANDARD_ATTACKS] + ["pgd20"] * args.pgd20 + ["cw"] * args.cw
+    return dict(eps=eps, split=args.split, n_examples=n, seed=args.seed, smoke_aa=args.smoke_aa,
+                attacks=attacks, batch_size=args.batch_size, chunk_size=args.chunk_size)
+
+
+class Plan:
+    """One checkpoint to evaluate, with everything checked before the work starts."""
+
+    def __init__(self, path, args, out_flag):
+        ckpt = load_checkpoint(path)
+        self.path, self.saved = path, checked_args(ckpt, path)
+        self.eps = self.saved["eps"] if args.eps is None else args.eps
+        n_split = len(split_dataset(self.saved, args.split, args.data_dir))  # data present offline?
+        self.n = n_split if args.n_examples is None else min(args.n_examples, n_split)
+        self.out = out_flag or default_out(path, self.eps, self.saved["eps"], args.split)
+        self.what = "--out" if out_flag else "result file"
+        self.identity = dict(checkpoint_sha256=sha256_file(path),
+                             settings=settings_of(args, self.eps, self.n))
+        self.stem = os.path.splitext(self.out)[0]
+
+
+def finished_result(plan):
+    """(the existing result JSON if it comes from this checkpoint (hash) and these settings and
+    its per-image file exists, else None; why an existing JSON will be replaced, else None)."""
     try:
-        model = model_from_args(saved)
+        with open(plan.out) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None, None
+    if not (isinstance(record, dict) and record.get("format") == RESULT_FORMAT):
+        return None, "it is not a result of this script"
+    if record.get("checkpoint_sha256") != plan.identity["checkpoint_sha256"]:
+        return None, "it was evaluated on another checkpoint (other SHA-256)"
+    old, new = record.get("settings") or {}, plan.identity["settings"]
+    changed = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
+    if changed:
+        return None, f"it was evaluated with other settings ({', '.join(changed)})"
+    if not os.path.isfile(plan.stem + ".npz"):
+        return None, "its per-image .npz is missing"
+    return record, None
+
+
+def read_chunk(path, identity, chunk, n):
+    """A finished chunk file of this evaluation (same checkpoint hash, settings, chunk, size), as
+    (arrays, meta); None if missing, unreadable or from another evaluation."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+        meta = json.loads(str(arrays.pop("meta")))
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+    ok = (meta.get("identity") == identity and meta.get("chunk") == chunk
+          and len(arrays.get("index", ())) == n)
+    return (arrays, meta) if ok else None
+
+
+def rank_and_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def load_network(plan, device):
+    """The checkpoint's model in float32 and eval mode, wrapped in DataParallel when several GPUs
+    are visible to one process (not under torchrun: there each process has its own GPU)."""
+    ckpt = load_checkpoint(plan.path)
+    try:
+        model = model_from_args(plan.saved)
     except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path!r} does not describe its model ({type(e).__name__}: {e})") from None
-    load_model_state(model, ckpt, path)
+        raise UserError(f"{plan.path!r} does not describe its model ({type(e).__name__}: {e})") from None
+    load_model_state(model, ckpt, plan.path)
     model = model.to(device).float().eval()  # eval mode: no dropout, BatchNorm running statistics
-    net = torch.nn.DataParallel(model) if device.type == "cuda" and torch.cuda.device_count() > 1 else model
-    eps = saved["eps"] if args.eps is None else args.eps
-    x, y = load_split(saved, args.split, args.n_examples, args.data_dir)
-    out = args.out or default_out(path)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    print(f"{path}: {saved['method']} {saved['dataset']} {saved['model']} seed {saved['seed']}, "
-          f"AutoAttack Linf eps {eps:g} on {len(y)} {args.split} images", flush=True)
-    t0 = time.time()
-    numbers = evaluate_autoattack(net, x, y, eps, args.batch_size, args.seed, device, args.pgd20,
-                                  args.cw, args.smoke_aa, log_path=os.path.splitext(out)[0] + ".log")
-    train_time, source = training_time(path, ckpt)
+    if device.type == "cuda" and torch.cuda.device_count() > 1 and not dist.is_initialized():
+        return torch.nn.DataParallel(model), ckpt
+    return model, ckpt
+
+
+def evaluate_checkpoint(plan, args, device):
+    """Evaluate one checkpoint chunk by chunk (this process's share of the chunks under torchrun),
+    then merge the chunks into the result JSON and the per-image .npz; returns the result dict
+    (None on the other processes). A finished evaluation with the same identity is skipped."""
+    rank, world = rank_and_world()
+    done, stale = finished_result(plan)
+    if stale and rank == 0:
+        print(f"{plan.path}: replacing {plan.out}: {stale}", flush=True)
+    if done is not None:
+        if args.defense and done.get("defense") != args.defense and rank == 0:
+            done["defense"] = args.defense  # a new row name needs no new attack
+            write_json(plan.out, done)
+        if rank == 0:
+            print(f"{plan.path}: already evaluated (same checkpoint SHA-256 and settings) -> {plan.out}",
+                  flush=True)
+        return done if rank == 0 else None
+    saved, eps = plan.saved, plan.eps
+    net, ckpt = load_network(plan, device)
+    x, y = first_images(split_dataset(saved, args.split, args.data_dir), plan.n)
+    chunk_dir = plan.stem + ".chunks"
+    os.makedirs(chunk_dir, exist_ok=True)
+    n_chunks = math.ceil(plan.n / args.chunk_size)
+    if rank == 0:
+        print(f"{plan.path}: {saved['method']} {saved['dataset']} {saved['model']} seed {saved['seed']}, "
+              f"AutoAttack Linf eps {eps:g} on {plan.n} {args.split} images in {n_chunks} chunk(s)"
+              + (f" over {world} processes" if world > 1 else ""), flush=True)
+    for k in range(rank, n_chunks, world):
+        path = os.path.join(chunk_dir, f"chunk-{k:05d}.npz")
+        lo, hi = k * args.chunk_size, min((k + 1) * args.chunk_size, plan.n)
+        if read_chunk(path, plan.identity, k, hi - lo) is not None:
+            continue  # finished before a kill or preemption
+        t0 = time.time()
+        per_sample, info = evaluate_autoattack(
+            net, x[lo:hi], y[lo:hi], eps, args.batch_size, chunk_seed(args.seed, k), device,
+            args.pgd20, args.cw, args.smoke_aa, log_path=os.path.join(chunk_dir, f"chunk-{k:05d}.log"))
+        meta = dict(identity=plan.identity, chunk=k, time_s=time.time() - t0, **info)
+        write_npz(path, dict(index=np.arange(lo, hi), label=y[lo:hi].numpy(), **per_sample,
+                             meta=np.array(json.dumps(meta))))
+        print(f"  chunk {k + 1}/{n_chunks}: natural {per_sample['natural'].mean():.4f} | AutoAttack "
+              f"{per_sample['square'].mean():.4f} | {meta['time_s']:.0f}s", flush=True)
+    if dist.is_initialized():
+        dist.barrier()  # every chunk is on disk
+    result = merge_chunks(plan, args, ckpt, chunk_dir, n_chunks, device) if rank == 0 else None
+    if dist.is_initialized():
+        dist.barrier()  # the JSON is written before any process moves on
+    return result
+
+
+def merge_chunks(plan, args, ckpt, chunk_dir, n_chunks, device):
+    """Per-image arrays of all chunks -> <stem>.npz, <stem>.log and the result JSON."""
+    chunks = []
+    for k in range(n_chunks):
+        lo, hi = k * args.chunk_size, min((k + 1) * args.chunk_size, plan.n)
+        chunk = read_chunk(os.path.join(chunk_dir, f"chunk-{k:05d}.npz"), plan.identity, k, hi - lo)
+        if chunk is None:
+            raise RuntimeError(f"chunk {k} of {plan.out} is missing after every process finished")
+        chunks.append(chunk)
+    arrays = {key: np.concatenate([a[key] for a, _ in chunks]) for key in chunks[0][0]}
+    warnings = []
+    for _, meta in chunks:
+        warnings += [m for m in meta["aa_warnings"] if m not in warnings]
+    saved = plan.saved
+    train_time, source, pretrain_time = training_time(plan.path, ckpt)
     import pyautoattack
+    per_sample = {k: v for k, v in arrays.items() if k not in ("index", "label")}
     result = dict(
-        format=RESULT_FORMAT, defense=args.defense or default_defense(saved, path),
-        method=saved["method"], dataset=saved["dataset"], model=saved["model"], eps=eps,
+        format=RESULT_FORMAT, defense=args.defense or default_defense(saved, plan.path),
+        method=saved["method"], dataset=saved["dataset"], model=saved["model"], eps=plan.eps,
         train_eps=saved["eps"], lam=saved.get("lam"), beta=saved.get("beta"),
         aux_data=saved.get("aux_data"), seed=saved["seed"], epochs=saved.get("epochs"),
-        lr=saved.get("lr"), checkpoint=os.path.abspath(path),
-        checkpoint_kind=os.path.splitext(os.path.basename(path))[0], epoch=ckpt.get("epoch"),
-        train_time_s=train_time, train_time_source=source, split=args.split, **numbers,
-        aa_seed=args.seed, eval_time_s=time.time() - t0,
-        device=str(device), torch=torch.__version__, pyautoattack=pyautoattack.__version__)
-    tmp = f"{out}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, out)  # a finished result or none: run_all.sh skips runs whose JSON exists
+        lr=saved.get("lr"), checkpoint=os.path.abspath(plan.path),
+        checkpoint_kind=os.path.splitext(os.path.basename(plan.path))[0], epoch=ckpt.get("epoch"),
+        train_time_s=train_time, train_time_source=source, pretrain_time_s=pretrain_time,
+        split=args.split, **accuracies(per_sample, args.smoke_aa),
+        max_perturbation=max(meta["max_perturbation"] for _, meta in chunks),
+        aa_warnings=warnings, aa_seed=args.seed, **plan.identity,
+        per_sample=os.path.basename(plan.stem + ".npz"),
+        eval_time_s=sum(meta["time_s"] for _, meta in chunks),  # compute time, all processes
+        device=device.type, torch=torch.__version__,
+        pyautoattack=pyautoattack.__version__)
+    write_npz(plan.stem + ".npz", arrays)
+    logs = []
+    for k in range(n_chunks):
+        log = os.path.join(chunk_dir, f"chunk-{k:05d}.log")
+        if os.path.isfile(log):
+            with open(log) as f:
+                logs.append(f"# chunk {k}\n" + f.read())
+    write_atomic(plan.stem + ".log", lambda f: f.write("".join(logs)))
+    write_json(plan.out, result)  # last: a JSON exists only with its .npz beside it
+    shutil.rmtree(chunk_dir, ignore_errors=True)
     steps = " | ".join(f"{a} {result['robust_after'][a]:.4f}" for a in STANDARD_ATTACKS)
     extra = "".join(f" | {k} {result[k]:.4f}" for k in ("pgd20", "cw") if k in result)
     print(f"natural {result['natural']:.4f} | {steps} | AutoAttack {result['autoattack']:.4f} | "
-          f"Avg. Acc. {result['avg_acc']:.4f}{extra} | {result['eval_time_s']:.0f}s -> {out}", flush=True)
+          f"Avg. Acc. {result['avg_acc']:.4f}{extra} | {result['eval_time_s']:.0f}s -> {plan.out}",
+          flush=True)
     return result
+
+
+def time_autoattack(net, x, y, eps, args, device):
+    """Images per second of the standard AutoAttack (or --smoke-aa) on x, and the projected time
+    for the 10,000 test images. The time grows with the share of images still robust after each
+    attack, so a model's own first images are the honest sample."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    per_sample, _ = evaluate_autoattack(net, x, y, eps, args.batch_size, chunk_seed(args.seed, 0),
+                                        device, smoke=args.smoke_aa)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    rate = len(y) / seconds
+    return dict(format=TIMING_FORMAT, images=len(y), seconds=seconds, images_per_s=rate,
+                projected_test_set_s=TEST_SET_SIZE / rate, eps=eps, batch_size=args.batch_size,
+                natural=per_sample["natural"].mean().item(), autoattack=per_sample["square"].mean().item(),
+                aa_version="smoke" if args.smoke_aa else "standard", device=str(device),
+                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                torch=torch.__version__)
+
+
+def report_timing(timing, out, what):
+    print(f"{what}: AutoAttack ({timing['aa_version']}) on {timing['images']} images in "
+          f"{timing['seconds']:.1f}s = {timing['images_per_s']:.2f} images/s on {timing['device']}; "
+          f"{TEST_SET_SIZE:,} test images ~ {fmt_hours(timing['projected_test_set_s'])} "
+          f"(natural {timing['natural']:.3f}, AutoAttack {timing['autoattack']:.3f})"
+          + (f" -> {out}" if out else ""), flush=True)
+    if out:
+        write_json(out, timing)
 
 
 # ----------------------------------------------------------------------------------------------
 # Tables and figures
 
+RESULT_FIELDS = {"defense": str, "method": str, "dataset": str, "model": str, "eps": (int, float),
+                 "seed": int, "natural": (int, float), "autoattack": (int, float),
+                 "avg_acc": (int, float), "n_examples": int, "split": str}
+
+
+def warn(message):
+    print(f"{os.path.basename(sys.argv[0])}: warning: {message}", file=sys.stderr, flush=True)
+
+
+def checkpoint_of(record, json_path):
+    """The evaluated checkpoint: its recorded path, else the file of that name beside the JSON
+    (a run folder moved as a whole); None if neither exists."""
+    recorded = record["checkpoint"]
+    beside = os.path.join(os.path.dirname(os.path.abspath(json_path)), os.path.basename(str(recorded)))
+    return next((p for p in (str(recorded), beside) if os.path.isfile(p)), None)
+
+
+def result_problem(record, path):
+    """Why a result JSON must not go into a table (None if it may): incomplete, or its checkpoint
+    gone or changed since it was evaluated (e.g. retrained with --overwrite)."""
+    for key, kind in RESULT_FIELDS.items():
+        if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
+            return f"not a complete result ({key!r} missing or of the wrong type)"
+    if "checkpoint" not in record:
+        return None  # written by hand (no checkpoint to check against)
+    ckpt = checkpoint_of(record, path)
+    if ckpt is None:
+        return f"its checkpoint {record['checkpoint']!r} no longer exists"
+    if "checkpoint_sha256" not in record:
+        return "it records no checkpoint SHA-256 (written before results were tied to checkpoints); evaluate again"
+    if sha256_file(ckpt) != record["checkpoint_sha256"]:
+        return f"its checkpoint {ckpt!r} has changed since it was evaluated (retrained?); evaluate again"
+    return None
+
 
 def find_results(dirs):
-    """Result JSONs (by their `format`) under the given folders or files, each file once."""
+    """Result JSONs (by their `format`) under the given folders or files, each file once; a JSON
+    that is incomplete or whose checkpoint is gone or changed is left out with one warning line."""
     paths = []
     for d in dirs:
         if os.path.isfile(d):
@@ -384,20 +789,58 @@ def find_results(dirs):
                 record = json.load(f)
         except (OSError, ValueError):
             continue
-        if isinstance(record, dict) and record.get("format") == RESULT_FORMAT:
-            record["_path"] = path
-            results.append(record)
+        if not (isinstance(record, dict) and record.get("format") == RESULT_FORMAT):
+            continue
+        problem = result_problem(record, path)
+        if problem:
+            warn(f"ignoring {path}: {problem}")
+            continue
+        record["_path"] = path
+        results.append(record)
     if not results:
-        raise UserError(f"no AutoAttack result JSONs under {' '.join(dirs)}")
+        raise UserError(f"no usable AutoAttack result JSONs under {' '.join(dirs)}")
     return results
 
 
+def quoted_rows(name):
+    """The rows the paper quotes for table `name`, as records of the table (marked, one 'seed')."""
+    rows = []
+    for q in QUOTED.get(name, ()):
+        rows.append(dict(q, defense=f"{q['defense']} (quoted from the paper)", method="quoted",
+                         quoted=True, seed=None, n_examples=None, split=None, aa_version=None))
+    return rows
+
+
+def rounded(value):
+    return None if value is None else round(value, 8)
+
+
 def group_key(r):
-    """Rows of a table: the same defense (method, lam/beta, extra data, checkpoint), data set,
-    eps and architecture; seeds are averaged within a row."""
+    """Rows of a table: everything that changes the numbers (defense: method, lam/beta, extra
+    data, checkpoint; data set, architecture, training and evaluation eps, images, split and
+    AutoAttack version). Seeds are averaged within a row."""
     return (r["defense"], r["method"], r.get("lam"), r.get("beta"), bool(r.get("aux_data")),
-            r.get("checkpoint_kind"), r["dataset"], round(r["eps"], 8), r["model"],
-            r.get("aa_version"))
+            r.get("checkpoint_kind"), r["dataset"], r["model"], rounded(r.get("train_eps")),
+            rounded(r["eps"]), r.get("n_examples"), r.get("split"), r.get("aa_version"),
+            bool(r.get("quoted")))
+
+
+# Settings that may differ between rows of one data set: (field, column, formatter)
+SETTING_COLUMNS = [("train_eps", "Train ε", lambda v: "-" if v is None else fmt_eps(v)),
+                   ("split", "Split", str), ("n_examples", "Images", str), ("aa_version", "AA", str)]
+SETTING_NAMES = {"eps": "evaluation ε", "train_eps": "training ε", "split": "split",
+                 "n_examples": "number of images", "aa_version": "AutoAttack version"}
+
+
+def varying_settings(rows_list):
+    """The settings that differ between rows of the same data set (quoted rows aside)."""
+    values = {}
+    for rows in rows_list:
+        r = rows[0]
+        for field in SETTING_NAMES:
+            v = rounded(r.get(field)) if field in ("eps", "train_eps") else r.get(field)
+            values.setdefault((r["dataset"], field), set()).add(v)
+    return [f for f in SETTING_NAMES if any(len(v) > 1 for (_, g), v in values.items() if g == f)]
 
 
 def mean_std(values):
@@ -428,57 +871,162 @@ def fmt_hours(seconds):
     return f"{minutes // 60}h{minutes % 60:02d}"
 
 
+def fmt_runtime(rows):
+    """Mean training time; '<pre-training> + <fine-tuning>' for runs initialised from another."""
+    def finite_mean(key):
+        values = [x.get(key) for x in rows]
+        values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+        return statistics.fmean(values) if values else None
+    train, pretrain = finite_mean("train_time_s"), finite_mean("pretrain_time_s")
+    if train is None:
+        return "-"
+    return fmt_hours(train) if pretrain is None else f"{fmt_hours(pretrain)} + {fmt_hours(train)}"
+
+
 def fmt_model(name):
     return {"smallcnn": "CNN", "resnet18": "RN-18"}.get(name, name.upper())
 
 
-METHOD_ORDER = {"madry": 0, "mart": 1, "trades-sa": 1, "trades": 2, "hellinger": 3, "fire-sa": 4, "fire": 6}
-DATASET_ORDER = {"mnist": 0, "cifar10": 1, "cifar100": 2, "digits": 3}
+METHOD_ORDER = {"quoted": -1, "madry": 0, "mart": 1, "trades-sa": 1, "trades": 2, "hellinger": 3,
+                "fire-sa": 4, "fire": 6}
+DATASET_ORDER = {"mnist": 0, "mnist5k": 1, "cifar10": 2, "cifar100": 3, "imagenet32": 4, "digits": 5}
 
 
 def row_order(r):
-    """The paper's row order: without extra data first; by data set; Madry, Self Adaptive (or
-    MART), TRADES, Hellinger, FIRE + Self-Adaptive, Overfitting (Madry's best-on-validation
-    checkpoint), FIRE."""
+    """The paper's row order: without extra data first; by data set; quoted rows, Madry, Self
+    Adaptive (or MART), TRADES, Hellinger, FIRE + Self-Adaptive, Overfitting (Madry's
+    best-on-validation checkpoint), FIRE."""
     method = METHOD_ORDER.get(r["method"], 5)
     if r["method"] == "madry" and r.get("checkpoint_kind") == "best":
         method = 5
     return (bool(r.get("aux_data")), DATASET_ORDER.get(r["dataset"], 9), r["eps"], r["model"],
-            method, r.get("lam") or 0, r.get("beta") or 0, r["defense"])
+            method, r.get("lam") or 0, r.get("beta") or 0, r["defense"], r.get("n_examples") or 0,
+            r.get("split") or "", r.get("train_eps") or 0)
 
 
-def summarize(results, title=None):
-    """The paper's table (Tables 1-3) as Markdown: one row per defense, mean +- std over seeds."""
+# ---- the paired comparison with FIRE
+
+_PER_SAMPLE = {}
+
+
+def per_sample_aa(record):
+    """(image indices, robust after the whole AutoAttack) from the result's .npz, or None."""
+    path = os.path.join(os.path.dirname(record["_path"]),
+                        record.get("per_sample") or os.path.splitext(os.path.basename(record["_path"]))[0] + ".npz")
+    if path not in _PER_SAMPLE:
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                index, robust = f["index"], f["square"].astype(bool)
+            _PER_SAMPLE[path] = (index, robust) if len(index) == len(robust) == record["n_examples"] else None
+        except (OSError, ValueError, KeyError, EOFError):
+            _PER_SAMPLE[path] = None
+    return _PER_SAMPLE[path]
+
+
+def paired_difference(a, b, n_boot=N_BOOTSTRAP, seed=0):
+    """AutoAttack accuracy of a minus b on the same images, with a 95% paired bootstrap interval.
+
+    a, b: bool arrays (images, matched seeds): robust or not, the same image and seed in the same
+    cell. The difference per image is averaged over the seeds; the interval is the 2.5 and 97.5
+    percentiles of its mean over n_boot resamples of the images (with replacement, the same
+    images for both methods and every seed; numpy's default_rng(seed)). Returns (mean, low, high).
+    """
+    d = (np.asarray(a, float) - np.asarray(b, float)).mean(axis=1)
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    for start in range(0, n_boot, 500):  # 500 resamples at a time: bounded memory
+        idx = rng.integers(0, len(d), size=(min(500, n_boot - start), len(d)))
+        means[start:start + len(idx)] = d[idx].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return d.mean().item(), low.item(), high.item()
+
+
+def matched_seeds(rows, ref):
+    """Per-image AutoAttack results of the seeds both rows have, on the same images:
+    [(row's, reference's)] for each seed whose .npz files exist and whose image indices agree."""
+    mine = {r["seed"]: r for r in reversed(rows)}  # the first result of a seed
+    theirs = {r["seed"]: r for r in reversed(ref)}
+    pairs = []
+    for seed in sorted(set(mine) & set(theirs)):
+        a, b = per_sample_aa(mine[seed]), per_sample_aa(theirs[seed])
+        if a is not None and b is not None and np.array_equal(a[0], b[0]):
+            pairs.append((a[1], b[1]))
+    return pairs
+
+
+def paired_cells(groups):
+    """For each row, its paired AutoAttack difference to FIRE (lam 12) in points with the 95%
+    interval: the FIRE row of the same data set, split and evaluation eps, preferring the same
+    extra data and architecture, with the most matched seeds; '-' when nothing can be paired."""
+    cells = {}
+    fire = [rows for rows in groups.values() if not rows[0].get("quoted")
+            and rows[0]["method"] == "fire" and rows[0].get("lam") == FIRE_LAM]
+    for key, rows in groups.items():
+        r, best = rows[0], None
+        if r.get("quoted"):
+            cells[key] = "-"
+            continue
+        for ref in fire:
+            f = ref[0]
+            if (f["dataset"], f["split"], rounded(f["eps"])) != (r["dataset"], r["split"], rounded(r["eps"])):
+                continue
+            pairs = matched_seeds(rows, ref)
+            score = (len(pairs) > 0, bool(f.get("aux_data")) == bool(r.get("aux_data")),
+                     f["model"] == r["model"], len(pairs))
+            if pairs and (best is None or score > best[0]):
+                best = score, ref, pairs
+        if best is None:
+            cells[key] = "-"
+        elif best[1] is rows:
+            cells[key] = "reference"
+        else:
+            pairs = best[2]
+            m, low, high = paired_difference(np.stack([a for a, _ in pairs], 1),
+                                             np.stack([b for _, b in pairs], 1))
+            seeds = "" if len(pairs) == len({x["seed"] for x in rows}) else f" ({len(pairs)} seeds)"
+            cells[key] = f"{100 * m:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]{seeds}"
+    return cells
+
+
+def summarize(results, title=None, quoted=()):
+    """The paper's table (Tables 1-3) as Markdown: one row per defense and setting, mean +- std
+    over seeds, and each row's paired AutoAttack difference to FIRE."""
     groups = {}
-    for r in sorted(results, key=row_order):
+    for r in sorted([*results, *quoted], key=row_order):
         groups.setdefault(group_key(r), []).append(r)
+    varying = varying_settings([rows for rows in groups.values() if not rows[0].get("quoted")])
+    settings = [c for c in SETTING_COLUMNS if c[0] in varying]
+    paired = paired_cells(groups)
     extra = [k for k in ("pgd20", "cw") if any(k in r for r in results)]
-    header = ["Defense", "Dataset", "ε", "Structure", "Natural", "AutoAttack", "Avg. Acc.",
-              *[{"pgd20": "PGD-20", "cw": "CW-20"}[k] for k in extra], "RunTime", "Seeds"]
+    header = ["Defense", "Dataset", "ε", "Structure", *[label for _, label, _ in settings],
+              "Natural", "AutoAttack", "Avg. Acc.", *[{"pgd20": "PGD-20", "cw": "CW-20"}[k] for k in extra],
+              "RunTime", "Seeds", "ΔAA vs FIRE [95% CI]"]
     lines = [] if title is None else [f"### {title}", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    sections = len({bool(r.get("aux_data")) for r in results}) > 1
+    sections = len({bool(r.get("aux_data")) for r in [*results, *quoted]}) > 1
     current = None
-    for rows in groups.values():
+    for key, rows in groups.items():
         r = rows[0]
         if sections and bool(r.get("aux_data")) != current:
             current = bool(r.get("aux_data"))
             label = "**With additional data**" if current else "**Without additional data**"
             lines.append("| " + label + " |" + " |" * (len(header) - 1))
-        seeds = sorted({x["seed"] for x in rows})
-        if len(seeds) != len(rows):  # the same seed twice (e.g. copied folders): say so
+        seeds = sorted({x["seed"] for x in rows if x["seed"] is not None})
+        if r.get("quoted"):
+            seeds_text = "-"
+        elif len(seeds) != len(rows):  # the same seed twice (e.g. copied folders): say so
             seeds_text = f"{len(rows)} results, seeds {','.join(map(str, seeds))}"
         else:
             seeds_text = f"{len(rows)} ({','.join(map(str, seeds))})"
         cells = [r["defense"], DATASET_NAMES.get(r["dataset"], r["dataset"]), fmt_eps(r["eps"]),
-                 fmt_model(r["model"]), fmt_pm([x["natural"] for x in rows]),
+                 fmt_model(r["model"]), *[fmt(r.get(field)) if not r.get("quoted") else "-"
+                                          for field, _, fmt in settings],
+                 fmt_pm([x["natural"] for x in rows]),
                  fmt_pm([x["autoattack"] for x in rows]), fmt_pm([x["avg_acc"] for x in rows])]
         for k in extra:
             values = [x[k] for x in rows if k in x]
             cells.append(fmt_pm(values) if values else "-")
-        times = [x.get("train_time_s") for x in rows]
-        times = [t for t in times if t is not None and math.isfinite(t)]
-        cells += [fmt_hours(statistics.fmean(times)) if times else "-", seeds_text]
+        cells += [fmt_runtime(rows), seeds_text, paired[key]]
         lines.append("| " + " | ".join(cells) + " |")
     n = {r["n_examples"] for r in results}
     smoke = any(r.get("aa_version") != "standard" for r in results)
@@ -487,7 +1035,18 @@ def summarize(results, title=None):
                   f"{'reduced smoke version' if smoke else 'standard version'}, Linf, on "
                   f"{'/'.join(map(str, sorted(n)))} {'/'.join(sorted({r['split'] for r in results}))} "
                   f"images; Avg. Acc. = (Natural + AutoAttack) / 2; RunTime = mean wall-clock "
-                  f"training time."]
+                  f"training time (pre-training + fine-tuning for runs initialised from another). "
+                  f"ΔAA vs FIRE = AutoAttack accuracy minus that of FIRE (lam={FIRE_LAM:g}) on the same "
+                  f"data set, seeds and images, in points, averaged over the matched seeds, with a "
+                  f"95% paired bootstrap interval over images ({N_BOOTSTRAP:,} resamples); - = no "
+                  f"per-image results to pair."]
+    if quoted:
+        lines += ["", "Rows marked (quoted from the paper) are the numbers the paper quotes; they "
+                      "were not trained or evaluated here."]
+    if varying:
+        lines += ["", f"**Note: rows of the same data set differ in "
+                      f"{', '.join(SETTING_NAMES[f] for f in varying)}; compare rows only where "
+                      f"these agree.**"]
     if smoke:
         lines += ["", "**Smoke run: AutoAttack with reduced iterations (--smoke-aa) on a toy "
                       "training budget; these numbers only show that the pipeline works.**"]
@@ -500,20 +1059,27 @@ def sweep_weight(r):
 
 def plot_sweep(results, path, kind="lambda"):
     """Fig. 7 (kind='lambda': natural and AutoAttack accuracy against the weight) or Fig. 8
-    (kind='plane': AutoAttack against natural accuracy, one curve per method); mean over seeds."""
+    (kind='plane': AutoAttack against natural accuracy, one curve per method); mean over seeds.
+    Results that differ in anything but the weight and the seed (training or evaluation eps,
+    images, split, AutoAttack version) are separate curves, never averaged into one point."""
     from matplotlib.figure import Figure  # no pyplot: no global state, renders with Agg
     curves = {}
     for r in results:
         label = f"{METHOD_NAMES.get(r['method'], r['method'])}" + (" + extra data" if r.get("aux_data") else "")
-        points = curves.setdefault((label, r["dataset"], r["model"]), {})
-        points.setdefault(sweep_weight(r), []).append(r)
+        key = (label, r["dataset"], r["model"], rounded(r.get("train_eps")), rounded(r["eps"]),
+               r["n_examples"], r["split"], r.get("aa_version") or "")
+        curves.setdefault(key, {}).setdefault(sweep_weight(r), []).append(r)
+    differ = [i for i in range(1, 8) if len({k[i] for k in curves}) > 1]
+    describe = {1: lambda v: DATASET_NAMES.get(v, v), 2: fmt_model,
+                3: lambda v: "train ε " + ("-" if v is None else fmt_eps(v)),
+                4: lambda v: "ε " + fmt_eps(v), 5: lambda v: f"{v} images", 6: str, 7: str}
     fig = Figure(figsize=(6, 4.2))
     ax = fig.add_subplot()
-    for n_curve, ((label, dataset, model), points) in enumerate(sorted(curves.items())):
-        weights = sorted(points)
+    for n_curve, (key, points) in enumerate(sorted(curves.items(), key=lambda kv: str(kv[0]))):
+        weights = sorted(points, key=lambda w: (w is None, w or 0))
         nat = [100 * statistics.fmean(x["natural"] for x in points[w]) for w in weights]
         adv = [100 * statistics.fmean(x["autoattack"] for x in points[w]) for w in weights]
-        name = label if len(curves) == 1 else f"{label} ({DATASET_NAMES.get(dataset, dataset)}, {fmt_model(model)})"
+        name = key[0] if not differ else f"{key[0]} ({', '.join(describe[i](key[i]) for i in differ)})"
         color = f"C{n_curve}"
         if kind == "lambda":
             ax.plot(weights, nat, "o-", color=color, label=f"{name}: natural")
@@ -533,37 +1099,91 @@ def plot_sweep(results, path, kind="lambda"):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    write_atomic(path, lambda f: fig.savefig(f, format=ext, dpi=120), binary=True)
+    return sorted(curves)
 
 
 # ----------------------------------------------------------------------------------------------
 
 
+def setup_device(args):
+    """torchrun -> one process per GPU (gloo on the CPU), each evaluating its share of the chunks;
+    otherwise one process over all visible GPUs (DataParallel)."""
+    if "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        cuda = torch.cuda.is_available() and args.device != "cpu"
+        # a process waits at the barrier for the slowest: allow AutoAttack chunks of hours
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=24))
+        if not cuda:
+            return torch.device("cpu")
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is visible")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
 def main(argv=None):
     args = get_args(argv)
     if args.summarize is not None:
-        table = summarize(find_results(args.summarize), args.title)
+        if args.table_out:
+            check_output(args.table_out, "--table-out")
+        table = summarize(find_results(args.summarize), args.title, quoted_rows(args.quoted))
         print(table, end="")
         if args.table_out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.table_out)), exist_ok=True)
-            with open(args.table_out, "w") as f:
-                f.write(table)
+            write_atomic(args.table_out, lambda f: f.write(table))
         return table
     if args.plot_sweep is not None:
+        check_output(args.plot_out, "--plot-out")
         results = find_results(args.plot_sweep)
         plot_sweep(results, args.plot_out, args.plot_kind)
         print(f"{len(results)} results -> {args.plot_out}")
         return args.plot_out
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is visible")
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if use_cuda else "cpu")
-    # Evaluation is float32: no TF32 in matmuls or convolutions on Ampere and later GPUs.
+    # Everything the user gave is checked before any attack runs.
+    if args.out:
+        check_output(args.out, "--out")
+    plans = [Plan(path, args, args.out) for path in args.checkpoints]
+    outs = [p.out if args.time_images is None or args.out else p.stem + "-timing.json" for p in plans]
+    for plan, out in zip(plans, outs):
+        check_output(out, plan.what)
+    if len(set(outs)) != len(outs):
+        raise UserError("two checkpoints would write the same result file: evaluate them separately with --out")
+    if args.time_images is not None and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        raise UserError("--time-images runs in one process, not under torchrun")
+
+    device = setup_device(args)
+    # Evaluation is float32: no TF32 in matmuls or convolutions on Ampere and later GPUs (whether
+    # TF32 would change AutoAttack's verdicts has not been measured).
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    return [evaluate_checkpoint(path, args, device) for path in args.checkpoints]
+    try:
+        if args.time_model is not None:
+            num_classes, channels, mean, std = DATA_INFO[args.time_dataset]
+            torch.manual_seed(args.seed)
+            model = get_model(args.time_model, num_classes, channels, mean, std).to(device).eval()
+            size = 28 if channels == 1 else 32
+            x = torch.rand(args.time_images, channels, size, size)
+            with torch.no_grad():  # labels = the model's own predictions: every image is attacked
+                y = torch.cat([model(b.to(device)).argmax(1).cpu() for b in x.split(args.batch_size)])
+            eps = args.eps if args.eps is not None else 0.3 if channels == 1 else 8 / 255
+            timing = time_autoattack(model, x, y, eps, args, device)
+            report_timing(timing, args.out, f"random {args.time_model} on {args.time_dataset}-shaped images")
+            return [timing]
+        if args.time_images is not None:
+            timings = []
+            for plan, out in zip(plans, outs):
+                net, _ = load_network(plan, device)
+                x, y = first_images(split_dataset(plan.saved, args.split, args.data_dir),
+                                    min(args.time_images, plan.n))
+                timings.append(time_autoattack(net, x, y, plan.eps, args, device))
+                report_timing(timings[-1], out, plan.path)
+            return timings
+        return [evaluate_checkpoint(plan, args, device) for plan in plans]
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@
 #
 # Runs live in $OUT_DIR/runs/<name>-<hash of the full command>: the same method, flags and seed
 # always map to the same folder, so a run shared by several blocks (FIRE lam=12 is in Tables 1, 2,
-# 3 and Fig. 7) is trained once. A finished run (summary.json) or evaluation (autoattack*.json) is
-# skipped and an interrupted training resumes (--resume auto): after a crash or preemption, run the
-# same command again. Tables go to $OUT_DIR/tables/*.md, figures to $OUT_DIR/figures/*.png, and
+# 3 and Fig. 7) is trained once. A finished run (summary.json) is skipped and an interrupted
+# training resumes (--resume auto); eval_autoattack.py skips an evaluation of the same checkpoint
+# and settings and continues an interrupted one: after a crash or preemption, run the same command
+# again. Tables go to $OUT_DIR/tables/*.md, figures to $OUT_DIR/figures/*.png, and
 # each run's console output to <run>/train.out.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -146,11 +147,20 @@ imagenet32_ready() {
     for f in train_data_batch_{1..10}.npz val_data.npz; do [[ -f $IMAGENET32/$f ]] || return 1; done
 }
 
-# result RUN KIND: the JSON eval_autoattack.py writes for <RUN>/<KIND>.pt
-result() { if [[ $2 == best ]]; then echo "$1/autoattack.json"; else echo "$1/autoattack-$2.json"; fi; }
+# result RUN KIND: the JSON eval_autoattack.py writes for <RUN>/<KIND>.pt at the run's evaluation
+# eps (its default name: autoattack[-KIND][-eps<eps>].json, the eps when it is not the training
+# eps, as for CIFAR's 8/255 against the training 0.031).
+result() {
+    local name=autoattack eps=${EVAL_EPS[${RUN_DATASET[$1]}]:-}
+    if [[ $2 != best ]]; then name+="-$2"; fi
+    if [[ -n $eps ]]; then name+="-eps${eps//\//-}"; fi
+    echo "$1/$name.json"
+}
 
-# evaluate KIND RUN...: AutoAttack on <RUN>/<KIND>.pt for every run without a result yet (one
-# process per evaluation eps, all checkpoints in it).
+# evaluate KIND RUN...: AutoAttack on <RUN>/<KIND>.pt for every run (one process per evaluation
+# eps, all checkpoints in it). eval_autoattack.py decides what to skip: a result of the same
+# checkpoint (SHA-256) and settings is kept, a stale one (e.g. after --overwrite) is redone, and
+# an interrupted evaluation continues from its last finished chunk.
 evaluate() {
     local kind=$1; shift
     drain
@@ -159,7 +169,7 @@ evaluate() {
         ckpts=()
         for run in "$@"; do
             if [[ ${EVAL_EPS[${RUN_DATASET[$run]}]:-default} != "$eps" ]]; then continue; fi
-            if [[ -f $(result "$run" "$kind") || $SEEN == *" $run$kind "* ]]; then continue; fi
+            if [[ $SEEN == *" $run$kind "* ]]; then continue; fi  # already handled in this invocation
             SEEN+="$run$kind "
             ckpts+=("$run/$kind.pt")
         done
@@ -280,7 +290,7 @@ EOF
     evaluate best "${best[@]}"
     for run in "${last[@]}"; do jsons+=("$(result "$run" last)"); done
     for run in "${best[@]}"; do jsons+=("$(result "$run" best)"); done
-    table table2 "Table 2: comparison with the state of the art" "${jsons[@]}"
+    table table2 "Table 2: comparison with the state of the art" "${jsons[@]}" --quoted table2
 }
 
 # Table 3: Hellinger (H^2, Eq. 48) vs Fisher-Rao (d^2, Eq. 7) regulariser, lam 12, as Table 1.
