@@ -47,7 +47,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from models import check_model_name, get_model
 import train_fire
 import train_trades
-from harness import DATA_INFO, PRESETS, ArgumentParser, EpochStats, UserError, sgd_update
+from harness import (DATA_INFO, PRESETS, ArgumentParser, EpochStats, UserError, check_output, sgd_update,
+                     write_atomic)
 from train_fire import fire_loss
 from train_trades import trades_loss
 
@@ -165,38 +166,8 @@ def get_args(argv=None):
     return args
 
 
-def check_json_out(path):
-    """Refuse a --json-out that cannot be written before the timing runs, not after it: its folder
-    must exist and take a file (probed by writing the temporary file that write_json uses), and
-    the path must not be a folder. Raises UserError."""
-    if os.path.isdir(path):
-        raise UserError(f"--json-out {path!r} is a folder")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        what = "is not a folder" if os.path.exists(folder) else "does not exist"
-        raise UserError(f"--json-out {path!r}: {folder!r} {what}")
-    probe = f"{path}.tmp{os.getpid()}"
-    try:
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write --json-out {path!r}: {e.strerror or e}") from None
-
-
 def write_json(path, report):
-    """Write into a temporary file next to `path`, then os.replace it onto `path`: an interrupted
-    or failed write leaves the previous file (or none), never a half-written one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=1)
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise UserError(f"cannot write --json-out {path!r}: {e.strerror or e}") from None
+    write_atomic(path, lambda f: json.dump(report, f, indent=1), what="--json-out")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -499,7 +470,7 @@ def growth(rows):
 def main(argv=None):
     args = get_args(argv)
     if args.json_out:
-        check_json_out(args.json_out)
+        check_output(args.json_out, "--json-out", make_folder=False)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())

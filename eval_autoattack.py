@@ -46,8 +46,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from harness import (DATA_INFO, UserError, ArgumentParser, attack_pgd_ce, cli, get_datasets,
-                     load_checkpoint, load_model_state, model_from_args, upcast_half)
+from harness import (DATA_INFO, UserError, ArgumentParser, attack_pgd_ce, check_output, cli,
+                     get_datasets, load_checkpoint, load_model_state, model_from_args, upcast_half,
+                     write_atomic)
 from models import check_model_name, get_model
 
 RESULT_FORMAT = "fire-repro-autoattack/1"
@@ -197,34 +198,6 @@ def plot_formats():
 
 # ----------------------------------------------------------------------------------------------
 # Output files: checked before the work starts, written atomically
-
-
-def check_output(path, what):
-    """Refuse an output that is a folder or cannot be written, before any work starts."""
-    if os.path.isdir(path):
-        raise UserError(f"{what} {path!r} is a folder, not a file")
-    folder = os.path.dirname(os.path.abspath(path))
-    probe = os.path.join(folder, f".write-test{os.getpid()}")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write {what} {path!r}: {e.strerror or e}") from None
-
-
-def write_atomic(path, write, binary=False):
-    """write(f) into a temporary file, then rename it over `path`: a reader (or a rerun after a
-    kill) sees the old file or the new one, never half of one. A failure is a UserError."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb" if binary else "w") as f:
-            write(f)
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise UserError(f"cannot write {path!r}: {e.strerror or e}") from None
 
 
 def write_json(path, record):
@@ -455,6 +428,8 @@ def default_defense(saved, checkpoint):
         name += f" ({key}={saved[key]:g})"
     if saved.get("aux_data"):
         name += " + extra data"
+    if saved.get("augment") == "authors":
+        name += " + authors' aug."
     if stem != "best":
         name += f" [{stem}]"
     return name

@@ -95,6 +95,10 @@ def base_parser(description):
                    help="lr schedule: step = /10 at each milestone, cosine = cosine decay to 0")
     p.add_argument("--lr-milestones", type=float, nargs="+", default=[0.75, 0.9],
                    help="step schedule milestones as fractions of --epochs (0.75 0.9 = epochs 75, 90 of 100)")
+    p.add_argument("--augment", type=str, default="crop-flip", choices=["crop-flip", "authors"],
+                   help="CIFAR training augmentation: crop-flip = random crop of the 4-pixel-padded "
+                        "image + horizontal flip (TRADES); authors = + ColorJitter(0.25, 0.25, 0.25) "
+                        "+ RandomRotation(15), as FIRE's public code trains")
     p.add_argument("--eps", type=float, default=None, help="Linf radius in pixel units of [0, 1]")
     p.add_argument("--step-size", type=float, default=None, help="PGD step size during training")
     p.add_argument("--attack-steps", type=int, default=None, help="PGD steps during training")
@@ -168,6 +172,8 @@ def finish_args(parser, argv, method):
          f"--weight-decay must be >= 0, got {args.weight_decay}"),
         (0 <= args.seed < 2**32, f"--seed must be in [0, 2**32) (NumPy's range), got {args.seed}"),
         (args.workers >= 0, f"--workers must be >= 0, got {args.workers}"),
+        (args.augment == "crop-flip" or args.dataset in ("cifar10", "cifar100"),
+         "--augment authors is for cifar10/cifar100 (the authors' MNIST code does not augment)"),
     ]
     for name in ("lam", "beta"):
         value = getattr(args, name, None)
@@ -331,6 +337,8 @@ def get_datasets(args):
     import torchvision
     import torchvision.transforms as T
     crop_flip = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]  # TRADES' CIFAR augmentation
+    if getattr(args, "augment", "crop-flip") == "authors":  # FIRE's public code (robustness library)
+        crop_flip += [T.ColorJitter(0.25, 0.25, 0.25), T.RandomRotation(15)]
     if args.dataset == "imagenet32":  # the test split is the release's validation set
         (x, y), (x_test, y_test) = load_imagenet32(os.path.join(args.data_dir, "imagenet32"))
         train, test = UInt8Images(x, y), UInt8Images(x_test, y_test)
@@ -464,16 +472,16 @@ def load_aux_data(args, train_set):
     except Exception as e:  # noqa: BLE001  (bad zip, missing key, object arrays, ...)
         raise UserError(f"cannot read --aux-data {path!r}: {type(e).__name__}: {str(e)[:150]}") from None
     images, labels = np.asarray(images), np.asarray(labels)
-    if labels.ndim != 1 or len(labels) == 0 or not np.issubdtype(labels.dtype, np.integer):
-        raise UserError(f"--aux-data labels must be a non-empty 1-D array of integer class indices "
-                        f"(not one-hot), got {labels.dtype} of shape {labels.shape}")
-    labels = labels.astype(np.int64)
     if images.ndim == 3:
         images = images[..., None]
     shape = tuple(train_set[0][0].shape)  # (C, H, W) of the training images
     if images.dtype != np.uint8 or images.shape[1:] != (shape[1], shape[2], shape[0]):
         raise UserError(f"--aux-data images must be uint8 of shape (N, {shape[1]}, {shape[2]}, "
                         f"{shape[0]}) for {args.dataset}, got {images.dtype} {images.shape}")
+    if labels.ndim != 1 or len(labels) == 0 or not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"--aux-data labels must be a non-empty 1-D array of integer class indices "
+                        f"(not one-hot), got {labels.dtype} of shape {labels.shape}")
+    labels = labels.astype(np.int64)
     if len(labels) != len(images) or labels.min() < 0 or labels.max() >= num_classes:
         raise UserError(f"--aux-data labels must be {len(images)} integers in [0, {num_classes})")
     return AuxData(images, labels, train_set.transform)
@@ -732,12 +740,36 @@ RESUME_MAY_CHANGE = {"out_dir", "resume", "overwrite", "epochs", "data_dir", "de
                      "log_every", "compile", "channels_last", "trust_pickle", "stop_on_collapse"}
 
 
-def write_atomic(path, text):
-    """Write `text` to `path` through a temporary file: a kill leaves the old file or the new one."""
+def check_output(path, what, make_folder=True):
+    """Refuse, before any work starts, an output file that is a folder or cannot be written (its
+    folder is created, or with make_folder=False must exist). Raises UserError."""
+    if os.path.isdir(path):
+        raise UserError(f"{what} {path!r} is a folder, not a file")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not make_folder and not os.path.isdir(folder):
+        raise UserError(f"{what} {path!r}: {folder!r} "
+                        f"{'is not a folder' if os.path.exists(folder) else 'does not exist'}")
+    probe = os.path.join(folder, f".write-test{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write {what} {path!r}: {e.strerror or e}") from None
+
+
+def write_atomic(path, write, binary=False, what="output"):
+    """write(f) into a temporary file, then rename it over `path`: a reader (or a rerun after a
+    kill) sees the old file or the new one, never half of one. A failure is a UserError."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb" if binary else "w") as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"cannot write {what} {path!r}: {e.strerror or e}") from None
 
 
 def lock_run_dir(args):
@@ -795,7 +827,7 @@ def start_run_dir(args, ckpt):
             if os.path.exists(path(name)):
                 os.remove(path(name))
         return
-    write_atomic(path("metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in ckpt["history"]))
+    write_atomic(path("metrics.jsonl"), lambda f: f.writelines(json.dumps(r) + "\n" for r in ckpt["history"]))
     if "log_bytes" in ckpt and os.path.exists(path("log.txt")) and os.path.getsize(path("log.txt")) > ckpt["log_bytes"]:
         os.truncate(path("log.txt"), ckpt["log_bytes"])
     if committed_best_epoch(ckpt) == ckpt["epoch"]:
@@ -1027,7 +1059,7 @@ def train(args, train_step):
                    train_time_s=train_time, out_dir=args.out_dir, init_from=args.init_from,
                    pretrain_time_s=args.pretrain_time_s)
     if is_main():
-        write_atomic(os.path.join(args.out_dir, "summary.json"), json.dumps(summary, indent=1))
+        write_atomic(os.path.join(args.out_dir, "summary.json"), lambda f: json.dump(summary, f, indent=1))
         log(json.dumps(summary))
         lock.close()
     if dist.is_initialized():

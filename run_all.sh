@@ -58,7 +58,7 @@ if [[ $SMOKE == 1 ]]; then
     FT_FLAGS=("${PT_FLAGS[@]}")
 else
     export CUDA_VISIBLE_DEVICES="$GPUS"
-    DATASETS="mnist cifar10 cifar100"; FIG_DATASET="cifar10"; AUX_DATASET="cifar10"
+    DATASETS="${DATASETS:-mnist cifar10 cifar100}"; FIG_DATASET="cifar10"; AUX_DATASET="cifar10"
     FIG8_MODEL="resnet18"
     LAMS_FIG7="1 2 4 6 8 10 12 16 20 24"       # Fig. 7: FIRE's lambda on CIFAR-10
     LAMS_FIG8="1 2 4 6 8 12 16 24 32 50"       # Fig. 8 (Appendix A): lambda in [0, 50]
@@ -131,6 +131,11 @@ fit() {
 }
 
 # The methods, each with its arguments in one fixed order, so that equal runs get equal folders.
+# FIRE as the authors' code ran it: beta 20 on arccos^2 = lam 5, and on CIFAR their augmentation.
+fire_code() {
+    local aug=(); if [[ $1 == cifar* ]]; then aug=(--augment authors); fi
+    fit train_fire.py "fire-code-$1-lam5-s$2" --dataset "$1" --seed "$2" --lam 5 "${aug[@]}" "${@:3}"
+}
 fire()      { fit train_fire.py "fire-$1-lam$3-s$2" --dataset "$1" --seed "$2" --lam "$3" "${@:4}"; }
 fire_sa()   { fit train_fire.py "fire-sa-$1-lam$3-s$2" --dataset "$1" --seed "$2" --lam "$3" --self-adaptive "${SA_FLAGS[@]}" "${@:4}"; }
 hellinger() { fit train_fire.py "hellinger-$1-lam$3-s$2" --dataset "$1" --seed "$2" --lam "$3" --distance hellinger "${@:4}"; }
@@ -198,14 +203,16 @@ report() {
 
 # ---- blocks --------------------------------------------------------------------------------------
 
-# versus NAME TITLE METHOD WEIGHT: METHOD (at WEIGHT) and FIRE (lam 12) on every data set and seed,
+# versus NAME TITLE METHOD WEIGHT: METHOD (at WEIGHT) and FIRE on every data set and seed, FIRE as
+# the paper's text states it (lam 12) and as the authors' code ran it (lam 5, + their augmentation),
 # with the same model and hyperparameters; evaluated and summarised as table NAME.
 versus() {
     local name=$1 title=$2 method=$3 weight=$4 ds s runs=()
     for ds in $DATASETS; do
         for s in $SEEDS; do
             "$method" "$ds" "$s" "$weight"; runs+=("$RUN")
-            fire "$ds" "$s" 12; runs+=("$RUN")
+            fire "$ds" "$s" 12; runs+=("$RUN")          # the paper's text: lam 12, crop + flip
+            fire_code "$ds" "$s"; runs+=("$RUN")         # the authors' code: lam 5 (+ their augmentation)
         done
     done
     report "$name" "$title" "${runs[@]}"

@@ -958,8 +958,9 @@ def test_summary_table_mean_and_sample_std(tmp_path):
 
 
 def test_run_all_smoke_block_trains_evaluates_summarises_and_skips(tmp_path):
-    """`SMOKE=1 ./run_all.sh table3`: Hellinger and FIRE on digits, 2 seeds each, AutoAttack,
-    the table. Run again, it finds every run and result finished and only rebuilds the table.
+    """`SMOKE=1 ./run_all.sh table3`: Hellinger and FIRE (the paper's lam 12 and the authors' code's
+    lam 5) on digits, 2 seeds each, AutoAttack, the table. Run again, it finds every run and result
+    finished and only rebuilds the table.
     (CI runs every block: `SMOKE=1 ./run_all.sh` in .ci/run.)"""
     env = dict(os.environ, SMOKE="1", OUT_DIR=str(tmp_path), PYTHON=PY)
     r = subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), "table3"], capture_output=True,
@@ -967,13 +968,14 @@ def test_run_all_smoke_block_trains_evaluates_summarises_and_skips(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     table = (tmp_path / "tables" / "table3.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith(("| Hellinger", "| FIRE"))]
-    assert len(rows) == 2 and all("| 2 (0,1) |" in row for row in rows), table
-    assert len(list(tmp_path.glob("runs/*/autoattack.json"))) == 4
+    assert len(rows) == 3 and all("| 2 (0,1) |" in row for row in rows), table
+    assert [row.split("|")[1].strip() for row in rows] == ["Hellinger (lam=12)", "FIRE (lam=5)", "FIRE (lam=12)"]
+    assert len(list(tmp_path.glob("runs/*/autoattack.json"))) == 6
     again = subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), "table3"], capture_output=True,
                            text=True, timeout=300, cwd=HERE, env=env)
-    assert again.returncode == 0 and again.stdout.count("  done ") == 4, again.stdout
+    assert again.returncode == 0 and again.stdout.count("  done ") == 6, again.stdout
     # eval_autoattack.py is called again and finds every result tied to its unchanged checkpoint
-    assert "train " not in again.stdout and again.stdout.count("already evaluated") == 4, again.stdout
+    assert "train " not in again.stdout and again.stdout.count("already evaluated") == 6, again.stdout
     assert "AutoAttack Linf eps" not in again.stdout
     assert (tmp_path / "tables" / "table3.md").read_text() == table
     bad = subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), "table9"], capture_output=True,
@@ -2004,3 +2006,32 @@ def test_eval_out_folder_fails_at_once_on_the_command_line(fire_run, tmp_path):
     assert r.returncode == 2 and r.stdout == "" and list(tmp_path.iterdir()) == [folder]
     assert list(folder.iterdir()) == []
     assert r.stderr.strip().splitlines() == [f"eval_autoattack.py: error: --out {str(folder)!r} is a folder, not a file"]
+
+
+@pytest.mark.parametrize("augment", ["crop-flip", "authors"])
+def test_authors_augmentation_flag(monkeypatch, augment):
+    """Issue 13: --augment authors adds the authors' ColorJitter(0.25) and RandomRotation(15) to
+    crop + flip on CIFAR; the row is named for it; other data sets refuse it."""
+    from PIL import Image
+    import torchvision.transforms as T
+
+    class FakeCifar:  # the torchvision dataset's interface, 20 images in memory
+        targets = list(range(10)) * 2
+
+        def __len__(self):
+            return 20
+
+        def __getitem__(self, i):
+            return Image.new("RGB", (32, 32), (i * 10, 0, 0)), self.targets[i]
+    monkeypatch.setattr(harness, "_torchvision_split", lambda cls, root, train: FakeCifar())
+    args = train_fire.get_args(["--dataset", "cifar10", "--augment", augment, "--val-size", "4"])
+    train, val, _ = harness.get_datasets(args)
+    kinds = [type(t) for t in train.transform.transforms]
+    assert kinds[:2] == [T.RandomCrop, T.RandomHorizontalFlip] and kinds[-1] == T.ToTensor
+    assert (T.ColorJitter in kinds and T.RandomRotation in kinds) == (augment == "authors")
+    assert train[0][0].shape == (3, 32, 32) and type(val.transform) is T.ToTensor
+    import eval_autoattack
+    name = eval_autoattack.default_defense({"method": "fire", "lam": 5.0, "augment": augment}, "r/best.pt")
+    assert name == "FIRE (lam=5)" + (" + authors' aug." if augment == "authors" else "")
+    r = run_script("train_fire.py", "--augment", "authors", "--out-dir", "/nonexistent/run")
+    assert r.returncode == 2 and "--augment authors is for cifar10/cifar100" in r.stderr
