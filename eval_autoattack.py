@@ -44,11 +44,12 @@ from fractions import Fraction
 import numpy as np
 import torch
 import torch.distributed as dist
+from scipy.stats import bootstrap
 from tqdm import tqdm
 
 from harness import (DATA_INFO, UserError, ArgumentParser, attack_pgd_ce, check_output, cli,
-                     get_datasets, load_checkpoint, load_model_state, model_from_args, upcast_half,
-                     write_atomic)
+                     get_datasets, load_checkpoint, load_model_state, model_from_args, setup_device,
+                     upcast_half, write_atomic)
 from models import check_model_name, get_model
 
 RESULT_FORMAT = "fire-repro-autoattack/1"
@@ -902,18 +903,16 @@ def paired_difference(a, b, n_boot=N_BOOTSTRAP, seed=0):
     """AutoAttack accuracy of a minus b on the same images, with a 95% paired bootstrap interval.
 
     a, b: bool arrays (images, matched seeds): robust or not, the same image and seed in the same
-    cell. The difference per image is averaged over the seeds; the interval is the 2.5 and 97.5
-    percentiles of its mean over n_boot resamples of the images (with replacement, the same
+    cell. The difference per image is averaged over the seeds; the interval is the percentile
+    bootstrap of its mean over n_boot resamples of the images (scipy.stats.bootstrap: the same
     images for both methods and every seed; numpy's default_rng(seed)). Returns (mean, low, high).
     """
     d = (np.asarray(a, float) - np.asarray(b, float)).mean(axis=1)
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_boot)
-    for start in range(0, n_boot, 500):  # 500 resamples at a time: bounded memory
-        idx = rng.integers(0, len(d), size=(min(500, n_boot - start), len(d)))
-        means[start:start + len(idx)] = d[idx].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return d.mean().item(), low.item(), high.item()
+    if np.all(d == d[0]):  # no spread to resample (e.g. identical results)
+        return d[0].item(), d[0].item(), d[0].item()
+    ci = bootstrap((d,), np.mean, n_resamples=n_boot, confidence_level=0.95, method="percentile",
+                   random_state=np.random.default_rng(seed)).confidence_interval
+    return d.mean().item(), float(ci.low), float(ci.high)
 
 
 def matched_seeds(rows, ref):
@@ -1082,23 +1081,6 @@ def plot_sweep(results, path, kind="lambda"):
 # ----------------------------------------------------------------------------------------------
 
 
-def setup_device(args):
-    """torchrun -> one process per GPU (gloo on the CPU), each evaluating its share of the chunks;
-    otherwise one process over all visible GPUs (DataParallel)."""
-    if "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        cuda = torch.cuda.is_available() and args.device != "cpu"
-        # a process waits at the barrier for the slowest: allow AutoAttack chunks of hours
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=24))
-        if not cuda:
-            return torch.device("cpu")
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is visible")
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    return torch.device("cuda" if use_cuda else "cpu")
-
-
 def main(argv=None):
     args = get_args(argv)
     if args.summarize is not None:
@@ -1128,7 +1110,8 @@ def main(argv=None):
     if args.time_images is not None and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         raise UserError("--time-images runs in one process, not under torchrun")
 
-    device = setup_device(args)
+    # a process waits at the merge barrier for the slowest: allow AutoAttack chunks of hours
+    device = setup_device(args, timeout=datetime.timedelta(hours=24))
     # Evaluation is float32: no TF32 in matmuls or convolutions on Ampere and later GPUs (whether
     # TF32 would change AutoAttack's verdicts has not been measured).
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -694,11 +694,12 @@ def init_from(model, args):
     args.pretrain_time_s = source_time + (saved.get("pretrain_time_s") or 0.0)
 
 
-def setup_device(args):
-    """torchrun -> one process per GPU (DDP); otherwise one process over all visible GPUs."""
+def setup_device(args, timeout=None):
+    """torchrun -> one process per GPU (DDP; gloo on the CPU); otherwise one process over all
+    visible GPUs. `timeout`: how long a process may wait for the others (torch's default if None)."""
     if "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:
         cuda = torch.cuda.is_available() and args.device != "cpu"
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
         local_rank = int(os.environ["LOCAL_RANK"])
         if cuda:
             torch.cuda.set_device(local_rank)
