@@ -773,10 +773,10 @@ def write_atomic(path, write, binary=False, what="output"):
         raise UserError(f"cannot write {what} {path!r}: {e.strerror or e}") from None
 
 
-def lock_run_dir(args):
+def lock_run_dir(args, resuming):
     """Create --out-dir, take its exclusive lock (held until the process ends: a second run into the
-    same folder stops here) and refuse to touch another run unless resuming or --overwrite.
-    Deletes nothing: see start_run_dir. Returns the open lock file."""
+    same folder stops here) and refuse to touch another run unless `resuming` (--resume was given)
+    or --overwrite. Deletes nothing: see start_run_dir. Returns the open lock file."""
     import fcntl
     try:
         os.makedirs(args.out_dir, exist_ok=True)
@@ -789,7 +789,10 @@ def lock_run_dir(args):
         raise UserError(f"--out-dir {args.out_dir!r} is in use by another running training "
                         f"(wait for it, or choose another --out-dir)") from None
     existing = [f for f in RUN_FILES[:3] if os.path.exists(os.path.join(args.out_dir, f))]
-    if existing and not args.resume and not args.overwrite:
+    # `--resume auto` without last.pt may restart a run killed before its first commit (the
+    # metrics and log of an uncommitted epoch 1 go), but not one whose best.pt is there.
+    fresh_start_ok = resuming and (args.resume is not None or "best.pt" not in existing)
+    if existing and not fresh_start_ok and not args.overwrite:
         raise UserError(f"{args.out_dir!r} already holds a run ({', '.join(existing)}); "
                         f"pass --resume auto to continue it or --overwrite to start over")
     return lock
@@ -915,10 +918,11 @@ def train(args, train_step):
     Returns the summary dict (also written to <out-dir>/summary.json)."""
     device = setup_device(args)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: cuDNN's autotuning pays off
+    resuming = args.resume is not None
     if args.resume == "auto":  # continue a preempted run if there is one, else start fresh
         last = os.path.join(args.out_dir, "last.pt")
         args.resume = last if os.path.isfile(last) else None
-    lock = lock_run_dir(args) if is_main() else None
+    lock = lock_run_dir(args, resuming) if is_main() else None
     if dist.is_initialized():
         dist.barrier()
     random.seed(args.seed)

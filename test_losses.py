@@ -1455,6 +1455,23 @@ def test_kill_before_the_commit_point_repeats_the_epoch(two_epoch_run, tmp_path)
     assert json.loads((out / "summary.json").read_text())["test_pgd"] == summary["test_pgd"]
 
 
+def test_kill_before_the_first_commit_restarts_with_resume_auto(two_epoch_run, tmp_path):
+    """A kill in epoch 1 after its metrics and log lines, before last.pt: `--resume auto` starts
+    over (the uncommitted lines go) instead of refusing a folder that holds no committed run."""
+    done, epoch1, summary, run = two_epoch_run
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_bytes(epoch1["metrics.jsonl"])
+    (out / "log.txt").write_bytes(epoch1["log.txt"])
+    r = run(*COMMIT, "--out-dir", str(out), "--resume", "auto")
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((out / "summary.json").read_text())["test_pgd"] == summary["test_pgd"]
+    (out / "last.pt").unlink()  # best.pt without last.pt is not an uncommitted first epoch
+    r = run(*COMMIT, "--out-dir", str(out), "--resume", "auto")
+    assert r.returncode == 2 and "already holds a run" in r.stderr
+
+
 @pytest.mark.parametrize("flags, needle", [(["--val-size", "5000"], "--val-size"),
                                            (["--aux-data", "BAD"], "--aux-data")])
 def test_overwrite_checks_every_input_before_deleting(two_epoch_run, tmp_path, flags, needle):
