@@ -39,7 +39,7 @@ if [[ $SMOKE == 1 ]]; then
     # AutoAttack with reduced iterations on 64 images. Checks the pipeline, not the paper.
     OUT_DIR="${OUT_DIR%/}"
     if [[ $OUT_DIR == runs/paper ]]; then OUT_DIR=runs/smoke; fi
-    SEEDS="0 1"; SWEEP_SEEDS="0"; JOBS="${SMOKE_JOBS:-2}"; NPROC=1
+    SEEDS="${SMOKE_SEEDS:-0 1}"; SWEEP_SEEDS="0"; JOBS="${SMOKE_JOBS:-2}"; NPROC=1
     export CUDA_VISIBLE_DEVICES=""
     export OMP_NUM_THREADS=1  # tiny models: one thread per process, two processes side by side
     DATASETS="digits"; FIG_DATASET="digits"; AUX_DATASET="digits"; FIG8_MODEL="smallcnn"

@@ -1,5 +1,6 @@
 """Tests: the paper's theorems numerically, attack invariants, short real training runs on the
-bundled digits, and the command-line contract. Run with `python -m pytest -q` (CPU, minutes)."""
+bundled digits and real MNIST, the run-folder guarantees, and the command-line contract of every
+script. Run with `python -m pytest -q -n 2` (CPU, about ten minutes on two cores)."""
 import argparse
 import json
 import math
@@ -13,7 +14,11 @@ import time
 
 import numpy as np
 import pytest
-import torch
+
+# The suite runs in two processes side by side (`pytest -n 2`, README): one torch thread each, also
+# in the scripts they start, so that two processes share the two cores without oversubscription.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402  (after the thread setting)
 import torch.nn as nn
 import torch.nn.functional as F
 from scipy.stats import norm
@@ -961,7 +966,7 @@ def test_run_all_smoke_block_trains_evaluates_summarises_and_skips(tmp_path):
     lam 5) on digits, 2 seeds each, AutoAttack, the table. Run again, it finds every run and result
     finished and only rebuilds the table.
     (CI runs every block: `SMOKE=1 ./run_all.sh` in .ci/run.)"""
-    env = dict(os.environ, SMOKE="1", OUT_DIR=str(tmp_path), PYTHON=PY)
+    env = dict(os.environ, SMOKE="1", SMOKE_SEEDS="0 1", OUT_DIR=str(tmp_path), PYTHON=PY)
     r = subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), "table3"], capture_output=True,
                        text=True, timeout=600, cwd=HERE, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
