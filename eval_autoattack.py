@@ -643,7 +643,8 @@ def merge_chunks(plan, args, ckpt, chunk_dir, n_chunks, device):
         format=RESULT_FORMAT, defense=args.defense or default_defense(saved, plan.path),
         method=saved["method"], dataset=saved["dataset"], model=saved["model"], eps=plan.eps,
         train_eps=saved["eps"], lam=saved.get("lam"), beta=saved.get("beta"),
-        aux_data=saved.get("aux_data"), seed=saved["seed"], epochs=saved.get("epochs"),
+        aux_data=saved.get("aux_data"), init_from=saved.get("init_from"), seed=saved["seed"],
+        epochs=saved.get("epochs"),
         lr=saved.get("lr"), checkpoint=os.path.abspath(plan.path),
         checkpoint_kind=os.path.splitext(os.path.basename(plan.path))[0], epoch=ckpt.get("epoch"),
         train_time_s=train_time, train_time_source=source, pretrain_time_s=pretrain_time,
@@ -868,6 +869,12 @@ METHOD_ORDER = {"quoted": -1, "madry": 0, "mart": 1, "trades-sa": 1, "trades": 2
 DATASET_ORDER = {"mnist": 0, "mnist5k": 1, "cifar10": 2, "cifar100": 3, "imagenet32": 4, "digits": 5}
 
 
+def extra_data(r):
+    """Whether a row belongs to Table 2's "With additional data" part: extra pseudo-labelled images
+    (--aux-data), or pre-training on other data (--init-from; the paper lists Pre-training there)."""
+    return bool(r.get("aux_data") or r.get("init_from"))
+
+
 def row_order(r):
     """The paper's row order: without extra data first; by data set; quoted rows, Madry, Self
     Adaptive (or MART), TRADES, Hellinger, FIRE + Self-Adaptive, Overfitting (Madry's
@@ -875,7 +882,7 @@ def row_order(r):
     method = METHOD_ORDER.get(r["method"], 5)
     if r["method"] == "madry" and r.get("checkpoint_kind") == "best":
         method = 5
-    return (bool(r.get("aux_data")), DATASET_ORDER.get(r["dataset"], 9), r["eps"], r["model"],
+    return (extra_data(r), DATASET_ORDER.get(r["dataset"], 9), r["eps"], r["model"],
             method, r.get("lam") or 0, r.get("beta") or 0, r["defense"], r.get("n_examples") or 0,
             r.get("split") or "", r.get("train_eps") or 0)
 
@@ -945,7 +952,7 @@ def paired_cells(groups):
             if (f["dataset"], f["split"], rounded(f["eps"])) != (r["dataset"], r["split"], rounded(r["eps"])):
                 continue
             pairs = matched_seeds(rows, ref)
-            score = (len(pairs) > 0, bool(f.get("aux_data")) == bool(r.get("aux_data")),
+            score = (len(pairs) > 0, extra_data(f) == extra_data(r),
                      f["model"] == r["model"], len(pairs))
             if pairs and (best is None or score > best[0]):
                 best = score, ref, pairs
@@ -977,12 +984,12 @@ def summarize(results, title=None, quoted=()):
               "RunTime", "Seeds", "ΔAA vs FIRE [95% CI]"]
     lines = [] if title is None else [f"### {title}", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    sections = len({bool(r.get("aux_data")) for r in [*results, *quoted]}) > 1
+    sections = len({extra_data(r) for r in [*results, *quoted]}) > 1
     current = None
     for key, rows in groups.items():
         r = rows[0]
-        if sections and bool(r.get("aux_data")) != current:
-            current = bool(r.get("aux_data"))
+        if sections and extra_data(r) != current:
+            current = extra_data(r)
             label = "**With additional data**" if current else "**Without additional data**"
             lines.append("| " + label + " |" + " |" * (len(header) - 1))
         seeds = sorted({x["seed"] for x in rows if x["seed"] is not None})

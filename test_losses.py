@@ -961,6 +961,20 @@ def test_summary_table_mean_and_sample_std(tmp_path):
     assert trades[4] == "85.00" and trades[5] == "50.00"  # one seed: no std
 
 
+def test_pretraining_row_sits_with_the_additional_data_as_in_the_paper(tmp_path):
+    """Table 2 lists Pre-training (a run with --init-from) under "With additional data"."""
+    import eval_autoattack as ea
+    common = dict(format=ea.RESULT_FORMAT, method="madry", dataset="cifar10", model="wrn-28-10",
+                  eps=8 / 255, seed=0, natural=0.8, autoattack=0.5, avg_acc=0.65, n_examples=100,
+                  split="test", aa_version="standard", checkpoint_kind="best", train_time_s=60.0)
+    (tmp_path / "a.json").write_text(json.dumps(dict(common, defense="Pre-training", init_from="p/best.pt")))
+    (tmp_path / "b.json").write_text(json.dumps(dict(common, defense="Madry et al.")))
+    lines = ea.main(["--summarize", str(tmp_path)]).splitlines()
+    where = {name: next(i for i, line in enumerate(lines) if line.startswith(f"| {name}"))
+             for name in ("**Without additional data**", "Madry et al.", "**With additional data**", "Pre-training")}
+    assert list(where.values()) == sorted(where.values()), lines
+
+
 def test_run_all_smoke_block_trains_evaluates_summarises_and_skips(tmp_path):
     """`SMOKE=1 ./run_all.sh table3`: Hellinger and FIRE (the paper's lam 12 and the authors' code's
     lam 5) on digits, 2 seeds each, AutoAttack, the table. Run again, it finds every run and result
