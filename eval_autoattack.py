@@ -30,7 +30,6 @@ with SmallCNN (measured on 2 cores).
 """
 import argparse
 import datetime
-import hashlib
 import json
 import logging
 import math
@@ -49,7 +48,7 @@ from tqdm import tqdm
 
 from harness import (DATA_INFO, UserError, ArgumentParser, attack_pgd_ce, check_output, cli,
                      get_datasets, load_checkpoint, load_model_state, model_from_args, setup_device,
-                     upcast_half, write_atomic)
+                     sha256_file, upcast_half, write_atomic)
 from models import check_model_name, get_model
 
 RESULT_FORMAT = "fire-repro-autoattack/1"
@@ -477,23 +476,6 @@ def default_out(checkpoint, eps=None, train_eps=None, split="test"):
     if split != "test":
         name += f"-{split}"
     return os.path.join(os.path.dirname(os.path.abspath(checkpoint)), name + ".json")
-
-
-_HASHES = {}
-
-
-def sha256_file(path):
-    """SHA-256 of a file, read in 1 MiB blocks (checkpoints can be hundreds of MB); cached per
-    (path, size, modification time) within this process."""
-    st = os.stat(path)
-    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _HASHES[key] = h.hexdigest()
-    return _HASHES[key]
 
 
 def settings_of(args, eps, n):

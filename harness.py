@@ -618,6 +618,23 @@ def check_input_file(path, what):
     raise UserError(f"{what} {path!r} does not exist")
 
 
+_HASHES = {}
+
+
+def sha256_file(path):
+    """SHA-256 of a file, read in 1 MiB blocks (checkpoints can be hundreds of MB); cached per
+    (path, size, modification time) within this process."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
 def load_checkpoint(path, what="checkpoint"):
     """Load a checkpoint of this repository safely (no code runs). Raises UserError otherwise."""
     check_input_file(path, what)
@@ -681,16 +698,12 @@ def init_from(model, args):
                             f"{tuple(target[key].shape)} here")
         target[key] = value
     model.load_state_dict(target, strict=True)
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            sha.update(block)
     try:  # the whole source run's time (best.pt only knows the time up to its epoch)
         with open(os.path.join(os.path.dirname(os.path.abspath(path)), "summary.json")) as f:
             source_time = float(json.load(f)["train_time_s"])
     except (OSError, ValueError, KeyError, TypeError):
         source_time = float(ckpt.get("train_time_s", float("nan")))
-    args.init_from_sha256 = sha.hexdigest()
+    args.init_from_sha256 = sha256_file(path)
     args.pretrain_time_s = source_time + (saved.get("pretrain_time_s") or 0.0)
 
 
@@ -876,11 +889,10 @@ class EpochStats:
         new_bad = (self.first_bad < 0) & (kind > 0)
         self.first_bad = torch.where(new_bad, self.batches, self.first_bad)
         self.bad_kind = torch.where(new_bad, kind, self.bad_kind)
-        ce = F.cross_entropy(logits, y) if y.dim() == 1 else torch.zeros((), device=loss.device)
         n = len(y)
         correct = (logits.argmax(1) == y).sum().float()
-        self.sums += torch.stack([loss * n, ce.detach() * n, correct, torch.ones_like(loss) * n,
-                                  grad_norm.detach() * n])
+        self.sums += torch.stack([loss * n, F.cross_entropy(logits, y) * n, correct,
+                                  torch.ones_like(loss) * n, grad_norm.detach() * n])
         self.grad_max = torch.maximum(self.grad_max, grad_norm.detach())
         self.batches += 1
 
