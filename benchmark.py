@@ -208,10 +208,11 @@ class Bench:
         """One step of the training loop (harness.train): the script's train_step under autocast,
         the SGD update and the on-device statistics. Returns the (detached) loss."""
         with self.amp:
-            loss, logits = script.train_step(method_args, self.fwd, attack_model or self.fwd,
-                                             self.x, self.y, None)
+            loss, logits, x_adv = script.train_step(method_args, self.fwd, attack_model or self.fwd,
+                                                    self.x, self.y, None)
         grad_norm = sgd_update(loss, self.optimizer, self.scaler)
-        self.stats.add(loss, logits, self.y, grad_norm)
+        self.stats.add(loss, logits, self.y, grad_norm, self.x, x_adv, method_args.eps,
+                       method_args.step_size)
         return loss.detach()
 
     def floor_step(self, steps, fwd=None):

@@ -3,7 +3,9 @@ evaluation attack, checkpoints, devices, and the epoch loop.
 
 A training script supplies its own flags and one function,
 
-    train_step(args, model, attack_model, x, y, idx, soft_targets) -> (loss, logits for train accuracy)
+    train_step(args, model, attack_model, x, y, idx, soft_targets) -> (loss, logits, x_adv)
+
+(logits for the training accuracy, x_adv the training attack's points, for the attack diagnostics)
 
 that runs its attack and its loss; `train(args, train_step)` does everything else, identically for
 every method, so a FIRE vs TRADES comparison differs only in the loss and the attack objective.
@@ -868,20 +870,26 @@ def sgd_update(loss, optimizer, scaler):
 BAD_QUANTITY = ("", "the natural logits", "the loss", "the gradient")
 
 
+STAT_KEYS = ("loss", "ce", "train_nat", "images", "grad_norm", "attack_dist", "attack_stuck", "margin")
+
+
 class EpochStats:
-    """Sums of the loss, its cross-entropy part, correct predictions, images and the gradient norm,
-    its maximum, and the first non-finite batch with what was non-finite in it (BAD_QUANTITY),
-    kept on the device: the loop syncs with the host only every --log-every batches."""
+    """Per-epoch sums (STAT_KEYS) of the loss, the cross-entropy of the returned logits, correct
+    predictions, images, the gradient norm, the training attack's Linf displacement ||x' - x|| / eps,
+    the samples it left stuck (displacement under one step: every step had a zero gradient, bar
+    the 0.001 N(0, 1) start), the logit margin (top-1 minus top-2: softmax saturates in float32
+    beyond ~17); the largest gradient norm; the first non-finite batch and what was non-finite in
+    it (BAD_QUANTITY). Kept on the device: the loop syncs with the host every --log-every batches."""
 
     def __init__(self, device, check_grad=True):
-        self.sums = torch.zeros(5, device=device)  # loss, ce, correct, images, grad norm
+        self.sums = torch.zeros(len(STAT_KEYS), device=device)
         self.grad_max = torch.zeros((), device=device)
         self.first_bad = torch.full((), -1, device=device)
         self.bad_kind = torch.zeros((), dtype=torch.long, device=device)
         self.check_grad = check_grad  # float16: the GradScaler skips non-finite gradients itself
         self.batches = 0
 
-    def add(self, loss, logits, y, grad_norm):
+    def add(self, loss, logits, y, grad_norm, x, x_adv, eps, step_size):
         loss, logits = loss.detach(), upcast_half(logits.detach())
         kind = torch.where(~torch.isfinite(logits).all(), 1, torch.where(~torch.isfinite(loss), 2, 0))
         if self.check_grad:
@@ -891,8 +899,12 @@ class EpochStats:
         self.bad_kind = torch.where(new_bad, kind, self.bad_kind)
         n = len(y)
         correct = (logits.argmax(1) == y).sum().float()
+        moved = (x_adv.detach() - x).flatten(1).abs().amax(dim=1).float()
+        top2 = logits.topk(min(2, logits.shape[1]), dim=1).values
         self.sums += torch.stack([loss * n, F.cross_entropy(logits, y) * n, correct,
-                                  torch.ones_like(loss) * n, grad_norm.detach() * n])
+                                  torch.ones_like(loss) * n, grad_norm.detach() * n,
+                                  moved.sum() / max(eps, 1e-12), (moved < step_size).sum().float(),
+                                  (top2[:, 0] - top2[:, -1]).sum()])
         self.grad_max = torch.maximum(self.grad_max, grad_norm.detach())
         self.batches += 1
 
@@ -931,7 +943,7 @@ def network_views(model, args, device):
 
 def train(args, train_step):
     """Train with the script's `train_step(args, model, attack_model, x, y, idx, soft_targets)
-    -> (loss, logits)`, choose the checkpoint on validation PGD accuracy, report test accuracy.
+    -> (loss, logits, x_adv)`, choose the checkpoint on validation PGD accuracy, report test accuracy.
     Returns the summary dict (also written to <out-dir>/summary.json)."""
     device = setup_device(args)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: cuDNN's autotuning pays off
@@ -1015,9 +1027,9 @@ def train(args, train_step):
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast:
-                loss, logits = train_step(args, train_model, attack_model, x, y, idx, soft_targets)
+                loss, logits, x_adv = train_step(args, train_model, attack_model, x, y, idx, soft_targets)
             grad_norm = sgd_update(loss, optimizer, scaler)
-            stats.add(loss, logits, y, grad_norm)
+            stats.add(loss, logits, y, grad_norm, x, x_adv, args.eps, args.step_size)
             if (i + 1) % args.log_every == 0 or i + 1 == len(loader):
                 stats.check_finite(epoch)  # the only host-device sync, once per log_every batches
                 bar.set_postfix(loss=f"{(stats.sums[0] / stats.sums[3]).item():.4f}")
@@ -1032,13 +1044,17 @@ def train(args, train_step):
         collapsed = robustness_collapsed([r["val_pgd"] for r in history] + [val_pgd])
         is_best = val_pgd > best
         best = max(best, val_pgd)
-        loss_mean, ce_mean, train_acc, _, grad_mean = (stats.sums / stats.sums[3]).tolist()
-        record = dict(epoch=epoch + 1, lr=lr, loss=loss_mean, ce=ce_mean,
-                      train_nat=train_acc, val_nat=val_nat, val_pgd=val_pgd,
-                      grad_norm=grad_mean, grad_norm_max=stats.grad_max.item(),
-                      epoch_time_s=epoch_time, best=is_best, collapsed=collapsed)
+        means = dict(zip(STAT_KEYS, (stats.sums / stats.sums[3]).tolist()))
+        del means["images"]
+        weight_norm = torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(p.detach().float()) for p in model.parameters()])).item()
+        record = dict(epoch=epoch + 1, lr=lr, **means, reg=means["loss"] - means["ce"],
+                      val_nat=val_nat, val_pgd=val_pgd, grad_norm_max=stats.grad_max.item(),
+                      weight_norm=weight_norm, epoch_time_s=epoch_time, best=is_best, collapsed=collapsed)
         history.append(record)
         log(f"epoch {epoch + 1:3d} | lr {record['lr']:.4g} | loss {record['loss']:.4f} | "
+            f"reg {record['reg']:.4f} | attack moved {record['attack_dist']:.2f} eps, "
+            f"stuck {record['attack_stuck']:.3f} | |grad| {record['grad_norm']:.3g} | "
             f"train nat {record['train_nat']:.4f} | val nat {val_nat:.4f} | val PGD-{args.eval_steps} "
             f"{val_pgd:.4f}{' *' if is_best else ''} | {epoch_time:.1f}s"
             + (f" | ROBUSTNESS COLLAPSE: val PGD below half its best ({best:.4f}, epoch {best_epoch}) "

@@ -747,8 +747,9 @@ def test_nan_stop_names_the_first_non_finite_quantity():
             (torch.zeros(2, 3), fine, nan, True, "the gradient"),
             (torch.zeros(2, 3), fine, nan, False, None)]:  # float16: the GradScaler skips those steps
         stats = harness.EpochStats("cpu", check_grad=check_grad)
-        stats.add(fine, torch.zeros(2, 3), y, fine)  # batch 1 is finite
-        stats.add(loss, logits, y, grad)
+        x = torch.zeros(2, 4)
+        stats.add(fine, torch.zeros(2, 3), y, fine, x, x, 0.3, 0.01)  # batch 1 is finite
+        stats.add(loss, logits, y, grad, x, x, 0.3, 0.01)
         if needle is None:
             stats.check_finite(0)
         else:

@@ -101,8 +101,8 @@ def attack_fire(model, x, eps, step_size, steps, regulariser=fisher_rao_sq):
 
 
 def train_step(args, model, attack_model, x, y, idx, soft_targets=None):
-    """One FIRE step on a batch: x' by PGD, then the risk of Eq. 7. Returns (loss, natural logits);
-    harness.train does the backward pass and the SGD step."""
+    """One FIRE step on a batch: x' by PGD, then the risk of Eq. 7. Returns (loss, natural logits,
+    x'); harness.train does the backward pass and the SGD step, and logs how far x' moved."""
     regulariser = REGULARISERS[args.distance]
     # Attack in eval mode: no dropout, BatchNorm uses its running statistics and does not update them.
     attack_model.eval()
@@ -111,7 +111,7 @@ def train_step(args, model, attack_model, x, y, idx, soft_targets=None):
     logits_nat, logits_adv = model(x), model(x_adv)
     # Self-adaptive training (Huang et al. 2020) replaces the labels by soft targets; same loss.
     targets = y if soft_targets is None else soft_targets.update(idx, logits_nat)
-    return fire_loss(logits_nat, logits_adv, targets, args.lam, regulariser), logits_nat
+    return fire_loss(logits_nat, logits_adv, targets, args.lam, regulariser), logits_nat, x_adv
 
 
 def main(argv=None):

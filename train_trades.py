@@ -98,7 +98,7 @@ def attack_trades(model, x, eps, step_size, steps):
 
 def train_step(args, model, attack_model, x, y, idx, soft_targets=None):
     """One step of --loss on a batch: x' by PGD, then the loss. Returns (loss, logits for the
-    train accuracy); harness.train does the backward pass and the SGD step."""
+    train accuracy, x'); harness.train does the backward pass and the SGD step."""
     # Attack in eval mode: no dropout, BatchNorm uses its running statistics and does not update them.
     attack_model.eval()
     if args.loss == "trades":
@@ -111,12 +111,12 @@ def train_step(args, model, attack_model, x, y, idx, soft_targets=None):
     model.train()
     if args.loss == "madry":
         logits_adv = model(x_adv)
-        return madry_loss(logits_adv, y), logits_adv
+        return madry_loss(logits_adv, y), logits_adv, x_adv
     logits_nat, logits_adv = model(x), model(x_adv)
     if args.loss == "mart":
-        return mart_loss(logits_nat, logits_adv, y, args.beta), logits_nat
+        return mart_loss(logits_nat, logits_adv, y, args.beta), logits_nat, x_adv
     targets = y if soft_targets is None else soft_targets.update(idx, logits_nat)
-    return trades_loss(logits_nat, logits_adv, targets, args.beta), logits_nat
+    return trades_loss(logits_nat, logits_adv, targets, args.beta), logits_nat, x_adv
 
 
 def main(argv=None):
