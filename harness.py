@@ -874,8 +874,8 @@ STAT_KEYS = ("loss", "ce", "train_nat", "images", "grad_norm", "attack_dist", "a
 
 
 class EpochStats:
-    """Per-epoch sums (STAT_KEYS) of the loss, the cross-entropy of the returned logits, correct
-    predictions, images, the gradient norm, the training attack's Linf displacement ||x' - x|| / eps,
+    """Per-epoch sums (STAT_KEYS) of the loss, the cross-entropy of the returned logits (natural,
+    except Madry's adversarial ones), correct predictions, images, the gradient norm, the training attack's Linf displacement ||x' - x|| / eps,
     the samples it left stuck (displacement under one step: every step had a zero gradient, bar
     the 0.001 N(0, 1) start), the logit margin (top-1 minus top-2: softmax saturates in float32
     beyond ~17); the largest gradient norm; the first non-finite batch and what was non-finite in
@@ -918,9 +918,9 @@ class EpochStats:
 def robustness_collapsed(val_pgds, patience=2):
     """The collapse alarm, on the validation PGD accuracies so far (this epoch's last): the last
     `patience` epochs all below half the best before them, once that best has reached 0.2. Set
-    from measured runs: issue 13's collapses fell from 0.62-0.80 to 0.04-0.14 and stayed there for
-    epochs, while on mnist5k at lr 0.05 (README) single epochs dipped from 0.69 to 0.29 and from
-    0.77 to 0.13 and recovered the next epoch, and the run ended at 0.91."""
+    from measured runs (README, issue 13): in 26 mnist5k runs on a GPU, the five collapses fell
+    from 0.51-0.87 to 0.01-0.10 and stayed below half their best for 4 to 29 epochs, while the
+    one-epoch dips that recovered (0.84 -> 0.37 -> 0.85, 0.73 -> 0.08 -> 0.83) never lasted two."""
     if len(val_pgds) <= patience:
         return False
     best = max(val_pgds[:-patience])
@@ -1046,8 +1046,7 @@ def train(args, train_step):
         best = max(best, val_pgd)
         means = dict(zip(STAT_KEYS, (stats.sums / stats.sums[3]).tolist()))
         del means["images"]
-        weight_norm = torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(p.detach().float()) for p in model.parameters()])).item()
+        weight_norm = torch.nn.utils.get_total_norm([p.detach() for p in model.parameters()]).item()
         record = dict(epoch=epoch + 1, lr=lr, **means, reg=means["loss"] - means["ce"],
                       val_nat=val_nat, val_pgd=val_pgd, grad_norm_max=stats.grad_max.item(),
                       weight_norm=weight_norm, epoch_time_s=epoch_time, best=is_best, collapsed=collapsed)
@@ -1079,7 +1078,8 @@ def train(args, train_step):
         if collapsed and args.stop_on_collapse:
             raise UserError(f"stopped at epoch {epoch + 1} (--stop-on-collapse): validation PGD accuracy "
                             f"{val_pgd:.4f} has been below half its best, {best:.4f} at epoch "
-                            f"{best_epoch}, for 2 epochs; best.pt is kept")
+                            f"{best_epoch}, for 2 epochs; best.pt is kept (at high lr this is usually an "
+                            f"optimisation blow-up: try a lower --lr; README, issue 13)")
 
     # Final numbers on the test split with the checkpoint chosen on validation.
     if dist.is_initialized():

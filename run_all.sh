@@ -192,6 +192,7 @@ evaluate() {
                     "${eps_flag[@]}" "${EVAL_EXTRA[@]}"
             done
             drain
+            for ckpt in "${ckpts[@]}"; do cat "${ckpt%.pt}-eval.out"; done
         else
             "$PY" eval_autoattack.py "${ckpts[@]}" "${EVAL_COMMON[@]}" "${eps_flag[@]}" "${EVAL_EXTRA[@]}"
         fi

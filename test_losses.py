@@ -768,6 +768,12 @@ def test_collapse_alarm_on_constructed_histories():
     assert not any(alarms([0.56, 0.68, 0.69, 0.65, 0.29, 0.77, 0.13, 0.76, 0.84]))  # measured dips
     assert not any(alarms([0.50, 0.70, 0.84, 0.63, 0.60, 0.86]))
     assert not any(alarms([0.05, 0.15, 0.05, 0.02]))  # before the best reaches 0.2
+    # Measured on an H200 (README): FIRE lam 12 at lr 0.05, seed 1, epochs 16-21, collapses and
+    # fires; TRADES at lr 0.05 (seed 2, epochs 11-16) and FIRE lam 5 (seed 1, 16-19) dip for one
+    # epoch and recover: silent.
+    assert alarms([0.83, 0.75, 0.84, 0.02, 0.04, 0.03]) == [False] * 4 + [True, True]
+    assert not any(alarms([0.79, 0.65, 0.84, 0.37, 0.85, 0.84]))
+    assert not any(alarms([0.82, 0.73, 0.08, 0.83]))
 
 
 @pytest.mark.parametrize("stop", [False, True])
@@ -831,6 +837,43 @@ def test_fire_learns_real_mnist_at_eps_03(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["eps"] == 0.3 and summary["test_nat"] > 0.7 and summary["test_pgd"] > 0.12  # chance 0.1
+    # The per-epoch diagnostics of the training attack and the optimisation (issue 13)
+    last = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")][-1]
+    assert 0.5 < last["attack_dist"] <= 1 + 1e-6 and 0 <= last["attack_stuck"] < 0.5
+    assert last["reg"] == pytest.approx(last["loss"] - last["ce"]) and last["reg"] > 0
+    assert last["margin"] > 0 and last["weight_norm"] > 0 and last["grad_norm_max"] >= last["grad_norm"]
+
+
+def test_epoch_stats_measure_the_attack_and_the_logit_margin():
+    """attack_dist = mean ||x' - x||_inf / eps; attack_stuck = share under one step_size from x;
+    margin = mean top-1 minus top-2 logit; all averaged over images, across batches."""
+    stats = harness.EpochStats("cpu")
+    x = torch.zeros(4, 1, 2, 2)
+    x_adv = x.clone()
+    x_adv[0, 0, 0, 0] = 0.3      # on the eps boundary
+    x_adv[1, 0, 1, 1] = -0.15    # half way
+    x_adv[2, 0, 0, 1] = 0.002    # the 0.001 N(0, 1) start only: stuck
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 0.5, 0.0], [2.0, 2.0, 1.0], [1.0, 0.0, -1.0]])
+    y, one = torch.tensor([0, 1, 2, 0]), torch.tensor(1.0)
+    stats.add(one, logits[:2], y[:2], one, x[:2], x_adv[:2], eps=0.3, step_size=0.01)
+    stats.add(one, logits[2:], y[2:], one, x[2:], x_adv[2:], eps=0.3, step_size=0.01)
+    means = dict(zip(harness.STAT_KEYS, (stats.sums / stats.sums[3]).tolist()))
+    assert means["attack_dist"] == pytest.approx((1 + 0.5 + 0.002 / 0.3 + 0) / 4)
+    assert means["attack_stuck"] == pytest.approx(2 / 4)  # the third and fourth never moved a step
+    assert means["margin"] == pytest.approx((2 + 0.5 + 0 + 1) / 4)
+    assert means["train_nat"] == pytest.approx(3 / 4)  # row 2's tie goes to class 0, not its label 2
+
+
+def test_fisher_rao_sq_is_twice_the_kl_for_nearby_distributions():
+    """For q' near q, d^2 = 2 KL(q || q') + O(|q - q'|^3) (both are the Fisher metric's quadratic
+    form, d^2 with the paper's factor 2 in d = 2 arccos BC): FIRE's lam acts locally like TRADES'
+    beta = 2 lam, which the README uses to compare their weights."""
+    torch.manual_seed(0)
+    logits = torch.randn(64, 10, dtype=torch.float64) * 2
+    direction = torch.randn(64, 10, dtype=torch.float64)
+    for t, tol in [(1e-2, 2e-2), (1e-3, 2e-3)]:
+        ratio = fisher_rao_distance(logits, logits + t * direction).pow(2) / kl_per_sample(logits, logits + t * direction)
+        assert torch.allclose(ratio, torch.full_like(ratio, 2.0), atol=tol), ratio
 
 
 @pytest.mark.parametrize("script,args,needle", [
