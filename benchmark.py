@@ -202,7 +202,8 @@ class Bench:
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")
         self.amp = (torch.autocast(device.type, dtype=getattr(torch, args.dtype))
                     if args.dtype != "float32" else nullcontext())
-        self.stats = EpochStats(device)  # the training loop's per-step statistics, on the device
+        # the training loop's per-step statistics, on the device
+        self.stats = EpochStats(device, args.eps, args.step_size)
 
     def train_step(self, script, method_args, attack_model=None):
         """One step of the training loop (harness.train): the script's train_step under autocast,
@@ -211,8 +212,7 @@ class Bench:
             loss, logits, x_adv = script.train_step(method_args, self.fwd, attack_model or self.fwd,
                                                     self.x, self.y, None)
         grad_norm = sgd_update(loss, self.optimizer, self.scaler)
-        self.stats.add(loss, logits, self.y, grad_norm, self.x, x_adv, method_args.eps,
-                       method_args.step_size)
+        self.stats.add(loss, logits, self.y, grad_norm, self.x, x_adv)
         return loss.detach()
 
     def floor_step(self, steps, fwd=None):

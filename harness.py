@@ -877,13 +877,15 @@ STAT_KEYS = ("loss", "ce", "train_nat", "images", "grad_norm", "attack_dist", "a
 
 class EpochStats:
     """Per-epoch sums (STAT_KEYS) of the loss, the cross-entropy of the returned logits (natural,
-    except Madry's adversarial ones), correct predictions, images, the gradient norm, the training attack's Linf displacement ||x' - x|| / eps,
-    the samples it left stuck (displacement under one step: every step had a zero gradient, bar
-    the 0.001 N(0, 1) start), the logit margin (top-1 minus top-2: softmax saturates in float32
-    beyond ~17); the largest gradient norm; the first non-finite batch and what was non-finite in
-    it (BAD_QUANTITY). Kept on the device: the loop syncs with the host every --log-every batches."""
+    except Madry's adversarial ones), correct predictions, images, the gradient norm, the training
+    attack's Linf displacement ||x' - x|| / eps, the samples it left stuck (displacement under one
+    step: every step had a zero gradient, bar the 0.001 N(0, 1) start), the logit margin (top-1
+    minus top-2: softmax saturates in float32 beyond ~17); the largest gradient norm; the first
+    non-finite batch and what was non-finite in it (BAD_QUANTITY). Kept on the device: the loop
+    syncs with the host every --log-every batches."""
 
-    def __init__(self, device, check_grad=True):
+    def __init__(self, device, eps, step_size, check_grad=True):
+        self.eps, self.step_size = eps, step_size  # the training attack's, for its displacement
         self.sums = torch.zeros(len(STAT_KEYS), device=device)
         self.grad_max = torch.zeros((), device=device)
         self.first_bad = torch.full((), -1, device=device)
@@ -891,7 +893,7 @@ class EpochStats:
         self.check_grad = check_grad  # float16: the GradScaler skips non-finite gradients itself
         self.batches = 0
 
-    def add(self, loss, logits, y, grad_norm, x, x_adv, eps, step_size):
+    def add(self, loss, logits, y, grad_norm, x, x_adv):
         loss, logits = loss.detach(), upcast_half(logits.detach())
         kind = torch.where(~torch.isfinite(logits).all(), 1, torch.where(~torch.isfinite(loss), 2, 0))
         if self.check_grad:
@@ -905,7 +907,8 @@ class EpochStats:
         top2 = logits.topk(min(2, logits.shape[1]), dim=1).values
         self.sums += torch.stack([loss * n, F.cross_entropy(logits, y) * n, correct,
                                   torch.ones_like(loss) * n, grad_norm.detach() * n,
-                                  moved.sum() / max(eps, 1e-12), (moved < step_size).sum().float(),
+                                  moved.sum() / max(self.eps, 1e-12),
+                                  (moved < self.step_size).sum().float(),
                                   (top2[:, 0] - top2[:, -1]).sum()])
         self.grad_max = torch.maximum(self.grad_max, grad_norm.detach())
         self.batches += 1
@@ -1020,7 +1023,7 @@ def train(args, train_step):
         loader = train_loader(train_set, args, epoch, device)
         if soft_targets is not None:
             soft_targets.set_epoch(epoch)
-        stats = EpochStats(device, check_grad=args.dtype != "float16")
+        stats = EpochStats(device, args.eps, args.step_size, check_grad=args.dtype != "float16")
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                    disable=None if is_main() else True)
         for i, (x, y, idx) in enumerate(bar):
@@ -1031,7 +1034,7 @@ def train(args, train_step):
             with autocast:
                 loss, logits, x_adv = train_step(args, train_model, attack_model, x, y, idx, soft_targets)
             grad_norm = sgd_update(loss, optimizer, scaler)
-            stats.add(loss, logits, y, grad_norm, x, x_adv, args.eps, args.step_size)
+            stats.add(loss, logits, y, grad_norm, x, x_adv)
             if (i + 1) % args.log_every == 0 or i + 1 == len(loader):
                 stats.check_finite(epoch)  # the only host-device sync, once per log_every batches
                 bar.set_postfix(loss=f"{(stats.sums[0] / stats.sums[3]).item():.4f}")

@@ -746,10 +746,10 @@ def test_nan_stop_names_the_first_non_finite_quantity():
             (torch.zeros(2, 3), nan, nan, True, "the loss"),
             (torch.zeros(2, 3), fine, nan, True, "the gradient"),
             (torch.zeros(2, 3), fine, nan, False, None)]:  # float16: the GradScaler skips those steps
-        stats = harness.EpochStats("cpu", check_grad=check_grad)
+        stats = harness.EpochStats("cpu", eps=0.3, step_size=0.01, check_grad=check_grad)
         x = torch.zeros(2, 4)
-        stats.add(fine, torch.zeros(2, 3), y, fine, x, x, 0.3, 0.01)  # batch 1 is finite
-        stats.add(loss, logits, y, grad, x, x, 0.3, 0.01)
+        stats.add(fine, torch.zeros(2, 3), y, fine, x, x)  # batch 1 is finite
+        stats.add(loss, logits, y, grad, x, x)
         if needle is None:
             stats.check_finite(0)
         else:
@@ -847,7 +847,7 @@ def test_fire_learns_real_mnist_at_eps_03(tmp_path):
 def test_epoch_stats_measure_the_attack_and_the_logit_margin():
     """attack_dist = mean ||x' - x||_inf / eps; attack_stuck = share under one step_size from x;
     margin = mean top-1 minus top-2 logit; all averaged over images, across batches."""
-    stats = harness.EpochStats("cpu")
+    stats = harness.EpochStats("cpu", eps=0.3, step_size=0.01)
     x = torch.zeros(4, 1, 2, 2)
     x_adv = x.clone()
     x_adv[0, 0, 0, 0] = 0.3      # on the eps boundary
@@ -855,8 +855,8 @@ def test_epoch_stats_measure_the_attack_and_the_logit_margin():
     x_adv[2, 0, 0, 1] = 0.002    # the 0.001 N(0, 1) start only: stuck
     logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 0.5, 0.0], [2.0, 2.0, 1.0], [1.0, 0.0, -1.0]])
     y, one = torch.tensor([0, 1, 2, 0]), torch.tensor(1.0)
-    stats.add(one, logits[:2], y[:2], one, x[:2], x_adv[:2], eps=0.3, step_size=0.01)
-    stats.add(one, logits[2:], y[2:], one, x[2:], x_adv[2:], eps=0.3, step_size=0.01)
+    stats.add(one, logits[:2], y[:2], one, x[:2], x_adv[:2])
+    stats.add(one, logits[2:], y[2:], one, x[2:], x_adv[2:])
     means = dict(zip(harness.STAT_KEYS, (stats.sums / stats.sums[3]).tolist()))
     assert means["attack_dist"] == pytest.approx((1 + 0.5 + 0.002 / 0.3 + 0) / 4)
     assert means["attack_stuck"] == pytest.approx(2 / 4)  # the third and fourth never moved a step
@@ -1534,6 +1534,11 @@ def test_kill_before_the_first_commit_restarts_with_resume_auto(two_epoch_run, t
     assert r.returncode == 2 and "already holds a run" in r.stderr
 
 
+def file_bytes(folder):
+    """{name: bytes} of the files in a run folder: what a refused command must leave unchanged."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
 @pytest.mark.parametrize("flags, needle", [(["--val-size", "5000"], "--val-size"),
                                            (["--aux-data", "BAD"], "--aux-data")])
 def test_overwrite_checks_every_input_before_deleting(two_epoch_run, tmp_path, flags, needle):
@@ -1541,12 +1546,12 @@ def test_overwrite_checks_every_input_before_deleting(two_epoch_run, tmp_path, f
     done, _, _, run = two_epoch_run
     out = tmp_path / "run"
     shutil.copytree(done, out)
-    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    before = file_bytes(out)
     (tmp_path / "bad.npz").write_bytes(b"\x00" * 64)
     flags = [str(tmp_path / "bad.npz") if f == "BAD" else f for f in flags]
     r = run(*COMMIT, *flags, "--overwrite", "--out-dir", str(out))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert file_bytes(out) == before
 
 
 def test_a_run_folder_in_use_is_refused(tmp_path):
@@ -1569,14 +1574,14 @@ def test_resume_refuses_a_changed_run(two_epoch_run, tmp_path, flags, needle):
     done, _, _, run = two_epoch_run
     out = tmp_path / "run"
     shutil.copytree(done, out)
-    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    before = file_bytes(out)
     other = tmp_path / "other"
     shutil.copytree(done, other)
     flags = [str(other / "last.pt") if f == "OTHER" else f for f in flags]
     resume = [] if "--resume" in flags else ["--resume", "auto"]
     r = run(*COMMIT, "--epochs", "3", *flags, *resume, "--out-dir", str(out))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert file_bytes(out) == before
 
 
 @pytest.mark.parametrize("labels, needle", [
