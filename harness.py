@@ -262,7 +262,9 @@ class SelfAdaptiveTargets:
 
 
 # ----------------------------------------------------------------------------------------------
-# The FIRE loss and its attack
+# Data
+
+
 class Indexed(torch.utils.data.Dataset):
     """Yields (image, label, index) so that per-sample state (self-adaptive targets) can be kept."""
 
@@ -946,161 +948,71 @@ def network_views(model, args, device):
     return net, net
 
 
+# ----------------------------------------------------------------------------------------------
+# The training loop: train(args, train_step) and its steps, in the order they run
+
+
+class Run:
+    """Everything a training run carries from epoch to epoch, and what its checkpoint holds."""
+
+    def __init__(self, args, model, soft_targets, device):
+        self.model, self.soft_targets = model, soft_targets
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                         weight_decay=args.weight_decay, nesterov=True,
+                                         fused=device.type == "cuda")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(args))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")
+        self.epoch, self.best, self.best_epoch, self.train_time, self.history = 0, -1.0, 0, 0.0, []
+
+    def state_dict(self, args, log_bytes):
+        return dict(format=CHECKPOINT_FORMAT, model=self.model.state_dict(),
+                    optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                    scaler=self.scaler.state_dict(), epoch=self.epoch, best_val_pgd=self.best,
+                    best_epoch=self.best_epoch, rng=rng_state(), args=vars(args),
+                    train_time_s=self.train_time, history=self.history, log_bytes=log_bytes,
+                    method_state=None if self.soft_targets is None else self.soft_targets.state_dict())
+
+
 def train(args, train_step):
     """Train with the script's `train_step(args, model, attack_model, x, y, idx, soft_targets)
     -> (loss, logits, x_adv)`, choose the checkpoint on validation PGD accuracy, report test accuracy.
     Returns the summary dict (also written to <out-dir>/summary.json)."""
     device = setup_device(args)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: cuDNN's autotuning pays off
-    resuming = args.resume is not None
-    if args.resume == "auto":  # continue a preempted run if there is one, else start fresh
-        last = os.path.join(args.out_dir, "last.pt")
-        args.resume = last if os.path.isfile(last) else None
-    lock = lock_run_dir(args, resuming) if is_main() else None
-    if dist.is_initialized():
-        dist.barrier()
+    lock = claim_run_dir(args)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-
     train_set, val_set, test_set = get_datasets(args)
     if args.aux_data:
         train_set = torch.utils.data.ConcatDataset([train_set, load_aux_data(args, train_set)])
-    model = model_from_args(vars(args)).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    args.init_from_sha256 = args.pretrain_time_s = None
-    if args.init_from and not args.resume:  # another run's weights
-        init_from(model, args)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay, nesterov=True, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")
-    start_epoch, best, best_epoch, train_time, history = 0, -1.0, 0, 0.0, []
-    soft_targets = None
-    if getattr(args, "self_adaptive", False):
-        soft_targets = SelfAdaptiveTargets(train_set.labels(), DATA_INFO[args.dataset][0],
-                                           args.sa_alpha, args.sa_start, device)
-
-    ckpt = None
-    if args.resume:
-        ckpt = load_checkpoint(args.resume, "--resume")
-        for key in ("init_from", "init_from_sha256", "pretrain_time_s"):  # where the run started
-            setattr(args, key, ckpt["args"].get(key))
-        check_resume(args, ckpt)
-        load_model_state(model, ckpt, args.resume)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        for group in optimizer.param_groups:  # this machine's SGD kernel, not the saving machine's
-            group["fused"] = device.type == "cuda"
-        scheduler.load_state_dict(ckpt["scheduler"])
-        # The schedule follows this run's flags: resuming with a larger --epochs extends a run.
-        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
-            group["lr"] = base_lr * lr_factor(args)(scheduler.last_epoch)
-        scaler.load_state_dict(ckpt["scaler"])
-        if soft_targets is not None:
-            soft_targets.load_state_dict(ckpt["method_state"])
-        set_rng_state(ckpt["rng"])
-        start_epoch, best, best_epoch = ckpt["epoch"], ckpt["best_val_pgd"], committed_best_epoch(ckpt)
-        train_time, history = ckpt["train_time_s"], ckpt["history"]
-    # Every input is checked: only now may an old run's files go (--overwrite).
-    if is_main():
+    run = new_run(args, train_set, device)
+    ckpt = resume(run, args, device) if args.resume else None
+    if is_main():  # every input is checked: only now may an old run's files go (--overwrite)
         start_run_dir(args, ckpt)
     log = Logger(args.out_dir)
-
-    train_model, attack_model = network_views(model, args, device)
-    eval_model = model if dist.is_initialized() else attack_model  # every rank evaluates everything
-    autocast = (torch.autocast(device.type, dtype=getattr(torch, args.dtype))
-                if args.dtype != "float32" else nullcontext())
-
     log(json.dumps(vars(args), sort_keys=True))
     log(f"{len(train_set)} train / {len(val_set)} val / {len(test_set)} test images, "
-        f"{sum(p.numel() for p in model.parameters()):,} parameters, device {device}")
+        f"{sum(p.numel() for p in run.model.parameters()):,} parameters, device {device}")
+
+    train_model, attack_model = network_views(run.model, args, device)
+    eval_model = run.model if dist.is_initialized() else attack_model  # every rank evaluates everything
     val_loader = eval_loader(val_set, args, device)
-
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(run.epoch, args.epochs):
         t0 = time.time()
-        lr = optimizer.param_groups[0]["lr"]  # this epoch's learning rate
-        loader = train_loader(train_set, args, epoch, device)
-        if soft_targets is not None:
-            soft_targets.set_epoch(epoch)
-        stats = EpochStats(device, args.eps, args.step_size, check_grad=args.dtype != "float16")
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
-                   disable=None if is_main() else True)
-        for i, (x, y, idx) in enumerate(bar):
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                loss, logits, x_adv = train_step(args, train_model, attack_model, x, y, idx, soft_targets)
-            grad_norm = sgd_update(loss, optimizer, scaler)
-            stats.add(loss, logits, y, grad_norm, x, x_adv)
-            if (i + 1) % args.log_every == 0 or i + 1 == len(loader):
-                stats.check_finite(epoch)  # the only host-device sync, once per log_every batches
-                bar.set_postfix(loss=f"{(stats.sums[0] / stats.sums[3]).item():.4f}")
-        scheduler.step()
-        if dist.is_initialized():
-            dist.all_reduce(stats.sums)
-            dist.all_reduce(stats.grad_max, op=dist.ReduceOp.MAX)
+        lr = run.optimizer.param_groups[0]["lr"]  # this epoch's learning rate
+        stats = train_epoch(run, args, train_step, train_model, attack_model, train_set, epoch, device)
         epoch_time = time.time() - t0
-        train_time += epoch_time
-
         val_nat, val_pgd = evaluate(eval_model, val_loader, args.eps, args.eval_steps, device)
-        collapsed = robustness_collapsed([r["val_pgd"] for r in history] + [val_pgd])
-        is_best = val_pgd > best
-        best = max(best, val_pgd)
-        means = dict(zip(STAT_KEYS, (stats.sums / stats.sums[3]).tolist()))
-        del means["images"]
-        weight_norm = torch.nn.utils.get_total_norm([p.detach() for p in model.parameters()]).item()
-        record = dict(epoch=epoch + 1, lr=lr, **means, reg=means["loss"] - means["ce"],
-                      val_nat=val_nat, val_pgd=val_pgd, grad_norm_max=stats.grad_max.item(),
-                      weight_norm=weight_norm, epoch_time_s=epoch_time, best=is_best, collapsed=collapsed)
-        history.append(record)
-        log(f"epoch {epoch + 1:3d} | lr {record['lr']:.4g} | loss {record['loss']:.4f} | "
-            f"reg {record['reg']:.4f} | attack moved {record['attack_dist']:.2f} eps, "
-            f"stuck {record['attack_stuck']:.3f} | |grad| {record['grad_norm']:.3g} | "
-            f"train nat {record['train_nat']:.4f} | val nat {val_nat:.4f} | val PGD-{args.eval_steps} "
-            f"{val_pgd:.4f}{' *' if is_best else ''} | {epoch_time:.1f}s"
-            + (f" | ROBUSTNESS COLLAPSE: val PGD below half its best ({best:.4f}, epoch {best_epoch}) "
-               f"for 2 epochs" if collapsed else ""))
-        if is_main():
-            with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if is_best:
-                best_epoch = epoch + 1
-            state = dict(format=CHECKPOINT_FORMAT, model=model.state_dict(),
-                         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                         scaler=scaler.state_dict(), epoch=epoch + 1, best_val_pgd=best,
-                         best_epoch=best_epoch, rng=rng_state(), args=vars(args),
-                         train_time_s=train_time, history=history,
-                         log_bytes=os.path.getsize(log.path),
-                         method_state=None if soft_targets is None else soft_targets.state_dict())
-            # last.pt is the commit point of the epoch; a kill after it is repaired on resume
-            # (start_run_dir), one before it repeats the epoch.
-            save_checkpoint(state, os.path.join(args.out_dir, "last.pt"))
-            if is_best:
-                save_checkpoint(state, os.path.join(args.out_dir, "best.pt"))
-        if collapsed and args.stop_on_collapse:
+        record = epoch_record(run, stats, epoch, lr, val_nat, val_pgd, epoch_time)
+        log(epoch_line(record, args, run))
+        commit_epoch(run, args, record, log)
+        if record["collapsed"] and args.stop_on_collapse:
             raise UserError(f"stopped at epoch {epoch + 1} (--stop-on-collapse): validation PGD accuracy "
-                            f"{val_pgd:.4f} has been below half its best, {best:.4f} at epoch "
-                            f"{best_epoch}, for 2 epochs; best.pt is kept (at high lr this is usually an "
-                            f"optimisation blow-up: try a lower --lr; README, issue 13)")
-
-    # Final numbers on the test split with the checkpoint chosen on validation.
-    if dist.is_initialized():
-        dist.barrier()
-    best_ckpt = load_checkpoint(os.path.join(args.out_dir, "best.pt"))
-    model.load_state_dict(best_ckpt["model"])
-    test_nat, test_pgd = evaluate(eval_model, eval_loader(test_set, args, device), args.eps,
-                                  args.eval_steps, device)
-    summary = dict(method=args.method, dataset=args.dataset, model=args.model, eps=args.eps,
-                   lam=getattr(args, "lam", None), beta=getattr(args, "beta", None),
-                   aux_data=args.aux_data, seed=args.seed, epochs=args.epochs, best_epoch=best_ckpt["epoch"],
-                   val_nat=best_ckpt["history"][-1]["val_nat"], val_pgd=best_ckpt["best_val_pgd"],
-                   test_nat=test_nat, test_pgd=test_pgd, eval_steps=args.eval_steps,
-                   collapsed=any(r.get("collapsed", False) for r in history),
-                   train_time_s=train_time, out_dir=args.out_dir, init_from=args.init_from,
-                   pretrain_time_s=args.pretrain_time_s)
+                            f"{val_pgd:.4f} has been below half its best, {run.best:.4f} at epoch "
+                            f"{run.best_epoch}, for 2 epochs; best.pt is kept (at high lr this is usually "
+                            f"an optimisation blow-up: try a lower --lr; docs/mnist5k-stability.md)")
+    summary = final_test(run, args, eval_model, test_set, device)
     if is_main():
         write_atomic(os.path.join(args.out_dir, "summary.json"), lambda f: json.dump(summary, f, indent=1))
         log(json.dumps(summary))
@@ -1108,6 +1020,151 @@ def train(args, train_step):
     if dist.is_initialized():
         dist.destroy_process_group()
     return summary
+
+
+def claim_run_dir(args):
+    """Resolve `--resume auto` (last.pt if the folder has one, else a fresh start) and take the run
+    folder's lock (main process; the others wait for it). Returns the lock (None off the main process)."""
+    resuming = args.resume is not None
+    if args.resume == "auto":  # continue a preempted run if there is one, else start fresh
+        last = os.path.join(args.out_dir, "last.pt")
+        args.resume = last if os.path.isfile(last) else None
+    lock = lock_run_dir(args, resuming) if is_main() else None
+    if dist.is_initialized():
+        dist.barrier()
+    return lock
+
+
+def new_run(args, train_set, device):
+    """The model (from --init-from's weights when given, unless resuming), its optimiser, schedule,
+    gradient scaler and the self-adaptive targets, as at the start of epoch 1."""
+    model = model_from_args(vars(args)).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    args.init_from_sha256 = args.pretrain_time_s = None
+    if args.init_from and not args.resume:  # another run's weights
+        init_from(model, args)
+    soft_targets = None
+    if getattr(args, "self_adaptive", False):
+        soft_targets = SelfAdaptiveTargets(train_set.labels(), DATA_INFO[args.dataset][0],
+                                           args.sa_alpha, args.sa_start, device)
+    return Run(args, model, soft_targets, device)
+
+
+def resume(run, args, device):
+    """Load --resume into `run` after checking it is this run (same folder, same settings), so that
+    training continues exactly where the checkpoint was committed. Returns the checkpoint."""
+    ckpt = load_checkpoint(args.resume, "--resume")
+    for key in ("init_from", "init_from_sha256", "pretrain_time_s"):  # where the run started
+        setattr(args, key, ckpt["args"].get(key))
+    check_resume(args, ckpt)
+    load_model_state(run.model, ckpt, args.resume)
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    for group in run.optimizer.param_groups:  # this machine's SGD kernel, not the saving machine's
+        group["fused"] = device.type == "cuda"
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    # The schedule follows this run's flags: resuming with a larger --epochs extends a run.
+    for group, base_lr in zip(run.optimizer.param_groups, run.scheduler.base_lrs):
+        group["lr"] = base_lr * lr_factor(args)(run.scheduler.last_epoch)
+    run.scaler.load_state_dict(ckpt["scaler"])
+    if run.soft_targets is not None:
+        run.soft_targets.load_state_dict(ckpt["method_state"])
+    set_rng_state(ckpt["rng"])
+    run.epoch, run.best, run.best_epoch = ckpt["epoch"], ckpt["best_val_pgd"], committed_best_epoch(ckpt)
+    run.train_time, run.history = ckpt["train_time_s"], ckpt["history"]
+    return ckpt
+
+
+def train_epoch(run, args, train_step, train_model, attack_model, train_set, epoch, device):
+    """One pass over the training set: the script's train_step, then the SGD step, on every batch.
+    Returns the epoch's EpochStats (summed over processes under torchrun)."""
+    loader = train_loader(train_set, args, epoch, device)
+    if run.soft_targets is not None:
+        run.soft_targets.set_epoch(epoch)
+    autocast = (torch.autocast(device.type, dtype=getattr(torch, args.dtype))
+                if args.dtype != "float32" else nullcontext())
+    stats = EpochStats(device, args.eps, args.step_size, check_grad=args.dtype != "float16")
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+               disable=None if is_main() else True)
+    for i, (x, y, idx) in enumerate(bar):
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            loss, logits, x_adv = train_step(args, train_model, attack_model, x, y, idx, run.soft_targets)
+        grad_norm = sgd_update(loss, run.optimizer, run.scaler)
+        stats.add(loss, logits, y, grad_norm, x, x_adv)
+        if (i + 1) % args.log_every == 0 or i + 1 == len(loader):
+            stats.check_finite(epoch)  # the only host-device sync, once per log_every batches
+            bar.set_postfix(loss=f"{(stats.sums[0] / stats.sums[3]).item():.4f}")
+    run.scheduler.step()
+    if dist.is_initialized():
+        dist.all_reduce(stats.sums)
+        dist.all_reduce(stats.grad_max, op=dist.ReduceOp.MAX)
+    return stats
+
+
+def epoch_record(run, stats, epoch, lr, val_nat, val_pgd, epoch_time):
+    """The epoch's metrics.jsonl record; updates the run's epoch, best accuracy, time and history."""
+    collapsed = robustness_collapsed([r["val_pgd"] for r in run.history] + [val_pgd])
+    is_best = val_pgd > run.best
+    run.best = max(run.best, val_pgd)
+    means = dict(zip(STAT_KEYS, (stats.sums / stats.sums[3]).tolist()))
+    del means["images"]
+    weight_norm = torch.nn.utils.get_total_norm([p.detach() for p in run.model.parameters()]).item()
+    record = dict(epoch=epoch + 1, lr=lr, **means, reg=means["loss"] - means["ce"],
+                  val_nat=val_nat, val_pgd=val_pgd, grad_norm_max=stats.grad_max.item(),
+                  weight_norm=weight_norm, epoch_time_s=epoch_time, best=is_best, collapsed=collapsed)
+    run.epoch, run.train_time = epoch + 1, run.train_time + epoch_time
+    run.history.append(record)
+    return record
+
+
+def epoch_line(record, args, run):
+    """The epoch's line of the console and log.txt."""
+    return (f"epoch {record['epoch']:3d} | lr {record['lr']:.4g} | loss {record['loss']:.4f} | "
+            f"reg {record['reg']:.4f} | attack moved {record['attack_dist']:.2f} eps, "
+            f"stuck {record['attack_stuck']:.3f} | |grad| {record['grad_norm']:.3g} | "
+            f"train nat {record['train_nat']:.4f} | val nat {record['val_nat']:.4f} | val PGD-"
+            f"{args.eval_steps} {record['val_pgd']:.4f}{' *' if record['best'] else ''} | "
+            f"{record['epoch_time_s']:.1f}s"
+            + (f" | ROBUSTNESS COLLAPSE: val PGD below half its best ({run.best:.4f}, epoch "
+               f"{run.best_epoch}) for 2 epochs" if record["collapsed"] else ""))
+
+
+def commit_epoch(run, args, record, log):
+    """Write the epoch (main process): its metrics.jsonl record, then last.pt, the commit point
+    (a kill after it is repaired on resume by start_run_dir, one before it repeats the epoch),
+    then best.pt when the epoch is the best."""
+    if not is_main():
+        return
+    with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if record["best"]:
+        run.best_epoch = record["epoch"]
+    state = run.state_dict(args, log_bytes=os.path.getsize(log.path))
+    save_checkpoint(state, os.path.join(args.out_dir, "last.pt"))
+    if record["best"]:
+        save_checkpoint(state, os.path.join(args.out_dir, "best.pt"))
+
+
+def final_test(run, args, eval_model, test_set, device):
+    """The test-split natural and PGD accuracy of best.pt (chosen on validation), as the summary."""
+    if dist.is_initialized():
+        dist.barrier()
+    best_ckpt = load_checkpoint(os.path.join(args.out_dir, "best.pt"))
+    run.model.load_state_dict(best_ckpt["model"])
+    test_nat, test_pgd = evaluate(eval_model, eval_loader(test_set, args, device), args.eps,
+                                  args.eval_steps, device)
+    return dict(method=args.method, dataset=args.dataset, model=args.model, eps=args.eps,
+                lam=getattr(args, "lam", None), beta=getattr(args, "beta", None),
+                aux_data=args.aux_data, seed=args.seed, epochs=args.epochs, best_epoch=best_ckpt["epoch"],
+                val_nat=best_ckpt["history"][-1]["val_nat"], val_pgd=best_ckpt["best_val_pgd"],
+                test_nat=test_nat, test_pgd=test_pgd, eval_steps=args.eval_steps,
+                collapsed=any(r.get("collapsed", False) for r in run.history),
+                train_time_s=run.train_time, out_dir=args.out_dir, init_from=args.init_from,
+                pretrain_time_s=args.pretrain_time_s)
 
 
 def cli(main_fn):

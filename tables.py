@@ -1,0 +1,420 @@
+"""The paper's tables and figures from finished AutoAttack results (the JSON and per-image .npz
+that eval_autoattack.py writes beside each checkpoint).
+
+    find_results(dirs)         the usable result JSONs under some folders (one warning line per unusable one)
+    summarize(results, ...)    Tables 1-3 as Markdown: one row per defense and setting, mean +- std over
+                               seeds, and each row's paired AutoAttack difference to FIRE
+    plot_sweep(results, ...)   Fig. 7 (accuracy against lambda) or Fig. 8 (the accuracy plane)
+
+Used through `eval_autoattack.py --summarize DIR...` and `--plot-sweep DIR...`.
+"""
+import json
+import math
+import os
+import statistics
+import sys
+
+import numpy as np
+from scipy.stats import bootstrap
+
+from harness import UserError, sha256_file, write_atomic
+
+RESULT_FORMAT = "fire-repro-autoattack/1"  # the `format` of a result JSON of eval_autoattack.py
+DATASET_NAMES = {"mnist": "MNIST", "mnist5k": "MNIST (5k)", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100",
+                 "imagenet32": "ImageNet32", "digits": "digits"}
+METHOD_NAMES = {"fire": "FIRE", "fire-sa": "FIRE + Self-Adaptive", "hellinger": "Hellinger",
+                "trades": "TRADES", "trades-sa": "Self Adaptive", "madry": "Madry et al.",
+                "mart": "MART"}
+FIRE_LAM = 12.0  # the paper's lambda and train_fire.py's default: the reference row of the paired comparison
+N_BOOTSTRAP = 10_000
+# Rows the paper quotes from other papers without training them (Table 2): natural, AutoAttack
+# and Avg. Acc. as printed there.
+QUOTED = {"table2": [
+    dict(defense="Atzmon et al.", dataset="mnist", model="cnn", eps=0.3, aux_data=False,
+         natural=0.9935, autoattack=0.9085, avg_acc=0.9510),
+    dict(defense="UAT", dataset="cifar10", model="wrn-106-8", eps=8 / 255, aux_data=True,
+         natural=0.8646, autoattack=0.5603, avg_acc=0.7124),
+]}
+
+RESULT_FIELDS = {"defense": str, "method": str, "dataset": str, "model": str, "eps": (int, float),
+                 "seed": int, "natural": (int, float), "autoattack": (int, float),
+                 "avg_acc": (int, float), "n_examples": int, "split": str}
+
+
+def warn(message):
+    print(f"{os.path.basename(sys.argv[0])}: warning: {message}", file=sys.stderr, flush=True)
+
+
+def checkpoint_of(record, json_path):
+    """The evaluated checkpoint: its recorded path, else the file of that name beside the JSON
+    (a run folder moved as a whole); None if neither exists."""
+    recorded = record["checkpoint"]
+    beside = os.path.join(os.path.dirname(os.path.abspath(json_path)), os.path.basename(str(recorded)))
+    return next((p for p in (str(recorded), beside) if os.path.isfile(p)), None)
+
+
+def result_problem(record, path):
+    """Why a result JSON must not go into a table (None if it may): incomplete, or its checkpoint
+    gone or changed since it was evaluated (e.g. retrained with --overwrite)."""
+    for key, kind in RESULT_FIELDS.items():
+        if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
+            return f"not a complete result ({key!r} missing or of the wrong type)"
+    if "checkpoint" not in record:
+        return None  # written by hand (no checkpoint to check against)
+    ckpt = checkpoint_of(record, path)
+    if ckpt is None:
+        return f"its checkpoint {record['checkpoint']!r} no longer exists"
+    if "checkpoint_sha256" not in record:
+        return "it records no checkpoint SHA-256 (written before results were tied to checkpoints); evaluate again"
+    if sha256_file(ckpt) != record["checkpoint_sha256"]:
+        return f"its checkpoint {ckpt!r} has changed since it was evaluated (retrained?); evaluate again"
+    return None
+
+
+def find_results(dirs):
+    """Result JSONs (by their `format`) under the given folders or files, each file once; a JSON
+    that is incomplete or whose checkpoint is gone or changed is left out with one warning line."""
+    paths = []
+    for d in dirs:
+        if os.path.isfile(d):
+            paths.append(d)
+        elif os.path.isdir(d):
+            for root, subdirs, files in os.walk(d):
+                subdirs.sort()
+                paths += [os.path.join(root, f) for f in sorted(files) if f.endswith(".json")]
+        else:
+            raise UserError(f"{d!r} does not exist")
+    results, seen = [], set()
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            with open(path) as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if not (isinstance(record, dict) and record.get("format") == RESULT_FORMAT):
+            continue
+        problem = result_problem(record, path)
+        if problem:
+            warn(f"ignoring {path}: {problem}")
+            continue
+        record["_path"] = path
+        results.append(record)
+    if not results:
+        raise UserError(f"no usable AutoAttack result JSONs under {' '.join(dirs)}")
+    return results
+
+
+def quoted_rows(name):
+    """The rows the paper quotes for table `name`, as records of the table (marked, one 'seed')."""
+    rows = []
+    for q in QUOTED.get(name, ()):
+        rows.append(dict(q, defense=f"{q['defense']} (quoted from the paper)", method="quoted",
+                         quoted=True, seed=None, n_examples=None, split=None, aa_version=None))
+    return rows
+
+
+def rounded(value):
+    return None if value is None else round(value, 8)
+
+
+def group_key(r):
+    """Rows of a table: everything that changes the numbers (defense: method, lam/beta, extra
+    data, checkpoint; data set, architecture, training and evaluation eps, images, split and
+    AutoAttack version). Seeds are averaged within a row."""
+    return (r["defense"], r["method"], r.get("lam"), r.get("beta"), bool(r.get("aux_data")),
+            r.get("checkpoint_kind"), r["dataset"], r["model"], rounded(r.get("train_eps")),
+            rounded(r["eps"]), r.get("n_examples"), r.get("split"), r.get("aa_version"),
+            bool(r.get("quoted")))
+
+
+# Settings that may differ between rows of one data set: (field, column, formatter)
+SETTING_COLUMNS = [("train_eps", "Train ε", lambda v: "-" if v is None else fmt_eps(v)),
+                   ("split", "Split", str), ("n_examples", "Images", str), ("aa_version", "AA", str)]
+SETTING_NAMES = {"eps": "evaluation ε", "train_eps": "training ε", "split": "split",
+                 "n_examples": "number of images", "aa_version": "AutoAttack version"}
+
+
+def varying_settings(rows_list):
+    """The settings that differ between rows of the same data set (quoted rows aside)."""
+    values = {}
+    for rows in rows_list:
+        r = rows[0]
+        for field in SETTING_NAMES:
+            v = rounded(r.get(field)) if field in ("eps", "train_eps") else r.get(field)
+            values.setdefault((r["dataset"], field), set()).add(v)
+    return [f for f in SETTING_NAMES if any(len(v) > 1 for (_, g), v in values.items() if g == f)]
+
+
+def mean_std(values):
+    """(mean, sample standard deviation with ddof=1, or None for a single value)."""
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def fmt_pm(values, scale=100):
+    mean, std = mean_std([v * scale for v in values])
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def fmt_eps(eps):
+    k = eps * 255
+    if abs(k - round(k)) < 1e-6 and round(k) > 0 and eps < 0.1:
+        return f"{round(k)}/255"
+    return f"{eps:g}"
+
+
+def fmt_hours(seconds):
+    """The paper's RunTime format: 11h00 (hours and minutes); seconds below one minute."""
+    if not math.isfinite(seconds):
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60}h{minutes % 60:02d}"
+
+
+def fmt_runtime(rows):
+    """Mean training time; '<pre-training> + <fine-tuning>' for runs initialised from another."""
+    def finite_mean(key):
+        values = [x.get(key) for x in rows]
+        values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+        return statistics.fmean(values) if values else None
+    train, pretrain = finite_mean("train_time_s"), finite_mean("pretrain_time_s")
+    if train is None:
+        return "-"
+    return fmt_hours(train) if pretrain is None else f"{fmt_hours(pretrain)} + {fmt_hours(train)}"
+
+
+def fmt_model(name):
+    return {"smallcnn": "CNN", "resnet18": "RN-18"}.get(name, name.upper())
+
+
+METHOD_ORDER = {"quoted": -1, "madry": 0, "mart": 1, "trades-sa": 1, "trades": 2, "hellinger": 3,
+                "fire-sa": 4, "fire": 6}
+DATASET_ORDER = {"mnist": 0, "mnist5k": 1, "cifar10": 2, "cifar100": 3, "imagenet32": 4, "digits": 5}
+
+
+def extra_data(r):
+    """Whether a row belongs to Table 2's "With additional data" part: extra pseudo-labelled images
+    (--aux-data), or pre-training on other data (--init-from; the paper lists Pre-training there)."""
+    return bool(r.get("aux_data") or r.get("init_from"))
+
+
+def row_order(r):
+    """The paper's row order: without extra data first; by data set; quoted rows, Madry, Self
+    Adaptive (or MART), TRADES, Hellinger, FIRE + Self-Adaptive, Overfitting (Madry's
+    best-on-validation checkpoint), FIRE."""
+    method = METHOD_ORDER.get(r["method"], 5)
+    if r["method"] == "madry" and r.get("checkpoint_kind") == "best":
+        method = 5
+    return (extra_data(r), DATASET_ORDER.get(r["dataset"], 9), r["eps"], r["model"],
+            method, r.get("lam") or 0, r.get("beta") or 0, r["defense"], r.get("n_examples") or 0,
+            r.get("split") or "", r.get("train_eps") or 0)
+
+
+# ---- the paired comparison with FIRE
+
+_PER_SAMPLE = {}
+
+
+def per_sample_aa(record):
+    """(image indices, robust after the whole AutoAttack) from the result's .npz, or None."""
+    path = os.path.join(os.path.dirname(record["_path"]),
+                        record.get("per_sample") or os.path.splitext(os.path.basename(record["_path"]))[0] + ".npz")
+    if path not in _PER_SAMPLE:
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                index, robust = f["index"], f["square"].astype(bool)
+            _PER_SAMPLE[path] = (index, robust) if len(index) == len(robust) == record["n_examples"] else None
+        except (OSError, ValueError, KeyError, EOFError):
+            _PER_SAMPLE[path] = None
+    return _PER_SAMPLE[path]
+
+
+def paired_difference(a, b, n_boot=N_BOOTSTRAP, seed=0):
+    """AutoAttack accuracy of a minus b on the same images, with a 95% paired bootstrap interval.
+
+    a, b: bool arrays (images, matched seeds): robust or not, the same image and seed in the same
+    cell. The difference per image is averaged over the seeds; the interval is the percentile
+    bootstrap of its mean over n_boot resamples of the images (scipy.stats.bootstrap: the same
+    images for both methods and every seed; numpy's default_rng(seed)). Returns (mean, low, high).
+    """
+    d = (np.asarray(a, float) - np.asarray(b, float)).mean(axis=1)
+    if np.all(d == d[0]):  # no spread to resample (e.g. identical results)
+        return d[0].item(), d[0].item(), d[0].item()
+    ci = bootstrap((d,), np.mean, n_resamples=n_boot, confidence_level=0.95, method="percentile",
+                   random_state=np.random.default_rng(seed)).confidence_interval
+    return d.mean().item(), float(ci.low), float(ci.high)
+
+
+def matched_seeds(rows, ref):
+    """Per-image AutoAttack results of the seeds both rows have, on the same images:
+    [(row's, reference's)] for each seed whose .npz files exist and whose image indices agree."""
+    mine = {r["seed"]: r for r in reversed(rows)}  # the first result of a seed
+    theirs = {r["seed"]: r for r in reversed(ref)}
+    pairs = []
+    for seed in sorted(set(mine) & set(theirs)):
+        a, b = per_sample_aa(mine[seed]), per_sample_aa(theirs[seed])
+        if a is not None and b is not None and np.array_equal(a[0], b[0]):
+            pairs.append((a[1], b[1]))
+    return pairs
+
+
+def paired_cells(groups):
+    """For each row, its paired AutoAttack difference to FIRE (lam 12) in points with the 95%
+    interval: the FIRE row of the same data set, split and evaluation eps, preferring the same
+    extra data and architecture, with the most matched seeds; '-' when nothing can be paired."""
+    cells = {}
+    fire = [rows for rows in groups.values() if not rows[0].get("quoted")
+            and rows[0]["method"] == "fire" and rows[0].get("lam") == FIRE_LAM]
+    for key, rows in groups.items():
+        r, best = rows[0], None
+        if r.get("quoted"):
+            cells[key] = "-"
+            continue
+        for ref in fire:
+            f = ref[0]
+            if (f["dataset"], f["split"], rounded(f["eps"])) != (r["dataset"], r["split"], rounded(r["eps"])):
+                continue
+            pairs = matched_seeds(rows, ref)
+            score = (len(pairs) > 0, extra_data(f) == extra_data(r),
+                     f["model"] == r["model"], len(pairs))
+            if pairs and (best is None or score > best[0]):
+                best = score, ref, pairs
+        if best is None:
+            cells[key] = "-"
+        elif best[1] is rows:
+            cells[key] = "reference"
+        else:
+            pairs = best[2]
+            m, low, high = paired_difference(np.stack([a for a, _ in pairs], 1),
+                                             np.stack([b for _, b in pairs], 1))
+            seeds = "" if len(pairs) == len({x["seed"] for x in rows}) else f" ({len(pairs)} seeds)"
+            cells[key] = f"{100 * m:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]{seeds}"
+    return cells
+
+
+def summarize(results, title=None, quoted=()):
+    """The paper's table (Tables 1-3) as Markdown: one row per defense and setting, mean +- std
+    over seeds, and each row's paired AutoAttack difference to FIRE."""
+    groups = {}
+    for r in sorted([*results, *quoted], key=row_order):
+        groups.setdefault(group_key(r), []).append(r)
+    varying = varying_settings([rows for rows in groups.values() if not rows[0].get("quoted")])
+    settings = [c for c in SETTING_COLUMNS if c[0] in varying]
+    paired = paired_cells(groups)
+    extra = [k for k in ("pgd20", "cw") if any(k in r for r in results)]
+    header = ["Defense", "Dataset", "ε", "Structure", *[label for _, label, _ in settings],
+              "Natural", "AutoAttack", "Avg. Acc.", *[{"pgd20": "PGD-20", "cw": "CW-20"}[k] for k in extra],
+              "RunTime", "Seeds", "ΔAA vs FIRE [95% CI]"]
+    lines = [] if title is None else [f"### {title}", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    sections = len({extra_data(r) for r in [*results, *quoted]}) > 1
+    current = None
+    for key, rows in groups.items():
+        r = rows[0]
+        if sections and extra_data(r) != current:
+            current = extra_data(r)
+            label = "**With additional data**" if current else "**Without additional data**"
+            lines.append("| " + label + " |" + " |" * (len(header) - 1))
+        seeds = sorted({x["seed"] for x in rows if x["seed"] is not None})
+        if r.get("quoted"):
+            seeds_text = "-"
+        elif len(seeds) != len(rows):  # the same seed twice (e.g. copied folders): say so
+            seeds_text = f"{len(rows)} results, seeds {','.join(map(str, seeds))}"
+        else:
+            seeds_text = f"{len(rows)} ({','.join(map(str, seeds))})"
+        cells = [r["defense"], DATASET_NAMES.get(r["dataset"], r["dataset"]), fmt_eps(r["eps"]),
+                 fmt_model(r["model"]), *[fmt(r.get(field)) if not r.get("quoted") else "-"
+                                          for field, _, fmt in settings],
+                 fmt_pm([x["natural"] for x in rows]),
+                 fmt_pm([x["autoattack"] for x in rows]), fmt_pm([x["avg_acc"] for x in rows])]
+        for k in extra:
+            values = [x[k] for x in rows if k in x]
+            cells.append(fmt_pm(values) if values else "-")
+        cells += [fmt_runtime(rows), seeds_text, paired[key]]
+        lines.append("| " + " | ".join(cells) + " |")
+    n = {r["n_examples"] for r in results}
+    smoke = any(r.get("aa_version") != "standard" for r in results)
+    lines += ["", f"Accuracies in %, mean ± sample standard deviation (ddof = 1) over seeds (one "
+                  f"seed: the value alone); AutoAttack = "
+                  f"{'reduced smoke version' if smoke else 'standard version'}, Linf, on "
+                  f"{'/'.join(map(str, sorted(n)))} {'/'.join(sorted({r['split'] for r in results}))} "
+                  f"images; Avg. Acc. = (Natural + AutoAttack) / 2; RunTime = mean wall-clock "
+                  f"training time (pre-training + fine-tuning for runs initialised from another). "
+                  f"ΔAA vs FIRE = AutoAttack accuracy minus that of FIRE (lam={FIRE_LAM:g}) on the same "
+                  f"data set, seeds and images, in points, averaged over the matched seeds, with a "
+                  f"95% paired bootstrap interval over images ({N_BOOTSTRAP:,} resamples); - = no "
+                  f"per-image results to pair."]
+    if quoted:
+        lines += ["", "Rows marked (quoted from the paper) are the numbers the paper quotes; they "
+                      "were not trained or evaluated here."]
+    if varying:
+        lines += ["", f"**Note: rows of the same data set differ in "
+                      f"{', '.join(SETTING_NAMES[f] for f in varying)}; compare rows only where "
+                      f"these agree.**"]
+    if smoke:
+        lines += ["", "**Smoke run: AutoAttack with reduced iterations (--smoke-aa) on a toy "
+                      "training budget; these numbers only show that the pipeline works.**"]
+    return "\n".join(lines) + "\n"
+
+
+def figure_formats():
+    """File formats matplotlib's Agg canvas writes (png, pdf, svg, ...)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    return FigureCanvasAgg.get_supported_filetypes()
+
+
+def sweep_weight(r):
+    return r.get("lam") if r["method"] in ("fire", "fire-sa", "hellinger") else r.get("beta")
+
+
+def plot_sweep(results, path, kind="lambda"):
+    """Fig. 7 (kind='lambda': natural and AutoAttack accuracy against the weight) or Fig. 8
+    (kind='plane': AutoAttack against natural accuracy, one curve per method); mean over seeds.
+    Results that differ in anything but the weight and the seed (training or evaluation eps,
+    images, split, AutoAttack version) are separate curves, never averaged into one point."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, renders with Agg
+    curves = {}
+    for r in results:
+        label = f"{METHOD_NAMES.get(r['method'], r['method'])}" + (" + extra data" if r.get("aux_data") else "")
+        key = (label, r["dataset"], r["model"], rounded(r.get("train_eps")), rounded(r["eps"]),
+               r["n_examples"], r["split"], r.get("aa_version") or "")
+        curves.setdefault(key, {}).setdefault(sweep_weight(r), []).append(r)
+    differ = [i for i in range(1, 8) if len({k[i] for k in curves}) > 1]
+    describe = {1: lambda v: DATASET_NAMES.get(v, v), 2: fmt_model,
+                3: lambda v: "train ε " + ("-" if v is None else fmt_eps(v)),
+                4: lambda v: "ε " + fmt_eps(v), 5: lambda v: f"{v} images", 6: str, 7: str}
+    fig = Figure(figsize=(6, 4.2))
+    ax = fig.add_subplot()
+    for n_curve, (key, points) in enumerate(sorted(curves.items(), key=lambda kv: str(kv[0]))):
+        weights = sorted(points, key=lambda w: (w is None, w or 0))
+        nat = [100 * statistics.fmean(x["natural"] for x in points[w]) for w in weights]
+        adv = [100 * statistics.fmean(x["autoattack"] for x in points[w]) for w in weights]
+        name = key[0] if not differ else f"{key[0]} ({', '.join(describe[i](key[i]) for i in differ)})"
+        color = f"C{n_curve}"
+        if kind == "lambda":
+            ax.plot(weights, nat, "o-", color=color, label=f"{name}: natural")
+            ax.plot(weights, adv, "s--", color=color, label=f"{name}: AutoAttack")
+        else:
+            ax.plot(nat, adv, "o-", color=color, label=name)
+            for w, a, b in zip(weights, nat, adv):
+                ax.annotate(f"{w:g}", (a, b), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    if kind == "lambda":
+        ax.set_xlabel("λ (FIRE, Hellinger) / β (TRADES, MART)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title("Natural and AutoAttack accuracy against λ")
+    else:
+        ax.set_xlabel("natural accuracy (%)")
+        ax.set_ylabel("AutoAttack accuracy (%)")
+        ax.set_title("Natural / adversarial accuracy plane (labels: λ or β)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    write_atomic(path, lambda f: fig.savefig(f, format=ext, dpi=120), binary=True)
+    return sorted(curves)
