@@ -1,0 +1,74 @@
+"""The training scripts' command-line contract: every bad flag or input is one error line and exit
+code 2 before any work, and a model name is checked without building the network."""
+import pytest
+
+import train_fire
+from conftest import run_script
+
+
+@pytest.mark.parametrize("script,args,needle", [
+    ("train_fire.py", ["--eps", "-0.1"], "--eps"),
+    ("train_fire.py", ["--lam", "-1"], "--lam"),
+    ("train_fire.py", ["--dataset", "imagenet"], "--dataset"),
+    ("train_fire.py", ["--epochs", "0"], "--epochs"),
+    ("train_fire.py", ["--batch-size", "0"], "--batch-size"),
+    ("train_fire.py", ["--step-size", "0"], "--step-size"),
+    ("train_fire.py", ["--eps", "nan"], "--eps"),
+    ("train_fire.py", ["--model", "vgg99"], "vgg99"),
+    ("train_trades.py", ["--beta", "-6"], "--beta"),
+    ("train_trades.py", ["--loss", "kl"], "--loss"),
+])
+def test_bad_flags_exit_with_one_line(script, args, needle):
+    r = run_script(script, *args, "--out-dir", "/tmp/never-used-fire")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "error" in lines[0]
+
+
+@pytest.mark.parametrize("script,args,needle", [
+    ("train_fire.py", ["--eps", "5"], "--eps"),
+    ("train_fire.py", ["--attack-steps", "-1"], "--attack-steps"),
+    ("train_fire.py", ["--eval-steps", "-2"], "--eval-steps"),
+    ("train_fire.py", ["--lr", "-0.1"], "--lr"),
+    ("train_fire.py", ["--epochs", "-5"], "--epochs"),
+    ("train_fire.py", ["--batch-size", "-3"], "--batch-size"),
+    ("train_fire.py", ["--val-size", "0"], "--val-size"),
+    ("train_fire.py", ["--unsup-fraction", "1.5"], "--unsup-fraction"),
+    ("train_fire.py", ["--sa-alpha", "1"], "--sa-alpha"),
+    ("train_fire.py", ["--distance", "kl"], "--distance"),
+    ("train_fire.py", ["--aux-data", "/no/such/file.npz"], "--aux-data"),
+    ("train_fire.py", ["--resume", "/no/such/last.pt"], "does not exist"),
+    ("train_fire.py", ["--out-dir", "/etc/hostname/run"], "--out-dir"),
+    ("train_fire.py", ["--epochs", "two"], "--epochs"),
+    # more ranges, network shapes, paths that are folders and flag combinations
+    ("train_fire.py", ["--val-size", "1437"], "--val-size"),  # the whole digits training split
+    ("train_fire.py", ["--model", "wrn-10-0"], "widen factor"),
+    ("train_fire.py", ["--model", "wrn-11-2"], "depth"),
+    ("train_fire.py", ["--momentum", "-1"], "--momentum"),
+    ("train_fire.py", ["--weight-decay", "-1"], "--weight-decay"),
+    ("train_fire.py", ["--seed", "-1"], "--seed"),
+    ("train_fire.py", ["--seed", "99999999999"], "--seed"),
+    ("train_trades.py", ["--sa-start", "0"], "--sa-start"),
+    ("train_trades.py", ["--workers", "-1"], "--workers"),
+    ("train_fire.py", ["--resume", "/"], "is a directory"),
+    ("train_fire.py", ["--aux-data", "/"], "is a directory"),
+    ("train_trades.py", ["--eps", "-1"], "--eps"),
+    ("train_trades.py", ["--step-size", "-0.01"], "--step-size"),
+    ("train_trades.py", ["--dataset", "svhn"], "--dataset"),
+    ("train_trades.py", ["--model", "wrn-35-10"], "6n+4"),
+    ("train_trades.py", ["--loss", "madry", "--self-adaptive"], "--loss trades"),
+])
+def test_bad_argument_catalogue(script, args, needle, tmp_path):
+    argv = list(args) if "--out-dir" in args else [*args, "--out-dir", str(tmp_path / "run")]
+    r = run_script(script, *argv)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], lines
+
+
+def test_model_name_is_checked_without_building_it(monkeypatch):
+    """--model wrn-1000-1000 (9 GB) is validated by name only."""
+    import models
+    monkeypatch.setattr(models.WideResNet, "__init__", lambda *a, **k: pytest.fail("built the network"))
+    args = train_fire.get_args(["--model", "wrn-1000-1000"])
+    assert args.model == "wrn-1000-1000"

