@@ -136,6 +136,9 @@ def base_parser(description):
                    help="checkpoint to resume from, or 'auto' = <out-dir>/last.pt if it exists")
     p.add_argument("--overwrite", action="store_true", help="allow replacing a finished run's files")
     p.add_argument("--log-every", type=int, default=50, help="batches between progress/NaN checks")
+    p.add_argument("--print-identity", action="store_true",
+                   help="print the hash of the run's identity (every setting that changes what it "
+                        "computes, presets applied) and exit; run_all.sh names run folders by it")
     p.add_argument("--stop-on-collapse", action="store_true",
                    help="end the run when validation PGD accuracy stays below half its best for 2 "
                         "epochs (the collapse alarm; best.pt is kept). Without it the alarm is only logged")
@@ -199,10 +202,14 @@ def finish_args(parser, argv, method):
         check_model_name(args.model)  # the name only: no network is built here
         for path, flag in ((args.aux_data, "--aux-data"), (args.resume, "--resume"),
                            (args.init_from, "--init-from")):
-            if path is not None and not (flag == "--resume" and path == "auto"):
+            # --print-identity plans a run whose inputs may not exist yet (a fine-tune's source)
+            if path is not None and not (flag == "--resume" and path == "auto") and not args.print_identity:
                 check_input_file(path, flag)
     except (ValueError, UserError) as e:
         parser.error(str(e))
+    if args.print_identity:
+        print(identity_hash(vars(args)))
+        sys.exit(0)
     return args
 
 
@@ -754,10 +761,30 @@ def lr_factor(args):
 
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "log.txt", "summary.json")
-# Flags a resumed run may change: where things live, how fast they run, and --epochs (extending a
-# run). Any other flag changes what the run computes, so resuming with it changed is refused.
-RESUME_MAY_CHANGE = {"out_dir", "resume", "overwrite", "epochs", "data_dir", "device", "workers",
-                     "log_every", "compile", "channels_last", "trust_pickle", "stop_on_collapse"}
+# A run's arguments fix what it computes, except these: where its files and data live, the devices
+# and how fast it runs, how often it logs, whether the collapse alarm ends it, and what the run
+# records about itself. Every other argument, a new flag included, is the run's identity: --resume
+# refuses to change it (bar --epochs, which extends a run), run_all.sh names run folders by it
+# (--print-identity) and a table never averages runs whose identities differ beyond the seed.
+NOT_IDENTITY = frozenset({"out_dir", "resume", "overwrite", "data_dir", "device", "workers",
+                          "log_every", "compile", "channels_last", "trust_pickle", "stop_on_collapse",
+                          "print_identity", "init_from_sha256", "pretrain_time_s"})
+IDENTITY_PATHS = ("aux_data", "init_from")  # compared as normalised paths: ./x and x are one file
+
+
+def run_identity(saved):
+    """The settings that define what a run computes: its arguments (a dict) minus NOT_IDENTITY."""
+    identity = {k: v for k, v in sorted(saved.items()) if k not in NOT_IDENTITY}
+    for key in IDENTITY_PATHS:
+        if isinstance(identity.get(key), str):
+            identity[key] = os.path.normpath(identity[key])
+    return identity
+
+
+def identity_hash(saved):
+    """12 hex digits of the SHA-256 of run_identity(saved): equal for equal experiments."""
+    text = json.dumps(run_identity(saved), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def check_output(path, what, make_folder=True):
@@ -818,11 +845,12 @@ def lock_run_dir(args, resuming):
 
 
 def check_resume(args, ckpt):
-    """Refuse to resume `ckpt` into this run if it belongs to another folder or another setting."""
-    saved = ckpt["args"]
+    """Refuse to resume `ckpt` into this run if it belongs to another folder or another experiment
+    (its identity, see NOT_IDENTITY; a larger --epochs extends the run)."""
+    saved, here = run_identity(ckpt["args"]), run_identity(vars(args))
     first = ("method", "dataset", "model")  # the most telling difference first
-    for key, value in sorted(vars(args).items(), key=lambda kv: (kv[0] not in first, kv[0])):
-        if key in saved and key not in RESUME_MAY_CHANGE and saved[key] != value:
+    for key, value in sorted(here.items(), key=lambda kv: (kv[0] not in first, kv[0])):
+        if key in saved and key != "epochs" and saved[key] != value:
             name = key if key == "method" else "--" + key.replace("_", "-")
             raise UserError(f"--resume {args.resume!r} was trained with {name}={saved[key]!r}, this "
                             f"command gives {value!r}: resuming must not change what the run computes")
