@@ -40,6 +40,18 @@ def fire_run(tmp_path_factory):
     return out, json.loads(r.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture
+def few_digits(monkeypatch):
+    """Trainings run in this test process (script.main(argv)) use the first 192 of the 1,257 digits
+    training images: real runs, six times shorter, for tests of the loop rather than of learning."""
+    real = harness.get_datasets
+
+    def first_images(args):
+        train, val, test = real(args)
+        return harness.Indexed(train.base, train.indices[:192], train.transform), val, test
+    monkeypatch.setattr(harness, "get_datasets", first_images)
+
+
 def cli_error(main, argv, capsys):
     """Run a script's main() as its command line does: (exit code, stderr lines)."""
     with pytest.raises(SystemExit) as e:

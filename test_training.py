@@ -171,15 +171,13 @@ def test_self_adaptive_step_is_the_method_before_its_start(script):
     assert after.item() != pytest.approx(plain.item(), rel=1e-4)
 
 
-def test_self_adaptive_targets_resume_exactly(tmp_path):
+def test_self_adaptive_targets_resume_exactly(tmp_path, few_digits):
     """Targets live in the checkpoint: 2 epochs + resume to 3 equals 3 epochs straight."""
     flags = ["--self-adaptive", "--sa-start", "1", "--lr-milestones", "1.0", "--lr", "0.1",
              "--attack-steps", "1", "--eval-steps", "1"]
-    straight = run_script("train_fire.py", *flags, "--epochs", "3", "--out-dir", str(tmp_path / "a"))
-    first = run_script("train_fire.py", *flags, "--epochs", "2", "--out-dir", str(tmp_path / "b"))
-    resumed = run_script("train_fire.py", *flags, "--epochs", "3", "--out-dir", str(tmp_path / "b"),
-                         "--resume", "auto")
-    assert straight.returncode == first.returncode == resumed.returncode == 0, resumed.stderr
+    train_fire.main([*flags, "--epochs", "3", "--out-dir", str(tmp_path / "a")])
+    train_fire.main([*flags, "--epochs", "2", "--out-dir", str(tmp_path / "b")])
+    train_fire.main([*flags, "--epochs", "3", "--out-dir", str(tmp_path / "b"), "--resume", "auto"])
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     targets = a["method_state"]["targets"]
@@ -243,7 +241,7 @@ def test_collapse_alarm_on_constructed_histories():
 
 
 @pytest.mark.parametrize("stop", [False, True])
-def test_collapse_is_logged_recorded_and_can_stop_the_run(tmp_path, monkeypatch, stop):
+def test_collapse_is_logged_recorded_and_can_stop_the_run(tmp_path, monkeypatch, stop, few_digits):
     """A scripted validation history (0.5, 0.6, 0.1, 0.1): epoch 4 is flagged in the log,
     metrics.jsonl and summary.json; --stop-on-collapse ends the run there with one line, keeping
     best.pt (epoch 2)."""
