@@ -67,8 +67,8 @@ def test_bad_argument_catalogue(script, args, needle, tmp_path):
 
 
 def test_model_name_is_checked_without_building_it(monkeypatch):
-    """--model wrn-1000-1000 (9 GB) is validated by name only."""
+    """--model wrn-250-32 (about 4 billion parameters) is validated by name only."""
     import models
     monkeypatch.setattr(models.WideResNet, "__init__", lambda *a, **k: pytest.fail("built the network"))
-    args = train_fire.get_args(["--model", "wrn-1000-1000"])
-    assert args.model == "wrn-1000-1000"
+    args = train_fire.get_args(["--model", "wrn-250-32"])
+    assert args.model == "wrn-250-32"
