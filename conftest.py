@@ -70,7 +70,8 @@ def write_result(folder, name, robust, method="fire", seed=0, index=None, npz=Tr
     robust = np.asarray(robust, bool)
     lam, beta = 12.0 if method == "fire" else None, 6.0 if method == "trades" else None
     identity = dict(method=method, dataset="cifar10", model="wrn-34-10", eps=0.031, lam=lam, beta=beta,
-                    seed=seed, epochs=100, lr=0.1, batch_size=256, **(training or {}))
+                    seed=seed, epochs=100, lr=0.1, batch_size=256)
+    identity.update(training or {})
     record = dict(format=tables.RESULT_FORMAT, defense=extra.pop("defense", tables.METHOD_NAMES[method]),
                   method=method, dataset="cifar10", model="wrn-34-10", eps=8 / 255, train_eps=0.031,
                   lam=lam, beta=beta, seed=seed, natural=0.9, autoattack=robust.mean().item(),

@@ -333,10 +333,17 @@ def matched_seeds(rows, ref):
     return pairs
 
 
+def shared_settings(a, b):
+    """How many training settings, bar those a row's name or columns show, two results share."""
+    sa, sb = training_settings(a) or {}, training_settings(b) or {}
+    return sum(sa[k] == sb.get(k) for k in sa if k in sb and k not in SHOWN_IN_ROW)
+
+
 def paired_cells(groups):
     """For each row, its paired AutoAttack difference to FIRE (lam 12) in points with the 95%
     interval: the FIRE row of the same data set, split and evaluation eps, preferring the same
-    extra data and architecture, with the most matched seeds; '-' when nothing can be paired."""
+    extra data, architecture and other training settings, with the most matched seeds; '-' when
+    nothing can be paired. A FIRE (lam 12) row is its own reference."""
     cells = {}
     fire = [rows for rows in groups.values() if not rows[0].get("quoted")
             and rows[0]["method"] == "fire" and rows[0].get("lam") == FIRE_LAM]
@@ -345,19 +352,20 @@ def paired_cells(groups):
         if r.get("quoted"):
             cells[key] = "-"
             continue
+        if any(rows is ref for ref in fire):
+            cells[key] = "reference"
+            continue
         for ref in fire:
             f = ref[0]
             if (f["dataset"], f["split"], rounded(f["eps"])) != (r["dataset"], r["split"], rounded(r["eps"])):
                 continue
             pairs = matched_seeds(rows, ref)
-            score = (len(pairs) > 0, extra_data(f) == extra_data(r),
-                     f["model"] == r["model"], len(pairs))
+            score = (len(pairs) > 0, extra_data(f) == extra_data(r), f["model"] == r["model"],
+                     shared_settings(f, r), len(pairs))
             if pairs and (best is None or score > best[0]):
                 best = score, ref, pairs
         if best is None:
             cells[key] = "-"
-        elif best[1] is rows:
-            cells[key] = "reference"
         else:
             pairs = best[2]
             m, low, high = paired_difference(np.stack([a for a, _ in pairs], 1),
