@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -980,7 +981,6 @@ def settle_replaced_run(out_dir):
     if not os.path.isdir(aside):
         return None
     if os.path.exists(os.path.join(out_dir, "last.pt")):
-        import shutil
         shutil.rmtree(aside)
         return "deleted"
     for name in os.listdir(aside):  # over the new run's uncommitted log.txt and metrics.jsonl

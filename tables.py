@@ -462,6 +462,11 @@ def figure_formats():
     return FigureCanvasAgg.get_supported_filetypes()
 
 
+# Training settings a curve's label (the method) and key (data set, architecture, training eps)
+# show, with the weight on the x-axis.
+CURVE_SHOWN = SHOWN_IN_ROW - {"augment", "aux_data", "init_from"}
+
+
 def sweep_weight(r):
     return r.get("lam") if r["method"] in ("fire", "fire-sa", "hellinger") else r.get("beta")
 
@@ -476,15 +481,15 @@ def plot_sweep(results, path, kind="lambda"):
     curves, settings = {}, {}
     for r in results:
         label = f"{METHOD_NAMES.get(r['method'], r['method'])}" + (" + extra data" if r.get("aux_data") else "")
-        training = training_settings(r)
-        training = None if training is None else {k: v for k, v in training.items() if k not in ("lam", "beta")}
+        training = training_settings(r)  # bar what the label and the key show, and the weight
+        training = None if training is None else {k: v for k, v in training.items() if k not in CURVE_SHOWN}
         key = (label, r["dataset"], r["model"], rounded(r.get("train_eps")), rounded(r["eps"]),
                r["n_examples"], r["split"], r.get("aa_version") or "", json.dumps(training, sort_keys=True))
         settings[key[8]] = training
         curves.setdefault(key, {}).setdefault(sweep_weight(r), []).append(r)
     differ = [i for i in range(1, 9) if len({k[i] for k in curves}) > 1]
     recorded = [s for s in settings.values() if s is not None]
-    keys = [k for k in sorted(set().union(*recorded)) if k not in SHOWN_IN_ROW and varies(recorded, k)]
+    keys = [k for k in sorted(set().union(*recorded)) if varies(recorded, k)]
     describe = {1: lambda v: DATASET_NAMES.get(v, v), 2: fmt_model,
                 3: lambda v: "train ε " + ("-" if v is None else fmt_eps(v)),
                 4: lambda v: "ε " + fmt_eps(v), 5: lambda v: f"{v} images", 6: str, 7: str,
