@@ -33,7 +33,6 @@ achieved TFLOP/s of the floor.
 """
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -47,8 +46,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from models import check_model_name, get_model
 import train_fire
 import train_trades
-from harness import (DATA_INFO, PRESETS, ArgumentParser, EpochStats, UserError, check_output, sgd_update,
-                     write_atomic)
+from harness import (DATA_INFO, PRESETS, TRAIN_RANGES, ArgumentParser, EpochStats, Range, UserError,
+                     check_output, check_ranges, sgd_update, write_atomic)
 from train_fire import fire_loss
 from train_trades import trades_loss
 
@@ -60,6 +59,13 @@ STEPS = ("floor", "FIRE", "TRADES", "TRADES-public")  # TRADES-public: natural f
 # time other processes hold the cores: steadier on a shared machine, and meaningless on a GPU.
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 PROG = "benchmark.py"
+# The ranges of the numeric flags, the one place they are written (the help texts quote them): the
+# training scripts' for the flags they share, and bounds that keep one step within a machine.
+RANGES = {**{k: TRAIN_RANGES[k] for k in ("batch_size", "attack_steps", "eps", "step_size", "lr", "lam",
+                                          "beta", "seed")},
+          "shape": Range(1, 1024), "num_classes": Range(2, 100_000), "threads": Range(0, os.cpu_count() or 1),
+          "reps": Range(1, 10_000), "warmup": Range(0, 1000), "sweep_steps": TRAIN_RANGES["attack_steps"],
+          "sweep_batch_sizes": TRAIN_RANGES["batch_size"], "sweep_reps": Range(1, 1000)}
 
 
 def get_args(argv=None):
@@ -70,17 +76,21 @@ def get_args(argv=None):
                         "script's own defaults, 128 and 10, whatever the data set")
     p.add_argument("--model", type=str, default=None, help="smallcnn | resnet18 | wrn-D-W (default: preset)")
     p.add_argument("--shape", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
-                   help="image shape of the synthetic batch, each >= 1 and fit for the model "
-                        "(default: the data set's; SmallCNN takes 28x28 only)")
-    p.add_argument("--num-classes", type=int, default=None, help="classes, >= 2 (default: the data set's)")
-    p.add_argument("--batch-size", type=int, default=128, help="images per training step, >= 1")
-    p.add_argument("--attack-steps", type=int, default=10, help="PGD steps K per training step, >= 0")
+                   help=f"image shape of the synthetic batch, each {RANGES['shape']} and fit for the "
+                        f"model (default: the data set's; SmallCNN takes 28x28 only)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help=f"classes, {RANGES['num_classes']} (default: the data set's)")
+    p.add_argument("--batch-size", type=int, default=128, help=f"images per training step, {RANGES['batch_size']}")
+    p.add_argument("--attack-steps", type=int, default=10,
+                   help=f"PGD steps K per training step, {RANGES['attack_steps']}")
     p.add_argument("--eps", type=float, default=None,
-                   help="Linf radius in pixel units, in [0, 1] (default: preset)")
-    p.add_argument("--step-size", type=float, default=None, help="PGD step size, > 0 (default: preset)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate of the timed SGD steps, > 0 (default: preset)")
-    p.add_argument("--lam", type=float, default=12.0, help="FIRE's weight of d^2 (Eq. 7), >= 0")
-    p.add_argument("--beta", type=float, default=6.0, help="TRADES' weight of the KL, >= 0")
+                   help=f"Linf radius in pixel units, {RANGES['eps']} (default: preset)")
+    p.add_argument("--step-size", type=float, default=None,
+                   help=f"PGD step size, {RANGES['step_size']} (default: preset)")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"learning rate of the timed SGD steps, {RANGES['lr']} (default: preset)")
+    p.add_argument("--lam", type=float, default=12.0, help=f"FIRE's weight of d^2 (Eq. 7), {RANGES['lam']}")
+    p.add_argument("--beta", type=float, default=6.0, help=f"TRADES' weight of the KL, {RANGES['beta']}")
     p.add_argument("--dtype", type=str, default="float32", choices=["float32", "bfloat16", "float16"],
                    help="autocast precision of the forwards, as in training (GradScaler for float16)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
@@ -100,23 +110,26 @@ def get_args(argv=None):
     p.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto = CUDA when available, else CPU")
     p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch, >= 0 (0: torch's default). On a CPU shared with other jobs "
-                        "use 1: torch's threads wait for each other whenever one loses its core")
+                   help=f"CPU threads for torch, {RANGES['threads']} (0: torch's default; at most this "
+                        f"machine's cores). On a CPU shared with other jobs use 1: torch's threads wait "
+                        f"for each other whenever one loses its core")
     p.add_argument("--clock", type=str, default="wall", choices=sorted(CLOCKS),
                    help="wall = elapsed time; cpu = CPU time of this process (CPU device only: does not "
                         "count time the cores spend on other processes)")
-    p.add_argument("--reps", type=int, default=20, help="timed repetitions of each step, >= 1")
+    p.add_argument("--reps", type=int, default=20, help=f"timed repetitions of each step, {RANGES['reps']}")
     p.add_argument("--warmup", type=int, default=3,
-                   help="untimed repetitions of each step first, >= 0 (allocator, cuDNN autotuning, compile)")
+                   help=f"untimed repetitions of each step first, {RANGES['warmup']} (allocator, cuDNN "
+                        f"autotuning, compile)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of the weights and of the synthetic batch, in [0, 2**32)")
+                   help=f"seed of the weights and of the synthetic batch, {RANGES['seed']}")
     p.add_argument("--sweep", action="store_true",
                    help="also print a table of step cost over --sweep-steps x --sweep-batch-sizes")
     p.add_argument("--sweep-steps", type=int, nargs="+", default=[0, 1, 5, 10],
-                   help="attack steps of the sweep, each >= 0")
+                   help=f"attack steps of the sweep, each {RANGES['sweep_steps']}")
     p.add_argument("--sweep-batch-sizes", type=int, nargs="+", default=[32, 128, 256],
-                   help="batch sizes of the sweep, each >= 1")
-    p.add_argument("--sweep-reps", type=int, default=7, help="timed repetitions per sweep cell, >= 1")
+                   help=f"batch sizes of the sweep, each {RANGES['sweep_batch_sizes']}")
+    p.add_argument("--sweep-reps", type=int, default=7,
+                   help=f"timed repetitions per sweep cell, {RANGES['sweep_reps']}")
     p.add_argument("--json-out", type=str, default=None,
                    help="also write every figure to this JSON file (its folder must exist and be writable)")
     args = p.parse_args(argv)
@@ -132,27 +145,7 @@ def get_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
 
-    def need(flag, values, ok, rule):
-        for v in values:  # ints need no finiteness test (and may be too large for a float)
-            if not ((isinstance(v, int) or math.isfinite(v)) and ok(v)):
-                p.error(f"{flag} must be {rule}, got {v}")
-
-    need("--shape", args.shape, lambda v: v >= 1, "three sizes >= 1")
-    need("--num-classes", [args.num_classes], lambda v: v >= 2, ">= 2")
-    need("--batch-size", [args.batch_size], lambda v: v >= 1, ">= 1")
-    need("--attack-steps", [args.attack_steps], lambda v: v >= 0, ">= 0")
-    need("--eps", [args.eps], lambda v: 0 <= v <= 1, "finite and in [0, 1] (images are in [0, 1])")
-    need("--step-size", [args.step_size], lambda v: v > 0, "a finite number > 0")
-    need("--lr", [args.lr], lambda v: v > 0, "a finite number > 0")
-    need("--lam", [args.lam], lambda v: v >= 0, "a finite number >= 0")
-    need("--beta", [args.beta], lambda v: v >= 0, "a finite number >= 0")
-    need("--threads", [args.threads], lambda v: v >= 0, ">= 0 (0: torch's default)")
-    need("--reps", [args.reps], lambda v: v >= 1, ">= 1")
-    need("--warmup", [args.warmup], lambda v: v >= 0, ">= 0")
-    need("--seed", [args.seed], lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)")
-    need("--sweep-steps", args.sweep_steps, lambda v: v >= 0, ">= 0")
-    need("--sweep-batch-sizes", args.sweep_batch_sizes, lambda v: v >= 1, ">= 1")
-    need("--sweep-reps", [args.sweep_reps], lambda v: v >= 1, ">= 1")
+    check_ranges(p, args, RANGES)
     if args.compile_mode != "default" and not args.compile:
         p.error(f"--compile-mode {args.compile_mode} needs --compile")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -517,11 +510,18 @@ def main(argv=None):
 
 def cli(argv=None):
     """main() for the command line: a UserError (a shape the model cannot take, an unwritable
-    --json-out) ends with one line on stderr and exit code 2 instead of a traceback."""
+    --json-out) or a step too large for the memory ends with one line on stderr and exit code 2
+    instead of a traceback."""
     try:
         return main(argv)
     except UserError as e:
         sys.stderr.write(f"{PROG}: error: {e}\n")
+        sys.exit(2)
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError (CUDA) is a RuntimeError
+        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "can't allocate memory" not in str(e):
+            raise
+        sys.stderr.write(f"{PROG}: error: out of memory for this step ({type(e).__name__}): lower "
+                         f"--batch-size, --shape, --num-classes or the size of --model\n")
         sys.exit(2)
 
 

@@ -75,16 +75,21 @@ def imagenet32_folder(data_dir, per_file=8, n_val=16):
     return folder
 
 
-def write_result(folder, name, robust, method="fire", seed=0, index=None, npz=True, **extra):
-    """A hand-made result JSON (no checkpoint) with its per-image .npz."""
+def write_result(folder, name, robust, method="fire", seed=0, index=None, npz=True, training=None, **extra):
+    """A hand-made result JSON (no checkpoint) with its per-image .npz; `training` updates the
+    recorded training identity (e.g. lr=0.01)."""
     folder.mkdir(parents=True, exist_ok=True)
     robust = np.asarray(robust, bool)
+    lam, beta = 12.0 if method == "fire" else None, 6.0 if method == "trades" else None
+    identity = dict(method=method, dataset="cifar10", model="wrn-34-10", eps=0.031, lam=lam, beta=beta,
+                    seed=seed, epochs=100, lr=0.1, batch_size=256)
+    identity.update(training or {})
     record = dict(format=tables.RESULT_FORMAT, defense=extra.pop("defense", tables.METHOD_NAMES[method]),
                   method=method, dataset="cifar10", model="wrn-34-10", eps=8 / 255, train_eps=0.031,
-                  lam=12.0 if method == "fire" else None, beta=6.0 if method == "trades" else None,
-                  seed=seed, natural=0.9, autoattack=robust.mean().item(), avg_acc=(0.9 + robust.mean().item()) / 2,
-                  n_examples=len(robust), split="test", aa_version="standard", checkpoint_kind="best",
-                  train_time_s=3600.0, per_sample=f"{name}.npz")
+                  lam=lam, beta=beta, seed=seed, natural=0.9, autoattack=robust.mean().item(),
+                  avg_acc=(0.9 + robust.mean().item()) / 2, n_examples=len(robust), split="test",
+                  aa_version="standard", checkpoint_kind="best", train_time_s=3600.0,
+                  per_sample=f"{name}.npz", train_identity=identity)
     record.update(extra)
     (folder / f"{name}.json").write_text(json.dumps(record))
     if npz:

@@ -31,6 +31,7 @@ with SmallCNN (measured on 2 cores).
 """
 import argparse
 import datetime
+import glob
 import json
 import logging
 import math
@@ -45,15 +46,20 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import tables
-from harness import (DATA_INFO, UserError, ArgumentParser, attack_pgd_ce, check_output, cli,
-                     get_datasets, load_checkpoint, load_model_state, model_from_args, setup_device,
-                     sha256_file, upcast_half, write_atomic)
+from harness import (DATA_INFO, UserError, ArgumentParser, Range, attack_pgd_ce, check_output,
+                     check_ranges, cli, get_datasets, load_checkpoint, load_model_state, lock_folder,
+                     model_from_args, read_arrays, run_identity, setup_device, sha256_file,
+                     upcast_half, write_atomic)
 from models import check_model_name, get_model
 from tables import METHOD_NAMES, QUOTED, RESULT_FORMAT, fmt_hours
 
 TIMING_FORMAT = "fire-repro-autoattack-timing/1"
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")  # AutoAttack's standard order
 TEST_SET_SIZE = 10_000  # AutoAttack's papers evaluate the first 10,000 test images
+# The ranges of the numeric flags, the one place they are written (the help texts quote them).
+EVAL_RANGES = {"n_examples": Range(1, 10**7), "batch_size": Range(1, 65_536),
+               "chunk_size": Range(1, 10**6), "seed": Range(0, 2**32, high_open=True),
+               "time_images": Range(1, 10**6)}
 
 
 def parse_eps(text):
@@ -76,17 +82,19 @@ def get_args(argv=None):
                    help="Linf radius in [0, 1] pixel units, e.g. 0.3 or 8/255 (default: the "
                         "checkpoint's training eps)")
     g.add_argument("--n-examples", type=int, default=None,
-                   help="first N images of the split (default: all; AutoAttack's papers use the "
-                        "first 10,000 of the test set)")
+                   help=f"first N images of the split, {EVAL_RANGES['n_examples']} (default: all; "
+                        f"AutoAttack's papers use the first 10,000 of the test set)")
     g.add_argument("--batch-size", type=int, default=500,
-                   help="images per AutoAttack batch (500: not tuned on a GPU; it changes the "
-                        "random starts, so it is part of the evaluation's settings)")
+                   help=f"images per AutoAttack batch, {EVAL_RANGES['batch_size']} (500: not tuned "
+                        f"on a GPU; it changes the random starts, so it is part of the evaluation's "
+                        f"settings)")
     g.add_argument("--chunk-size", type=int, default=1000,
-                   help="images per saved chunk: a killed evaluation resumes from its last "
-                        "finished chunk; under torchrun the chunks are shared among processes")
+                   help=f"images per saved chunk, {EVAL_RANGES['chunk_size']}: a killed evaluation "
+                        f"resumes from its last finished chunk; under torchrun the chunks are shared "
+                        f"among processes")
     g.add_argument("--seed", type=int, default=0,
-                   help="seed in [0, 2^32) of AutoAttack and of the PGD starts; chunk k is "
-                        "seeded with seed * 1000003 + k")
+                   help=f"seed of AutoAttack and of the PGD starts, {EVAL_RANGES['seed']}; chunk k is "
+                        f"seeded with seed * 1000003 + k")
     g.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto = CUDA (all visible GPUs, DataParallel; one per process under "
                         "torchrun) when available, else CPU")
@@ -109,9 +117,14 @@ def get_args(argv=None):
                    help="result JSON (default: <run>/autoattack[-<name>][-eps<eps>][-val].json: "
                         "<name> for <name>.pt other than best.pt, the eps when it is not the "
                         "training eps, -val for --split val)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an evaluation of the same checkpoint with other settings (finished, "
+                        "or interrupted with chunks left) at the result's path; without it the "
+                        "command is refused before any attack runs (give --out to keep both)")
     g = p.add_argument_group("AutoAttack throughput")
     g.add_argument("--time-images", type=int, default=None, metavar="N",
-                   help="time the AutoAttack on the first N images of each checkpoint's split "
+                   help=f"time the AutoAttack on the first N images, N {EVAL_RANGES['time_images']}, "
+                        "of each checkpoint's split "
                         "(or of --time-model) instead of evaluating: images/s and the projected "
                         "time for 10,000 images, printed and written to <json stem>-timing.json "
                         "(or --out)")
@@ -148,12 +161,8 @@ def get_args(argv=None):
         p.error("--out needs exactly one checkpoint")
     if args.out and not args.out.endswith(".json"):
         p.error(f"--out must name a .json file (its .npz, .log and .chunks/ go beside it), got {args.out!r}")
+    check_ranges(p, args, EVAL_RANGES)
     checks = [
-        (args.n_examples is None or args.n_examples >= 1, f"--n-examples must be >= 1, got {args.n_examples}"),
-        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
-        (args.chunk_size >= 1, f"--chunk-size must be >= 1, got {args.chunk_size}"),
-        (0 <= args.seed < 2 ** 32, f"--seed must be in [0, 2^32), got {args.seed}"),
-        (args.time_images is None or args.time_images >= 1, f"--time-images must be >= 1, got {args.time_images}"),
         (args.time_model is None or args.time_images is not None, "--time-model needs --time-images N"),
         (args.quoted is None or args.summarize is not None, "--quoted goes with --summarize"),
     ]
@@ -343,32 +352,6 @@ def accuracies(per_sample, smoke):
 # Checkpoints, their data and where their results go
 
 
-def checked_args(ckpt, path):
-    """The checkpoint's stored training arguments, checked: the fields evaluation relies on."""
-    saved = ckpt.get("args")
-    if not isinstance(saved, dict):
-        raise UserError(f"{path!r} holds no training arguments ('args')")
-    eps, model = saved.get("eps"), saved.get("model")
-    problems = [
-        (isinstance(model, str), f"no model name (got {model!r})"),
-        (saved.get("dataset") in DATA_INFO, f"unknown dataset {saved.get('dataset')!r}"),
-        (isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps)
-         and 0 <= eps <= 1, f"eps must be a number in [0, 1], got {eps!r}"),
-        (isinstance(saved.get("method"), str), f"no method name (got {saved.get('method')!r})"),
-        (isinstance(saved.get("seed"), int), f"no integer seed (got {saved.get('seed')!r})"),
-        (isinstance(saved.get("val_size"), int) and saved["val_size"] >= 1,
-         f"val_size must be an integer >= 1, got {saved.get('val_size')!r}"),
-    ]
-    for ok, problem in problems:
-        if not ok:
-            raise UserError(f"{path!r} does not describe its training run: {problem}")
-    try:
-        check_model_name(model)
-    except ValueError as e:
-        raise UserError(f"{path!r} does not describe its model: {e}") from None
-    return saved
-
-
 def split_dataset(saved, split, data_dir=None):
     """The test or validation split of the checkpoint's data set (images in [0, 1])."""
     spec = argparse.Namespace(dataset=saved["dataset"], val_size=saved["val_size"],
@@ -468,8 +451,9 @@ class Plan:
     """One checkpoint to evaluate, with everything checked before the work starts."""
 
     def __init__(self, path, args, out_flag):
-        ckpt = load_checkpoint(path)
-        self.path, self.saved = path, checked_args(ckpt, path)
+        ckpt = load_checkpoint(path)  # whole, with arguments that rebuild its model and data
+        self.path, self.saved = path, ckpt["args"]
+        self.train_identity = run_identity(self.saved)  # the run's settings, for table rows
         self.eps = self.saved["eps"] if args.eps is None else args.eps
         n_split = len(split_dataset(self.saved, args.split, args.data_dir))  # data present offline?
         self.n = n_split if args.n_examples is None else min(args.n_examples, n_split)
@@ -480,39 +464,108 @@ class Plan:
         self.stem = os.path.splitext(self.out)[0]
 
 
+def read_json(path):
+    """The JSON value in `path`, or None when the file is missing or is not whole JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def settings_change(old, new):
+    """'n_examples 32 -> 16, ...' for the evaluation settings that differ; '' when none do."""
+    old = old if isinstance(old, dict) else {}
+    return ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k])
+
+
 def finished_result(plan):
     """(the existing result JSON if it comes from this checkpoint (hash) and these settings and
-    its per-image file exists, else None; why an existing JSON will be replaced, else None)."""
-    try:
-        with open(plan.out) as f:
-            record = json.load(f)
-    except (OSError, ValueError):
+    its per-image file is whole, else None; why an existing JSON will be replaced, else None)."""
+    if not os.path.exists(plan.out):
         return None, None
+    record = read_json(plan.out)
+    if record is None:
+        return None, "it is not whole JSON (damaged)"
     if not (isinstance(record, dict) and record.get("format") == RESULT_FORMAT):
         return None, "it is not a result of this script"
     if record.get("checkpoint_sha256") != plan.identity["checkpoint_sha256"]:
         return None, "it was evaluated on another checkpoint (other SHA-256)"
-    old, new = record.get("settings") or {}, plan.identity["settings"]
-    changed = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
+    changed = settings_change(record.get("settings"), plan.identity["settings"])
     if changed:
-        return None, f"it was evaluated with other settings ({', '.join(changed)})"
-    if not os.path.isfile(plan.stem + ".npz"):
-        return None, "its per-image .npz is missing"
+        return None, f"it was evaluated with other settings ({changed}; --overwrite)"
+    if tables.read_per_image(record, plan.out) is None:
+        return None, "its per-image .npz is missing or damaged"
     return record, None
+
+
+def earlier_settings(plan):
+    """The settings of an earlier evaluation of this same checkpoint at the plan's output: finished
+    (its result JSON) or interrupted (its chunk files); None if there is none."""
+    record = read_json(plan.out)
+    if (isinstance(record, dict) and record.get("format") == RESULT_FORMAT
+            and record.get("checkpoint_sha256") == plan.identity["checkpoint_sha256"]):
+        return record.get("settings")
+    for path in sorted(glob.glob(os.path.join(glob.escape(plan.stem + ".chunks"), "chunk-*.npz"))):
+        chunk = read_chunk_file(path)
+        identity = chunk[1].get("identity") if chunk else None
+        if isinstance(identity, dict) and identity.get("checkpoint_sha256") == plan.identity["checkpoint_sha256"]:
+            return identity.get("settings")
+    return None
+
+
+def refuse_other_settings(plan, args):
+    """Stop before any work, unless --overwrite, where this evaluation would replace one of the same
+    checkpoint with other settings (a quick check must not delete a full evaluation)."""
+    old = earlier_settings(plan)
+    changed = "" if old is None else settings_change(old, plan.identity["settings"])
+    if changed and not args.overwrite:
+        raise UserError(f"{plan.out} holds an evaluation of {plan.path} with other settings ({changed}): "
+                        f"give --out to write this one elsewhere, or --overwrite to replace it")
+
+
+def read_chunk_file(path):
+    """(arrays, meta) of a chunk file, or None when it is missing or damaged."""
+    arrays = read_arrays(path)
+    if arrays is None or "meta" not in arrays:
+        return None
+    try:
+        meta = json.loads(str(arrays.pop("meta")))
+    except ValueError:
+        return None
+    return (arrays, meta) if isinstance(meta, dict) else None
 
 
 def read_chunk(path, identity, chunk, n):
     """A finished chunk file of this evaluation (same checkpoint hash, settings, chunk, size), as
-    (arrays, meta); None if missing, unreadable or from another evaluation."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-        meta = json.loads(str(arrays.pop("meta")))
-    except (OSError, ValueError, KeyError, EOFError):
+    (arrays, meta); None if missing, damaged or from another evaluation (it is computed again)."""
+    got = read_chunk_file(path)
+    if got is None:
         return None
+    arrays, meta = got
     ok = (meta.get("identity") == identity and meta.get("chunk") == chunk
           and len(arrays.get("index", ())) == n)
     return (arrays, meta) if ok else None
+
+
+def lock_folders(plans, outs):
+    """The run-folder lock (harness.lock_folder, the one trainings take) of every folder this
+    process writes into or reads a checkpoint from, each taken once: a training or another
+    evaluation there meanwhile stops with one line. A checkpoint's folder that cannot be written
+    (no training can write there either) is not locked. Process 0 only under torchrun."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return []
+    folders = [os.path.dirname(os.path.abspath(out)) for out in outs]
+    folders += [d for d in (os.path.dirname(os.path.abspath(p.path)) for p in plans) if os.access(d, os.W_OK)]
+    locks = []
+    try:
+        for folder in dict.fromkeys(os.path.realpath(f) for f in folders):
+            locks.append(lock_folder(folder, "run folder"))
+    except UserError:
+        for lock in locks:
+            lock.close()
+        raise
+    return locks
 
 
 def rank_and_world():
@@ -610,7 +663,7 @@ def merge_chunks(plan, args, ckpt, chunk_dir, n_chunks, device):
         train_time_s=train_time, train_time_source=source, pretrain_time_s=pretrain_time,
         split=args.split, **accuracies(per_sample, args.smoke_aa),
         max_perturbation=max(meta["max_perturbation"] for _, meta in chunks),
-        aa_warnings=warnings, aa_seed=args.seed, **plan.identity,
+        aa_warnings=warnings, aa_seed=args.seed, **plan.identity, train_identity=plan.train_identity,
         per_sample=os.path.basename(plan.stem + ".npz"),
         eval_time_s=sum(meta["time_s"] for _, meta in chunks),  # compute time, all processes
         device=device.type, torch=torch.__version__,
@@ -695,7 +748,19 @@ def main(argv=None):
         raise UserError("two checkpoints would write the same result file: evaluate them separately with --out")
     if args.time_images is not None and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         raise UserError("--time-images runs in one process, not under torchrun")
+    locks = lock_folders(plans, outs)
+    try:
+        if args.time_images is None:
+            for plan in plans:
+                refuse_other_settings(plan, args)
+        return run_plans(plans, outs, args)
+    finally:
+        for lock in locks:
+            lock.close()
 
+
+def run_plans(plans, outs, args):
+    """Evaluate (or time) the checked plans, or time --time-model; returns the results."""
     # a process waits at the merge barrier for the slowest: allow AutoAttack chunks of hours
     device = setup_device(args, timeout=datetime.timedelta(hours=24))
     # Evaluation is float32: no TF32 in matmuls or convolutions on Ampere and later GPUs (whether

@@ -39,6 +39,11 @@ METHODS = ("ace", "trades", "fire", "hellinger")
 OUTPUTS = ("results.json", "fig3.png", "fig6.png", "fig9.png")
 PROG = os.path.basename(__file__)
 MIN_ANGLES = 100  # the Pareto set is an arc of the curve: with fewer angles it is a handful of points
+# The upper ends of the numeric flags, the one place they are written (check_args and the help texts
+# use them): far beyond the paper's model (||mu|| = 0.05, eps = 0.1, 10^4 samples, 61 lambdas in
+# [1e-2, 1e4]), they keep a run within minutes and its numbers finite.
+LIMITS = dict(eps=10.0, mu=1e3, sigma=1e3, n_per_class=10**6, lam=1e8, n_lam=1000, refine=10,
+              theta_norm=1e4, gtol=1.0, zero_tol=1.0, n_angles=10**7, cover_tol=1.0, fig3_norm=1e4)
 
 
 class UserError(Exception):
@@ -57,57 +62,64 @@ def check_args(args, p):
             if not ((isinstance(v, int) or math.isfinite(v)) and ok(v)):
                 p.error(f"{flag} must be {rule}, got {v}")
 
-    need("--eps", [args.eps], lambda v: v >= 0, "a finite radius >= 0")
-    need("--mu", args.mu, lambda v: True, "finite")
+    L = LIMITS
+    need("--eps", [args.eps], lambda v: 0 <= v <= L["eps"], f"a radius in [0, {L['eps']:g}]")
+    need("--mu", args.mu, lambda v: abs(v) <= L["mu"], f"finite, each in [-{L['mu']:g}, {L['mu']:g}]")
     if not any(args.mu):
         p.error("--mu must be non-zero (mu = 0 gives both classes one distribution: every theta has accuracy 1/2)")
-    need("--sigma", args.sigma, lambda v: True, "finite")
+    need("--sigma", args.sigma, lambda v: abs(v) <= L["sigma"], f"finite, each in [-{L['sigma']:g}, {L['sigma']:g}]")
     s = args.sigma
     if not math.isclose(s[1], s[2], rel_tol=1e-9) or np.linalg.eigvalsh(np.array(s).reshape(2, 2)).min() <= 0:
         p.error("--sigma must be symmetric positive definite")
-    need("--n-per-class", [args.n_per_class], lambda v: v >= 1, "at least 1")
+    need("--n-per-class", [args.n_per_class], lambda v: 1 <= v <= L["n_per_class"], f"in [1, {L['n_per_class']}]")
     need("--seed", [args.seed], lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)")
-    need("--lam-min", [args.lam_min], lambda v: v > 0, "a finite number > 0 (the grid is log-spaced)")
-    need("--lam-max", [args.lam_max], lambda v: v >= args.lam_min, f"finite and >= --lam-min {args.lam_min:g}")
-    need("--n-lam", [args.n_lam], lambda v: v >= 0, ">= 0 (0: lambda = 0 only)")
-    need("--lam-grid", args.lam_grid or [], lambda v: v >= 0, "finite values >= 0")
-    need("--refine", [args.refine], lambda v: v >= 0, ">= 0")
-    need("--theta-norm", [args.theta_norm], lambda v: v >= 0, "a finite number >= 0 (0: theta free)")
-    need("--gtol", [args.gtol], lambda v: v > 0, "a finite number > 0")
-    need("--zero-tol", [args.zero_tol], lambda v: v >= 0, "a finite number >= 0")
+    need("--lam-min", [args.lam_min], lambda v: 0 < v <= L["lam"], f"in (0, {L['lam']:g}] (the grid is log-spaced)")
+    need("--lam-max", [args.lam_max], lambda v: args.lam_min <= v <= L["lam"],
+         f"in [--lam-min {args.lam_min:g}, {L['lam']:g}]")
+    need("--n-lam", [args.n_lam], lambda v: 0 <= v <= L["n_lam"], f"in [0, {L['n_lam']}] (0: lambda = 0 only)")
+    need("--lam-grid", args.lam_grid or [], lambda v: 0 <= v <= L["lam"], f"values in [0, {L['lam']:g}]")
+    if len(args.lam_grid or []) > L["n_lam"]:
+        p.error(f"--lam-grid must have at most {L['n_lam']} values, got {len(args.lam_grid)}")
+    need("--refine", [args.refine], lambda v: 0 <= v <= L["refine"], f"in [0, {L['refine']}]")
+    need("--theta-norm", [args.theta_norm], lambda v: 0 <= v <= L["theta_norm"],
+         f"in [0, {L['theta_norm']:g}] (0: theta free)")
+    need("--gtol", [args.gtol], lambda v: 0 < v <= L["gtol"], f"in (0, {L['gtol']:g}]")
+    need("--zero-tol", [args.zero_tol], lambda v: 0 <= v <= L["zero_tol"], f"in [0, {L['zero_tol']:g}]")
     if 0 < args.theta_norm <= args.zero_tol:
         p.error(f"--zero-tol {args.zero_tol:g} must be below --theta-norm {args.theta_norm:g}, "
                 "else every solution would count as theta = 0")
-    need("--n-angles", [args.n_angles], lambda v: v >= MIN_ANGLES, f"at least {MIN_ANGLES}")
-    need("--cover-tol", [args.cover_tol], lambda v: v > 0, "a finite number > 0")
-    need("--fig3-norm", [args.fig3_norm], lambda v: v > 0, "a finite number > 0")
+    need("--n-angles", [args.n_angles], lambda v: MIN_ANGLES <= v <= L["n_angles"], f"in [{MIN_ANGLES}, {L['n_angles']}]")
+    need("--cover-tol", [args.cover_tol], lambda v: 0 < v <= L["cover_tol"], f"in (0, {L['cover_tol']:g}]")
+    need("--fig3-norm", [args.fig3_norm], lambda v: 0 < v <= L["fig3_norm"], f"in (0, {L['fig3_norm']:g}]")
 
 
 def get_args(argv=None):
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model (defaults: Fig. 6 caption of the paper)")
-    g.add_argument("--eps", type=float, default=0.1, help="l2 radius of the adversary, >= 0, input units")
+    g.add_argument("--eps", type=float, default=0.1, help=f"l2 radius of the adversary, in [0, {LIMITS['eps']:g}], input units")
     g.add_argument("--mu", type=float, nargs=2, default=[-0.0218, 0.0425],
-                   help="class mean: x|y ~ N(y mu, Sigma), finite, non-zero")
+                   help=f"class mean: x|y ~ N(y mu, Sigma), non-zero, each in [-{LIMITS['mu']:g}, {LIMITS['mu']:g}]")
     g.add_argument("--sigma", type=float, nargs=4, default=[0.0212, 0.0036, 0.0036, 0.0042],
-                   help="Sigma, row-major 2x2, finite, symmetric positive definite")
+                   help=f"Sigma, row-major 2x2, symmetric positive definite, each in [-{LIMITS['sigma']:g}, "
+                        f"{LIMITS['sigma']:g}]")
     g = p.add_argument_group("empirical risk minimisation (footnote 4)")
     g.add_argument("--n-per-class", type=int, default=None,
-                   help="training samples per class, >= 1 (10^4; 1000 with --quick)")
+                   help=f"training samples per class, in [1, {LIMITS['n_per_class']}] (10^4; 1000 with --quick)")
     g.add_argument("--seed", type=int, default=0, help="seed of the sampled training set, in [0, 2**32)")
     g.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="risks to minimise")
     g.add_argument("--lam-min", type=float, default=1e-2,
-                   help="smallest non-zero lambda of the log-spaced grid, > 0")
-    g.add_argument("--lam-max", type=float, default=1e4, help="largest lambda of the grid, >= --lam-min")
+                   help=f"smallest non-zero lambda of the log-spaced grid, in (0, {LIMITS['lam']:g}]")
+    g.add_argument("--lam-max", type=float, default=1e4, help=f"largest lambda of the grid, in [--lam-min, {LIMITS['lam']:g}]")
     g.add_argument("--n-lam", type=int, default=None,
                    help="log-spaced lambdas in [lam-min, lam-max], lambda = 0 is added "
-                        "(>= 0, 0: lambda = 0 only; 61; 9 with --quick)")
+                        f"(in [0, {LIMITS['n_lam']}], 0: lambda = 0 only; 61; 9 with --quick)")
     g.add_argument("--lam-grid", type=float, nargs="+", default=None,
-                   help="explicit lambda values >= 0 (override --lam-min/--lam-max/--n-lam)")
+                   help=f"explicit lambda values in [0, {LIMITS['lam']:g}], at most {LIMITS['n_lam']} (override "
+                        f"--lam-min/--lam-max/--n-lam)")
     g.add_argument("--refine", type=int, default=6,
-                   help="rounds (>= 0) of lambda bisection where consecutive solutions are more than --cover-tol "
-                        "apart")
+                   help=f"rounds (in [0, {LIMITS['refine']}]) of lambda bisection where consecutive solutions "
+                        f"are more than --cover-tol apart")
     g.add_argument("--trades-ce", choices=("adv", "nat"), default="adv",
                    help="TRADES cross-entropy on x* (Eq. 5 as printed) or on x (original TRADES)")
     g.add_argument("--adversary", choices=("label", "worst"), default="label",
@@ -115,22 +127,25 @@ def get_args(argv=None):
                         "x -+ eps theta/||theta|| that maximises that sample's loss "
                         "(the exact inner max of Eqs. 4, 5, 7, 48 for a linear model)")
     g.add_argument("--theta-norm", type=float, default=0.0,
-                   help="0: theta free, BFGS from theta = 0 (paper). R > 0: theta = R [cos a, sin a], BFGS over a "
-                        "from the angle of mean(y x), the direction of the free problem's first step")
-    g.add_argument("--gtol", type=float, default=1e-6, help="BFGS gradient-norm tolerance, > 0")
+                   help=f"0: theta free, BFGS from theta = 0 (paper). R in (0, {LIMITS['theta_norm']:g}]: theta = "
+                        f"R [cos a, sin a], BFGS over a from the angle of mean(y x), the direction of the "
+                        f"free problem's first step")
+    g.add_argument("--gtol", type=float, default=1e-6, help=f"BFGS gradient-norm tolerance, in (0, {LIMITS['gtol']:g}]")
     g.add_argument("--zero-tol", type=float, default=1e-8,
-                   help="solutions with ||theta||_2 below this (>= 0; < --theta-norm) are the constant classifier "
+                   help=f"solutions with ||theta||_2 below this (in [0, {LIMITS['zero_tol']:g}]; < --theta-norm) "
+                        "are the constant classifier "
                         "theta = 0 (no angle)")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--n-angles", type=int, default=20000,
-                   help=f"points of the exact curve, uniform on [0, 2 pi), at least {MIN_ANGLES}")
+                   help=f"points of the exact curve, uniform on [0, 2 pi), in [{MIN_ANGLES}, {LIMITS['n_angles']}]")
     g.add_argument("--cover-metric", choices=("acc", "angle"), default="acc",
                    help="a Pareto point is reached if a solution is within --cover-tol of it in (nat, adv) "
                         "Euclidean distance (acc) or in angle, radians (angle)")
     g.add_argument("--cover-tol", type=float, default=0.005,
-                   help="coverage tolerance (accuracy units or radians), > 0")
+                   help=f"coverage tolerance (accuracy units or radians), in (0, {LIMITS['cover_tol']:g}]")
     g.add_argument("--fig3-norm", type=float, default=1.0,
-                   help="||theta||_2 > 0 of both thetas in Fig. 3 (the FRD depends on it, the accuracies do not)")
+                   help=f"||theta||_2, in (0, {LIMITS['fig3_norm']:g}], of both thetas in Fig. 3 (the FRD depends on "
+                        f"it, the accuracies do not)")
     g.add_argument("--out-dir", type=str, default="runs/gaussian",
                    help="folder for results.json and the PNGs (created; must be writable)")
     g.add_argument("--quick", action="store_true", help="preset: 1000 samples per class, 9 lambdas (for tests)")

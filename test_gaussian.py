@@ -192,6 +192,10 @@ def test_gaussian_bad_flags_exit_2_with_one_line(args, needle, tmp_path):
     (["--theta-norm", "-1"], "--theta-norm"), (["--gtol", "0"], "--gtol"), (["--zero-tol", "nan"], "--zero-tol"),
     (["--n-angles", "1"], "--n-angles"), (["--cover-tol", "0"], "--cover-tol"),
     (["--fig3-norm", "inf"], "--fig3-norm"),
+    # upper bounds (were: nonsense results and exit 0, or runs until killed)
+    (["--eps", "1e308"], "--eps"), (["--n-lam", "100000000"], "--n-lam"), (["--n-per-class", str(10 ** 9)], "--n-per-class"),
+    (["--refine", "1000"], "--refine"), (["--n-angles", str(10 ** 9)], "--n-angles"), (["--lam-max", "1e300"], "--lam-max"),
+    (["--lam-grid", *["1"] * 1001], "--lam-grid"), (["--mu", "1e300", "0"], "--mu"),
 ])
 def test_gaussian_every_numeric_flag_has_a_range(args, needle, capsys):
     """The same parser in-process (fast): each remaining flag's rule; the subprocess test covers the CLI."""

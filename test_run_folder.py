@@ -13,7 +13,7 @@ import torch
 
 import harness
 import train_fire
-from conftest import HERE, PY, QUICK, run_script
+from conftest import HERE, PY, QUICK, cli_error, run_script
 
 # ----------------------------------------------------------------------------------------------
 # Resuming after a kill: last.pt is the commit point of an epoch
@@ -151,6 +151,61 @@ def test_overwrite_checks_every_input_before_deleting(two_epoch_run, tmp_path, f
     assert file_bytes(out) == before
 
 
+def test_overwrite_keeps_the_old_run_when_the_new_one_fails(two_epoch_run, tmp_path, monkeypatch, capsys):
+    """--overwrite of a finished run by a run whose loss is not finite at the first batch: one
+    line, and the old run is whole again (was: only log.txt left)."""
+    done = two_epoch_run[0]
+    out = tmp_path / "run"
+    shutil.copytree(done, out)
+    before = file_bytes(out)
+    step = train_fire.train_step
+
+    def not_finite(*args):
+        loss, logits, x_adv = step(*args)
+        return loss * float("inf"), logits, x_adv
+    monkeypatch.setattr(train_fire, "train_step", not_finite)
+    code, lines = cli_error(train_fire.main, [*COMMIT, "--overwrite", "--out-dir", str(out)], capsys)
+    assert code == 2 and len(lines) == 1 and "the loss became NaN or infinite" in lines[0], lines
+    assert file_bytes(out) == before and not (out / harness.REPLACED).exists()
+
+
+def test_overwrite_killed_before_its_first_commit_gives_the_old_run_back(two_epoch_run, tmp_path):
+    """SIGKILL of an --overwrite run in its first epoch: the next command in the folder finds the
+    old run whole (here --resume auto, which then finds it finished and leaves it)."""
+    done, _, _, run = two_epoch_run
+    out = tmp_path / "run"
+    shutil.copytree(done, out)
+    before = file_bytes(out)
+    cmd = [PY, os.path.join(HERE, "train_fire.py"), *COMMIT, "--attack-steps", "10", "--overwrite",
+           "--out-dir", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 300
+    while not (out / harness.REPLACED).exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / harness.REPLACED).exists(), "the run never set the old one aside"
+    assert not (out / "last.pt").exists() or (out / "last.pt").read_bytes() == before["last.pt"], "kill came too late"
+    r = run(*COMMIT, "--out-dir", str(out), "--resume", "auto")
+    assert r.returncode == 0 and "already finished" in r.stdout, r.stderr
+    assert file_bytes(out) == before and not (out / harness.REPLACED).exists()
+
+
+def test_resume_leaves_a_finished_run_alone(two_epoch_run, tmp_path, capsys):
+    """--resume auto of a finished run: one line, no file touched (was: the test evaluation run
+    again, summary.json rewritten, the arguments appended to log.txt); a smaller --epochs is refused."""
+    done, _, summary, _ = two_epoch_run
+    out = tmp_path / "run"
+    shutil.copytree(done, out)
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
+    again = train_fire.main([*COMMIT, "--resume", "auto", "--out-dir", str(out)])
+    assert again == summary and capsys.readouterr().out.strip().endswith("nothing to do")
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == before
+    code, lines = cli_error(train_fire.main, [*COMMIT, "--epochs", "1", "--resume", "auto", "--out-dir", str(out)], capsys)
+    assert code == 2 and len(lines) == 1 and "not shortened" in lines[0]
+
+
 def test_a_run_folder_in_use_is_refused(tmp_path):
     """A second training into a folder whose lock is held stops with one line."""
     import fcntl
@@ -251,3 +306,28 @@ def test_broken_and_foreign_checkpoints(fire_run, tmp_path):
         harness.load_model_state(harness.model_from_args(saved["args"]), saved, "mislabelled.pt")
     r = run_script("train_trades.py", "--resume", str(out / "last.pt"), "--out-dir", str(tmp_path / "t"))
     assert r.returncode == 2 and "method='fire'" in r.stderr  # a FIRE run cannot resume as TRADES
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("model", "'model' is missing or not a dict of tensors"), ("args", "no training arguments"),
+    ("args-string", "no training arguments"), ("optimizer", "'optimizer' is missing")])
+def test_incomplete_checkpoints_are_one_line_for_every_reader(two_epoch_run, tmp_path, capsys, damage, needle):
+    """A checkpoint of the right format with a piece missing or of the wrong kind: --resume,
+    --init-from and the evaluation (one reader, harness.load_checkpoint) each stop in one line
+    naming it (was: KeyError or AttributeError tracebacks). The optimiser only matters to --resume."""
+    import eval_autoattack as ea
+    ckpt = torch.load(two_epoch_run[0] / "last.pt", weights_only=True)
+    if damage == "args-string":
+        ckpt["args"] = "lr=0.1"
+    else:
+        del ckpt[damage]
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save(ckpt, out / "last.pt")
+    readers = [(train_fire.main, [*COMMIT, "--resume", "auto", "--out-dir", str(out)])]
+    if damage != "optimizer":
+        readers += [(train_fire.main, [*COMMIT, "--init-from", str(out / "last.pt"), "--out-dir", str(tmp_path / "ft")]),
+                    (ea.main, [str(out / "last.pt"), "--smoke-aa", "--n-examples", "4", "--device", "cpu"])]
+    for main, argv in readers:
+        code, lines = cli_error(main, argv, capsys)
+        assert code == 2 and len(lines) == 1 and needle in lines[0], (argv, lines)

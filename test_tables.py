@@ -107,3 +107,55 @@ def test_summarize_keys_rows_by_every_setting_and_says_so(tmp_path):
     assert "| 40h00 + 0h20 |" in table
     quoted = table_rows(table)["UAT (quoted from the paper)"]
     assert quoted[1:8] == ["CIFAR-10", "8/255", "WRN-106-8", "86.46", "56.03", "71.24", "-"]
+
+
+def test_summarize_never_averages_runs_trained_with_other_settings(tmp_path, capsys):
+    """FIRE at lr 0.1 and at lr 0.01, two seeds each: two rows, each showing its lr, and a note;
+    a result that records no training settings is keyed as before, with one warning line."""
+    import eval_autoattack as ea
+    robust = np.arange(10) < 5
+    for seed in (0, 1):
+        write_result(tmp_path / f"a{seed}", "aa", robust, seed=seed)
+        write_result(tmp_path / f"b{seed}", "aa", robust, seed=seed, training=dict(lr=0.01))
+    table = ea.main(["--summarize", str(tmp_path)])
+    rows = [line for line in table.splitlines() if line.startswith("| FIRE")]
+    assert len(rows) == 2 and all("| 2 (0,1) |" in row for row in rows), table
+    assert sorted(row.split("|")[5].strip() for row in rows) == ["--lr 0.01", "--lr 0.1"]
+    assert all(row.endswith("| reference |") for row in rows)  # each FIRE row is its own reference
+    assert "training settings (--lr: column Training)" in table
+    assert capsys.readouterr().err == ""
+    old = write_result(tmp_path / "old", "aa", robust, seed=2)
+    del old["train_identity"]
+    (tmp_path / "old" / "aa.json").write_text(json.dumps(old))
+    table = ea.main(["--summarize", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "record no training settings" in err[0] and "old" in err[0]
+    assert "| not recorded |" in table and "| 1 (2) |" in table
+
+
+def test_an_attack_run_on_some_seeds_only_says_which(tmp_path):
+    """PGD-20 on seed 1 only: the cell is seed 1's value and says so, not a silent 'mean'."""
+    import eval_autoattack as ea
+    write_result(tmp_path / "s0", "aa", np.arange(10) < 5, seed=0)
+    write_result(tmp_path / "s1", "aa", np.arange(10) < 5, seed=1, pgd20=0.62)
+    fire = table_rows(ea.main(["--summarize", str(tmp_path)]))["FIRE"]
+    assert fire[-4] == "62.00 (only seed 1)" and fire[-2] == "2 (0,1)"
+
+
+def test_damaged_result_files_are_named_and_left_out(tmp_path, capsys):
+    """A truncated per-image .npz or result JSON: one warning line naming the file, the rest
+    of the table as before (was: zipfile.BadZipFile)."""
+    import eval_autoattack as ea
+    robust = np.arange(10) < 5
+    write_result(tmp_path / "good", "aa", robust)
+    write_result(tmp_path / "npz", "aa", robust, seed=1)
+    write_result(tmp_path / "json", "aa", robust, seed=2)
+    npz = tmp_path / "npz" / "aa.npz"
+    npz.write_bytes(npz.read_bytes()[:100])
+    (tmp_path / "json" / "aa.json").write_text((tmp_path / "json" / "aa.json").read_text()[:50])
+    table = ea.main(["--summarize", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.count("ignoring") == 1 for line in err), err
+    assert any(str(npz) in line and "damaged" in line for line in err)
+    assert any("json" in line and "not whole JSON" in line for line in err)
+    assert table_rows(table)["FIRE"][-2] == "1 (0)"

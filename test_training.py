@@ -192,7 +192,7 @@ def test_self_adaptive_targets_resume_exactly(tmp_path, few_digits):
 
 
 def test_nan_loss_stops_with_epoch_and_batch(tmp_path):
-    r = run_script("train_fire.py", "--lr", "1e30", "--epochs", "1", "--attack-steps", "1",
+    r = run_script("train_fire.py", "--lr", "10", "--lam", "10000", "--epochs", "1", "--attack-steps", "1",  # the largest allowed
                    "--log-every", "2", "--out-dir", str(tmp_path))
     assert r.returncode == 2
     line = r.stderr.strip().splitlines()[-1]

@@ -25,7 +25,7 @@ from harness import natural_ce, upcast_half
 def get_args(argv=None):
     parser = harness.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--lam", type=float, default=12.0,
-                        help="weight of d^2 in Eq. 7 (paper: 12). The authors' code weights "
+                        help=f"weight of d^2 in Eq. 7, {harness.allowed('lam')} (paper: 12). The authors' code weights "
                              "arccos(BC)^2 = d^2/4 by beta, so their beta = 4 * lam")
     parser.add_argument("--distance", type=str, default="fisher-rao", choices=sorted(REGULARISERS),
                         help="regulariser: fisher-rao = d^2 (FIRE, Eq. 7), hellinger = H^2 (Eq. 48)")

@@ -28,7 +28,7 @@ def get_args(argv=None):
     parser.add_argument("--loss", type=str, default="trades", choices=["trades", "madry", "mart"],
                         help="training objective (the run folder and checkpoint record it)")
     parser.add_argument("--beta", type=float, default=6.0,
-                        help="weight of the KL term for trades and mart (paper's comparison: 6)")
+                        help=f"weight of the KL term for trades and mart, {harness.allowed('beta')} (paper's comparison: 6)")
     harness.add_self_adaptive_flags(parser, "Self Adaptive (Table 2), with --loss trades")
     args = harness.finish_args(parser, argv,
                                method=lambda a: a.loss + ("-sa" if a.self_adaptive else ""))
