@@ -11,7 +11,7 @@ def test_run_all_smoke_block_trains_evaluates_summarises_and_skips(tmp_path):
     lam 5) on digits, 2 seeds each, AutoAttack, the table. Run again, it finds every run and result
     finished and only rebuilds the table.
     (CI runs every block: `SMOKE=1 ./run_all.sh` in .ci/run.)"""
-    env = dict(os.environ, SMOKE="1", SMOKE_SEEDS="0 1", OUT_DIR=str(tmp_path), PYTHON=PY)
+    env = dict(os.environ, SMOKE="1", SEEDS="0 1", OUT_DIR=str(tmp_path), PYTHON=PY)
     r = subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), "table3"], capture_output=True,
                        text=True, timeout=600, cwd=HERE, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
