@@ -1011,10 +1011,13 @@ def train(args, train_step):
     # SLURM stops a job with SIGTERM (preemption, `scontrol requeue`) or with the signal asked for by
     # `sbatch --signal` (run_all.sh: SIGUSR1 before the time limit): stop at once as Ctrl-C does
     # (exit 130), except during an epoch's commit, which finishes first; --resume auto continues.
+    held = dict(committing=False, signal=None)  # a signal during a commit waits for its end
     def stop(signum, frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-    stop_signals = {signal.SIGTERM, signal.SIGUSR1}
-    for sig in stop_signals:
+        if held["committing"]:
+            held["signal"] = signum
+        else:
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, stop)
     lock = claim_run_dir(args)
     random.seed(args.seed)
@@ -1043,9 +1046,11 @@ def train(args, train_step):
         val_nat, val_pgd = evaluate(eval_model, val_loader, args.eps, args.eval_steps, device)
         record = epoch_record(run, stats, epoch, lr, val_nat, val_pgd, epoch_time)
         log(epoch_line(record, args, run))
-        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # held until last.pt is written
+        held["committing"] = True
         commit_epoch(run, args, record, log)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+        held["committing"] = False
+        if held["signal"]:
+            stop(held["signal"], None)
         if record["collapsed"] and args.stop_on_collapse:
             raise UserError(f"stopped at epoch {epoch + 1} (--stop-on-collapse): validation PGD accuracy "
                             f"{val_pgd:.4f} has been below half its best, {run.best:.4f} at epoch "
