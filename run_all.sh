@@ -109,12 +109,14 @@ if [[ $LAUNCHER == slurm ]]; then  # docs/cluster.md
     # account, GPUs, CPUs, time limit and extra arguments.
     gres_train=(); if (( GPUS_PER_TRAINING )); then gres_train=(--gres="gpu:$GPUS_PER_TRAINING"); fi
     gres_eval=(); if (( GPUS_PER_EVAL )); then gres_eval=(--gres="gpu:$GPUS_PER_EVAL"); fi
-    for request in "--cpus-per-task=$CPUS_PER_TRAINING ${gres_train[*]}" "--cpus-per-task=$CPUS_PER_EVAL ${gres_eval[*]}"; do
-        read -ra request <<<"$request"
+    for kind in training evaluation; do
+        if [[ $kind == training ]]; then request=(--cpus-per-task="$CPUS_PER_TRAINING" "${gres_train[@]}")
+        else request=(--cpus-per-task="$CPUS_PER_EVAL" "${gres_eval[@]}"); fi
         if ! answer=$(sbatch --test-only "${SBATCH_COMMON[@]}" "${request[@]}" --wrap=true 2>&1); then
             answer=$(grep -v '^$' <<<"$answer" | tail -n 1)
             answer=${answer#sbatch: error: }; answer=${answer#Batch job submission failed: }
-            die "SLURM refuses the jobs (PARTITION='$PARTITION' ACCOUNT='$ACCOUNT' ${request[*]} ${SBATCH_COMMON[*]}): $answer"
+            answer=${answer#allocation failure: }
+            die "SLURM refuses the $kind jobs (sbatch ${SBATCH_COMMON[*]} ${request[*]}): $answer"
         fi
     done
 fi
