@@ -67,13 +67,11 @@ def table_numbers(path):
     return [[cell for i, cell in enumerate(row) if i != 8] for row in rows]
 
 
-@pytest.fixture(scope="module")
-def block(tmp_path_factory):
+def run_block(tmp_path):
     """The smoke block run locally and through SLURM, with what each step printed. One training job
     is requeued (`scontrol requeue`) after its first epoch is committed."""
-    slurm_or_skip()
     t0 = time.time()
-    local, cluster = tmp_path_factory.mktemp("local"), tmp_path_factory.mktemp("slurm")
+    local, cluster = tmp_path / "local", tmp_path / "slurm"
     b = SimpleNamespace(local=local, cluster=cluster)
     b.local_dry = run_all(local, "table1", DRY_RUN="1")
     b.local_run = run_all(local, "table1", JOBS="2")
@@ -109,7 +107,19 @@ def block(tmp_path_factory):
     return b
 
 
-def test_slurm_block_gives_the_local_table(block):
+def test_smoke_block_through_slurm(tmp_path):
+    """One scenario (one test, so that `pytest -n 2` runs it once): the smoke Table 1 locally, its
+    dry run, then through SLURM, the same command again while its jobs are queued, a requeue in the
+    middle of a training, and the command once more after every job has finished."""
+    slurm_or_skip()
+    block = run_block(tmp_path)
+    check_same_table(block)
+    check_requeued_training_resumes(block)
+    check_rerun_submits_nothing(block)
+    check_dry_run_lists_what_a_run_starts(block)
+
+
+def check_same_table(block):
     """Every training, evaluation and the table ran as SLURM jobs (trainings first, evaluations
     after their training, the table after the evaluations) and the table has the local numbers."""
     assert len(listed(block.submit, "submit train")) == 3 and len(listed(block.submit, "submit evaluate")) == 3
@@ -119,7 +129,7 @@ def test_slurm_block_gives_the_local_table(block):
     assert sum(line.startswith("| ") for line in cluster.read_text().splitlines()) == 4  # header, 3 rows
 
 
-def test_requeued_training_resumes_to_the_same_summary(block):
+def check_requeued_training_resumes(block):
     """The requeued training came back as the same job, continued from last.pt (its second start
     trains epoch 2 only) and ends with the uninterrupted local run's summary.json numbers."""
     run = os.path.basename(block.requeued)
@@ -139,7 +149,7 @@ def test_requeued_training_resumes_to_the_same_summary(block):
     assert ours == theirs
 
 
-def test_rerun_while_queued_submits_nothing(block):
+def check_rerun_submits_nothing(block):
     """The same command while the jobs are queued or running finds each of them by its job id and
     submits nothing; after they have finished it only rebuilds the table."""
     assert block.queued_before and block.queued_after <= block.queued_before
@@ -149,7 +159,7 @@ def test_rerun_while_queued_submits_nothing(block):
     assert block.finished.count("  done   ") == 6 and "| FIRE (lam=12)" in block.finished, block.finished
 
 
-def test_dry_run_lists_what_a_run_starts(block):
+def check_dry_run_lists_what_a_run_starts(block):
     """DRY_RUN=1 lists exactly the trainings and evaluations that the run then started, locally
     and through SLURM, and creates nothing."""
     assert listed(block.local_dry, "would train") == listed(block.local_run, "train")
