@@ -91,9 +91,9 @@ if [[ $LAUNCHER == slurm ]]; then  # docs/cluster.md
     PARTITION="${PARTITION:-}"; ACCOUNT="${ACCOUNT:-}"; SBATCH_ARGS="${SBATCH_ARGS:-}"  # empty: SLURM's default
     if [[ $SMOKE == 1 ]]; then gpus=0 cpus=1 time=0:30:00; else gpus=4 cpus=8 time=24:00:00; fi
     setting GPUS_PER_TRAINING $gpus; whole GPUS_PER_TRAINING 0   # the paper: 4 V100s per run
-    setting GPUS_PER_EVAL $(( gpus > 0 )); whole GPUS_PER_EVAL 0
+    setting GPUS_PER_EVAL $(( 10#$GPUS_PER_TRAINING > 0 )); whole GPUS_PER_EVAL 0
     setting CPUS_PER_TRAINING $cpus; whole CPUS_PER_TRAINING 1
-    setting CPUS_PER_EVAL $(( cpus > 1 ? cpus / 2 : 1 )); whole CPUS_PER_EVAL 1
+    setting CPUS_PER_EVAL $(( 10#$CPUS_PER_TRAINING > 1 ? 10#$CPUS_PER_TRAINING / 2 : 1 )); whole CPUS_PER_EVAL 1
     setting TIME_LIMIT $time          # per job; a longer training is requeued and resumes
     [[ $TIME_LIMIT =~ ^([0-9]+-)?[0-9]+(:[0-9]+){0,2}$|^(UNLIMITED|INFINITE|infinite)$ ]] ||
         die "TIME_LIMIT must be a SLURM time (minutes, HH:MM:SS or D-HH:MM:SS), got '$TIME_LIMIT'"
