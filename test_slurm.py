@@ -35,7 +35,8 @@ def slurm_or_skip():
         r = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=60)
         states = set(r.stdout.split())
         if r.returncode != 0 or not states & {"idle", "mix", "alloc"}:
-            reason = (f"no SLURM node takes jobs (sinfo: {(r.stderr or r.stdout).strip()[-200:] or 'no node'}): "
+            said = (r.stderr or r.stdout).strip().splitlines() or ["no node"]
+            reason = (f"no SLURM node takes jobs (sinfo: {said[-1][:200]}): "
                       f"start a test cluster with .ci/slurm start and export SLURM_CONF")
     if reason:
         if os.environ.get("REQUIRE_SLURM") == "1":
