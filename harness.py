@@ -19,9 +19,10 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -1129,6 +1130,44 @@ class Run:
                     method_state=None if self.soft_targets is None else self.soft_targets.state_dict())
 
 
+class StopSignals:
+    """SLURM stops a job with SIGTERM (preemption, `scontrol requeue`) or with the signal asked for
+    by `sbatch --signal` (run_all.sh: SIGUSR1 before the time limit). Inside `with StopSignals()`
+    either stops the training at once as Ctrl-C does (exit 130; --resume auto continues), except
+    inside `held()` (an epoch's commit), whose end it waits for. The previous handlers come back on exit.
+    A flag rather than pthread_sigmask: a mask set in the main thread does not hold a signal
+    delivered to another thread."""
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.holding, self.pending, self.previous = False, None, {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self.previous[sig] = signal.signal(sig, self.stop)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def stop(self, signum, frame):
+        if self.holding:
+            self.pending = signum
+        else:
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    @contextmanager
+    def held(self):
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.pending is not None:
+            self.stop(self.pending, None)
+
+
 def train(args, train_step):
     """Train with the script's `train_step(args, model, attack_model, x, y, idx, soft_targets)
     -> (loss, logits, x_adv)`, choose the checkpoint on validation PGD accuracy, report test accuracy.
@@ -1141,7 +1180,8 @@ def train(args, train_step):
         ckpt = resume_checkpoint(args) if args.resume else None
         summary = finished_summary(args, ckpt)
         if summary is None:
-            summary = train_and_test(args, train_step, device, ckpt)
+            with StopSignals() as signals:
+                summary = train_and_test(args, train_step, device, ckpt, signals)
     except BaseException:
         if lock is not None:  # a new run that stops before its first commit gives the old one back
             settle_replaced_run(args.out_dir)
@@ -1154,9 +1194,10 @@ def train(args, train_step):
     return summary
 
 
-def train_and_test(args, train_step, device, ckpt):
+def train_and_test(args, train_step, device, ckpt, signals):
     """The run from its start, or from `ckpt` (a checked --resume checkpoint), to --epochs, each
-    epoch committed, then the test of best.pt. Returns the summary (written to summary.json)."""
+    epoch committed (a stop signal waits for the commit's end), then the test of best.pt. Returns
+    the summary (written to summary.json)."""
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -1184,7 +1225,8 @@ def train_and_test(args, train_step, device, ckpt):
         val_nat, val_pgd = evaluate(eval_model, val_loader, args.eps, args.eval_steps, device)
         record = epoch_record(run, stats, epoch, lr, val_nat, val_pgd, epoch_time)
         log(epoch_line(record, args, run))
-        commit_epoch(run, args, record, log)
+        with signals.held():
+            commit_epoch(run, args, record, log)
         if record["collapsed"] and args.stop_on_collapse:
             raise UserError(f"stopped at epoch {epoch + 1} (--stop-on-collapse): validation PGD accuracy "
                             f"{val_pgd:.4f} has been below half its best, {run.best:.4f} at epoch "

@@ -1,9 +1,21 @@
-"""run_all.sh: the smoke block trains, evaluates and builds its table, and skips finished work when run
-again; a Python without torch is one line."""
+"""run_all.sh: the smoke block trains, evaluates and builds its table (as its dry run listed), and
+skips finished work when run again; bad settings are one line before anything is created; run
+folders are named by the runs' identity, not by where the data live; a Python without torch is one
+line. The SLURM launcher against a real SLURM: test_slurm.py."""
 import os
+import re
 import subprocess
 
+import pytest
+
 from conftest import HERE, PY
+
+RUN_ALL = os.path.join(HERE, "run_all.sh")
+
+
+def run_all(*blocks, timeout=120, **env):
+    return subprocess.run(["bash", RUN_ALL, *blocks], capture_output=True, text=True, timeout=timeout,
+                          cwd=HERE, env=dict(os.environ, PYTHON=PY, **env))
 
 
 def test_run_all_smoke_block_trains_evaluates_summarises_and_skips(tmp_path):
@@ -11,10 +23,16 @@ def test_run_all_smoke_block_trains_evaluates_summarises_and_skips(tmp_path):
     lam 5) on digits, 2 seeds each, AutoAttack, the table. Run again, it finds every run and result
     finished and only rebuilds the table.
     (CI runs every block: `SMOKE=1 ./run_all.sh` in .ci/run.)"""
-    env = dict(os.environ, SMOKE="1", SMOKE_SEEDS="0 1", OUT_DIR=str(tmp_path), PYTHON=PY)
+    env = dict(os.environ, SMOKE="1", SEEDS="0 1", OUT_DIR=str(tmp_path), PYTHON=PY)
+    dry = subprocess.run(["bash", RUN_ALL, "table3"], capture_output=True, text=True, timeout=300,
+                         cwd=HERE, env=dict(env, DRY_RUN="1"))
+    assert dry.returncode == 0 and not any(tmp_path.iterdir()), dry.stdout + dry.stderr  # creates nothing
     r = subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), "table3"], capture_output=True,
                        text=True, timeout=600, cwd=HERE, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    # the dry run listed exactly the trainings that the run started
+    assert re.findall(r"^  would train  (\S+)", dry.stdout, re.M) == re.findall(r"^  train  (\S+)", r.stdout, re.M)
+    assert "6 trainings: 0 done, 0 queued, 6 to start (no GPU); 6 evaluations" in dry.stdout
     table = (tmp_path / "tables" / "table3.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith(("| Hellinger", "| FIRE"))]
     assert len(rows) == 3 and all("| 2 (0,1) |" in row for row in rows), table
@@ -38,3 +56,59 @@ def test_run_all_finds_the_environment_or_says_how(tmp_path):
                        cwd=HERE, env=dict(os.environ, PYTHON="/usr/bin/false", SMOKE="1",
                                           OUT_DIR=str(tmp_path / "out")), timeout=60)
     assert r.returncode == 2 and "PYTHON=" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("env, message", [
+    (dict(JOBS="abc"), "JOBS must be a whole number >= 1, got 'abc'"),
+    (dict(NPROC="abc"), "NPROC must be a whole number >= 1, got 'abc'"),
+    (dict(JOBS="0"), "JOBS must be a whole number >= 1, got '0'"),
+    (dict(SEEDS=""), "SEEDS is set but empty"),
+    (dict(DATASETS=""), "DATASETS is set but empty"),
+    (dict(SWEEP_SEEDS="0,1"), "SWEEP_SEEDS must be seeds separated by spaces"),
+    (dict(OUT_DIR=""), "OUT_DIR is set but empty"),
+    (dict(SMOKE="yes"), "SMOKE must be one of: 0 1"),
+    (dict(SMOKE="1", DATASETS="cifar10"), "DATASETS is not used with SMOKE=1"),
+    (dict(SMOKE="1", AUX_DATA="x.npz"), "AUX_DATA is not used with SMOKE=1"),
+    (dict(SMOKE="1", SMOKE_SEEDS="0"), "SMOKE_SEEDS is not read: SMOKE=1 takes SEEDS"),
+    (dict(SMOKE="1", OUT_DIR="runs/paper"), "SMOKE=1 would write its toy tables into runs/paper"),
+    (dict(GPUS="0;1"), "GPUS must be GPU ids separated by commas"),
+    (dict(LAUNCHER="pbs"), "LAUNCHER must be one of: local slurm"),
+    (dict(LAUNCHER="slurm", GPUS_PER_TRAINING="four"), "GPUS_PER_TRAINING must be a whole number >= 0"),
+    (dict(LAUNCHER="slurm", TIME_LIMIT="ten hours"), "TIME_LIMIT must be a SLURM time"),
+    (dict(LAUNCHER="slurm", GPUS="0"), "GPUS picks GPUs of this machine"),
+    (dict(LAUNCHER="slurm", NPROC="4", GPUS_PER_TRAINING="2"), "set GPUS_PER_TRAINING=4"),
+    (dict(LAUNCHER="slurm", PATH="/nonexistent"), "LAUNCHER=slurm needs sbatch on PATH"),
+    (dict(), "unknown block 'table9'"),
+])
+def test_run_all_bad_settings_are_one_line_before_anything_is_created(tmp_path, env, message):
+    """A bad variable, a set-but-empty list, a setting SMOKE=1 would ignore or an unknown block:
+    one line, exit 2, and OUT_DIR is not created."""
+    env = dict(dict(OUT_DIR=str(tmp_path / "out")), **env)
+    if env.get("PATH") == "/nonexistent":  # no sbatch: a PATH with only what run_all.sh needs before it
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        for tool in ("dirname", "realpath"):
+            os.symlink(subprocess.run(["bash", "-c", f"command -v {tool}"], capture_output=True,
+                                      text=True).stdout.strip(), bin_dir / tool)
+        env["PATH"] = str(bin_dir)
+    r = subprocess.run(["/bin/bash", RUN_ALL, "table1", *(["table9"] if message.startswith("unknown") else [])],
+                       capture_output=True, text=True, timeout=60, cwd=HERE, env=dict(os.environ, PYTHON=PY, **env))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert message in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_all_names_run_folders_by_identity_not_by_data_dir(tmp_path):
+    """The same experiment keeps its folder when DATA_DIR moves or is written ./data; a flag that
+    changes the run (TRAIN_FLAGS=--eps) gives new folders, one that does not (--workers) does not."""
+    def planned(**env):
+        r = run_all("table1", timeout=300, DRY_RUN="1", DATASETS="mnist", SEEDS="0",
+                    OUT_DIR=str(tmp_path / "out"), **env)
+        assert r.returncode == 0, r.stderr
+        return re.findall(r"^  would train  (\S+)", r.stdout, re.M)
+    runs = planned(DATA_DIR="data")
+    assert len(runs) == 3 and all(re.search(r"-s0-[0-9a-f]{12}$", run) for run in runs)
+    assert planned(DATA_DIR="./data", TRAIN_FLAGS="--workers 2") == runs
+    assert planned(DATA_DIR="/somewhere/else") == runs
+    assert not set(planned(TRAIN_FLAGS="--eps 0.2")) & set(runs)
+    assert not (tmp_path / "out").exists()
