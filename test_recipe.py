@@ -198,9 +198,9 @@ RECIPE = ["--awp-gamma", "0.01", "--awp-warmup", "1", "--ema", "0.9", "--ema-sta
 
 
 def test_recipe_run_resumes_exactly_and_evaluates_the_average(tmp_path):
-    """AWP, the average (restarting at epoch 2) and clipping on: 1 epoch + resume to 2 equals 2
-    epochs straight (online weights, average, its count, optimiser); best.pt's `model` is the
-    average, and the summary's test numbers are that average's and say so (`ema`)."""
+    """AWP, the average (from epoch 2) and clipping on: 1 epoch + resume to 2 equals 2 epochs
+    straight (online weights, average, its count, optimiser); best.pt's `model` is the average, and
+    the summary's test numbers and eval_autoattack.py's are that average's and say so (`ema`)."""
     straight = train_fire.main([*RECIPE, "--epochs", "2", "--out-dir", str(tmp_path / "a")])
     train_fire.main([*RECIPE, "--epochs", "1", "--out-dir", str(tmp_path / "b")])
     resumed = train_fire.main([*RECIPE, "--epochs", "2", "--out-dir", str(tmp_path / "b"), "--resume", "auto"])
@@ -226,3 +226,11 @@ def test_recipe_run_resumes_exactly_and_evaluates_the_average(tmp_path):
     torch.manual_seed(0)
     nat, _ = harness.evaluate(net, harness.eval_loader(test_set, args, torch.device("cpu")), args.eps, 0, "cpu")
     assert nat == straight["test_nat"]
+    # eval_autoattack.py evaluates that average without a flag, and its JSON says so
+    import eval_autoattack
+    result, = eval_autoattack.main([str(tmp_path / "a" / "best.pt"), "--smoke-aa", "--n-examples", "16",
+                                    "--batch-size", "16", "--device", "cpu"])
+    assert result["ema"] == 0.9 and result["defense"] == "FIRE (lam=12) + AWP + EMA + clip 0.12"
+    with torch.no_grad():
+        first = net(torch.stack([test_set[i][0] for i in range(16)])).argmax(1)
+    assert result["natural"] == (first == torch.tensor([test_set[i][1] for i in range(16)])).float().mean().item()
