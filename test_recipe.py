@@ -234,3 +234,14 @@ def test_recipe_run_resumes_exactly_and_evaluates_the_average(tmp_path):
     with torch.no_grad():
         first = net(torch.stack([test_set[i][0] for i in range(16)])).argmax(1)
     assert result["natural"] == (first == torch.tensor([test_set[i][1] for i in range(16)])).float().mean().item()
+
+
+def test_modern_table_quotes_robustbench():
+    """The `modern` table's quoted rows: RobustBench's TRADES and TRADES + AWP (CIFAR-10, WRN-34-10,
+    8/255, no extra data), marked as quoted from RobustBench, never as measured here."""
+    import tables
+    rows = {r["defense"]: r for r in tables.quoted_rows("modern")}
+    trades = rows["TRADES (beta=6), Zhang et al. 2019 (quoted from RobustBench)"]
+    awp = rows["TRADES + AWP, Wu et al. 2020 (quoted from RobustBench)"]
+    assert (trades["natural"], trades["autoattack"], awp["natural"], awp["autoattack"]) == (0.8492, 0.5308, 0.8536, 0.5617)
+    assert all(r["quoted"] and r["model"] == "wrn-34-10" and r["eps"] == 8 / 255 for r in rows.values())
