@@ -1060,12 +1060,12 @@ class WeightPerturbation:
 
     def perturb(self, train_step, args, net, x, y, idx, soft_targets, scaler):
         """w += v; returns x' (found at w) for the training step."""
-        statistics = [b.clone() for b in self.model.buffers()]
+        running = [b.clone() for b in self.model.buffers()]  # BatchNorm statistics
         targets = None if soft_targets is None else soft_targets.read_only()
         loss, _, x_adv = train_step(args, net, net, x, y, idx, targets)
         grads = torch.autograd.grad(scaler.scale(loss), self.weights)
         with torch.no_grad():
-            for b, saved in zip(self.model.buffers(), statistics):
+            for b, saved in zip(self.model.buffers(), running):
                 b.copy_(saved)
             if dist.is_initialized():  # the whole batch's direction: sum the ranks' gradients
                 flat = torch.cat([g.flatten() for g in grads])

@@ -113,6 +113,44 @@ def test_awp_perturbation_size_and_what_it_leaves_alone():
         assert ((w - w0).abs() <= 2 * U * w0.abs() + U * args.awp_gamma * w0.norm()).all(), k
 
 
+def ce_step(args, model, attack_model, x, y, idx, soft_targets=None, x_adv=None):
+    """A deterministic train_step (no attack): the cross-entropy on x."""
+    logits = model(x)
+    return nn.functional.cross_entropy(logits, y), logits, x
+
+
+def no_batchnorm_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 5, stride=3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+
+
+def _awp_on_rank(rank, world, init, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    x, y, _ = batch()
+    model = no_batchnorm_net()
+    awp = harness.WeightPerturbation(model, 0.01)
+    shard = slice(rank * len(y) // world, (rank + 1) * len(y) // world)  # each rank its half of the batch
+    awp.perturb(ce_step, None, model, x[shard], y[shard], None, None, torch.amp.GradScaler("cpu", enabled=False))
+    torch.save([v.clone() for v in awp.v], f"{out}/v{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_awp_under_ddp_perturbs_by_the_whole_batch(tmp_path):
+    """Two gloo processes, each with half of the batch: both ranks compute the same perturbation,
+    the one a single process computes from the whole batch (the ranks' gradients are summed; the
+    per-layer normalisation removes the factor)."""
+    import torch.multiprocessing as mp
+    mp.spawn(_awp_on_rank, args=(2, f"file://{tmp_path}/rendezvous", str(tmp_path)), nprocs=2)
+    x, y, _ = batch()
+    model = no_batchnorm_net()
+    awp = harness.WeightPerturbation(model, 0.01)
+    awp.perturb(ce_step, None, model, x, y, None, None, torch.amp.GradScaler("cpu", enabled=False))
+    ranks = [torch.load(tmp_path / f"v{r}.pt") for r in range(2)]
+    for v0, v1, v in zip(*ranks, awp.v):
+        assert torch.equal(v0, v1) and torch.allclose(v0, v, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_awp_step_under_mixed_precision(dtype):
     """Under autocast the ascent pass keeps the perturbation's size (float16: the loss is scaled,
