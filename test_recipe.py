@@ -164,7 +164,7 @@ def test_awp_step_under_mixed_precision(dtype):
     before = [w.detach().clone() for w in weights(model)]
     with harness.autocast(dtype, x.device):
         run.awp.perturb(train_fire.train_step, args, model, x, y, idx, None, run.scaler)
-    sizes = [float((w - b).norm() / b.norm()) for w, b in zip(weights(model), before)]
+    sizes = [float((w.detach() - b).norm() / b.norm()) for w, b in zip(weights(model), before)]
     assert sizes == pytest.approx([0.01] * 2, rel=1e-3)
     run.awp.restore()
     loss, _, _, grad_norm = run.step(args, train_fire.train_step, (model, model), x, y, idx, epoch=0)
