@@ -9,8 +9,8 @@ Commands:
     python benchmark.py --dataset cifar10 --device cuda --batch-size 256 --dtype bfloat16 \
         --channels-last --compile --compile-mode reduce-overhead   # + torch.compile with CUDA graphs
 
-Each timed step is the training loop's own step: the train_step of train_fire.py or
-train_trades.py, then harness.sgd_update and harness.EpochStats as harness.train runs them, on one
+Each timed step is the training loop's own step, harness.Run.step: the train_step of train_fire.py or
+train_trades.py, then the SGD update, and harness.EpochStats as harness.train runs them, on one
 fixed synthetic batch of the data set's shape already on the device (data loading is not timed):
     model.eval(); x' = attack(model, x)                       # K PGD steps, natural logits once
     model.train(); loss = loss(model(x), model(x'), y)        # two forwards, one backward
@@ -25,9 +25,11 @@ and the adversarial forward and one backward of a trivial loss (logits.sum()), a
 (its learning rate is 0, so the floor does not move the weights; the work is the same). The loss,
 projections, sign, random start, Python, copies and synchronisation are what a step costs above
 its floor. A fourth step, TRADES-public, is the TRADES step with the natural forward recomputed
-at every attack step, as TRADES' public code (and the paper's timing of it) does. All four share
-one model and are timed in interleaved repetitions (their order rotates every repetition) in one
-process; the figures are medians. The floor's FLOPs (convolutions and matrix products, as
+at every attack step, as TRADES' public code (and the paper's timing of it) does. Two more,
+FIRE+AWP and FIRE+EMA, are the FIRE step with adversarial weight perturbation (gamma 0.005) and
+with the weight average (decay 0.999), as harness.Run.step runs them (docs/modern-recipe.md). All
+share one model and are timed in interleaved repetitions (their order rotates every repetition)
+in one process; the figures are medians. The floor's FLOPs (convolutions and matrix products, as
 torch.utils.flop_counter counts them) are counted once, and over its median time give the
 achieved TFLOP/s of the floor.
 """
