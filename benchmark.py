@@ -9,8 +9,8 @@ Commands:
     python benchmark.py --dataset cifar10 --device cuda --batch-size 256 --dtype bfloat16 \
         --channels-last --compile --compile-mode reduce-overhead   # + torch.compile with CUDA graphs
 
-Each timed step is the training loop's own step: the train_step of train_fire.py or
-train_trades.py, then harness.sgd_update and harness.EpochStats as harness.train runs them, on one
+Each timed step is the training loop's own step, harness.Run.step: the train_step of train_fire.py or
+train_trades.py, then the SGD update, and harness.EpochStats as harness.train runs them, on one
 fixed synthetic batch of the data set's shape already on the device (data loading is not timed):
     model.eval(); x' = attack(model, x)                       # K PGD steps, natural logits once
     model.train(); loss = loss(model(x), model(x'), y)        # two forwards, one backward
@@ -25,9 +25,11 @@ and the adversarial forward and one backward of a trivial loss (logits.sum()), a
 (its learning rate is 0, so the floor does not move the weights; the work is the same). The loss,
 projections, sign, random start, Python, copies and synchronisation are what a step costs above
 its floor. A fourth step, TRADES-public, is the TRADES step with the natural forward recomputed
-at every attack step, as TRADES' public code (and the paper's timing of it) does. All four share
-one model and are timed in interleaved repetitions (their order rotates every repetition) in one
-process; the figures are medians. The floor's FLOPs (convolutions and matrix products, as
+at every attack step, as TRADES' public code (and the paper's timing of it) does. Two more,
+FIRE+AWP and FIRE+EMA, are the FIRE step with adversarial weight perturbation (gamma 0.005) and
+with the weight average (decay 0.999), as harness.Run.step runs them (docs/modern-recipe.md). All
+share one model and are timed in interleaved repetitions (their order rotates every repetition)
+in one process; the figures are medians. The floor's FLOPs (convolutions and matrix products, as
 torch.utils.flop_counter counts them) are counted once, and over its median time give the
 achieved TFLOP/s of the floor.
 """
@@ -46,8 +48,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from models import check_model_name, get_model
 import train_fire
 import train_trades
-from harness import (DATA_INFO, PRESETS, TRAIN_RANGES, ArgumentParser, EpochStats, Range, UserError,
-                     check_output, check_ranges, sgd_update, write_atomic)
+from harness import (DATA_INFO, PRESETS, TRAIN_RANGES, ArgumentParser, EpochStats, Range, Run, UserError,
+                     check_output, check_ranges, write_atomic)
 from train_fire import fire_loss
 from train_trades import trades_loss
 
@@ -55,6 +57,10 @@ IMAGE_SIZE = {"digits": 28, "mnist5k": 28, "mnist": 28, "cifar10": 32, "cifar100
 TRAIN_IMAGES = {"digits": 1257, "mnist5k": 3500, "mnist": 59000, "cifar10": 49000, "cifar100": 49000,
                 "imagenet32": 1271167}  # after validation
 STEPS = ("floor", "FIRE", "TRADES", "TRADES-public")  # TRADES-public: natural forward at every attack step
+# The FIRE step with the recipe of docs/modern-recipe.md, as harness.train runs it: adversarial weight
+# perturbation (gamma 0.005, Wu et al.'s) and the weight average (decay 0.999).
+RECIPE_STEPS = ("FIRE+AWP", "FIRE+EMA")
+RECIPE = {"FIRE+AWP": dict(awp_gamma=0.005), "FIRE+EMA": dict(ema=0.999)}
 # wall: elapsed time. cpu: CPU seconds of this process (all its threads), which do not count the
 # time other processes hold the cores: steadier on a shared machine, and meaningless on a GPU.
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -187,24 +193,34 @@ class Bench:
         self.fwd = torch.compile(model, mode=args.compile_mode) if args.compile else model
         # harness.train's optimiser: fused on CUDA. fused=None (not False) keeps torch's default,
         # foreach on CUDA, for --no-fused-sgd; on the CPU both are torch's default (neither).
-        fused = True if device.type == "cuda" and args.fused_sgd else None
-        sgd = dict(momentum=0.9, weight_decay=5e-4, nesterov=True, fused=fused)
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, **sgd)
+        self.fused = True if device.type == "cuda" and args.fused_sgd else None
+        sgd = dict(momentum=0.9, weight_decay=5e-4, nesterov=True, fused=self.fused)
+        # The training loop's step (harness.Run.step) on the shared model: plain, with AWP, with the average
+        self.runs = {name: self.training_run(**RECIPE.get(name, {})) for name in ("FIRE", *RECIPE_STEPS)}
         # The floor's optimiser does an SGD step's work (weight decay, momentum, update) at lr 0.
         self.floor_optimizer = torch.optim.SGD(model.parameters(), lr=0.0, **sgd)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")
         self.amp = (torch.autocast(device.type, dtype=getattr(torch, args.dtype))
                     if args.dtype != "float32" else nullcontext())
         # the training loop's per-step statistics, on the device
         self.stats = EpochStats(device, args.eps, args.step_size)
 
-    def train_step(self, script, method_args, attack_model=None):
-        """One step of the training loop (harness.train): the script's train_step under autocast,
-        the SGD update and the on-device statistics. Returns the (detached) loss."""
-        with self.amp:
-            loss, logits, x_adv = script.train_step(method_args, self.fwd, attack_model or self.fwd,
-                                                    self.x, self.y, None)
-        grad_norm = sgd_update(loss, self.optimizer, self.scaler)
+    def training_run(self, awp_gamma=0.0, ema=None):
+        """A harness.Run on the shared model: training's SGD (Nesterov, momentum 0.9, weight decay
+        5e-4, fused as --fused-sgd says), gradient scaler and, when asked, AWP and the average."""
+        a = self.args
+        spec = argparse.Namespace(lr=a.lr, momentum=0.9, weight_decay=5e-4, dtype=a.dtype, schedule="step",
+                                  epochs=1, lr_milestones=[1.0], awp_gamma=awp_gamma, ema=ema)
+        run = Run(spec, self.model, None, self.device)
+        for group in run.optimizer.param_groups:
+            group["fused"] = self.fused
+        return run
+
+    def train_step(self, script, method_args, attack_model=None, run="FIRE"):
+        """One step of the training loop (harness.train): Run.step (AWP's ascent pass, the script's
+        train_step under autocast, the SGD update, the average's update) and the on-device
+        statistics. Returns the (detached) loss."""
+        loss, logits, x_adv, grad_norm = self.runs[run].step(
+            method_args, script.train_step, (self.fwd, attack_model or self.fwd), self.x, self.y, None, epoch=0)
         self.stats.add(loss, logits, self.y, grad_norm, self.x, x_adv)
         return loss.detach()
 
@@ -238,14 +254,18 @@ class Bench:
 
     def steps(self, k):
         a = self.args
-        common = dict(eps=a.eps, step_size=a.step_size, attack_steps=k)
+        # with the harness's settings of Run.step: AWP and the average from the first step, no clipping
+        common = dict(eps=a.eps, step_size=a.step_size, attack_steps=k, dtype=a.dtype, clip_grad_norm=None,
+                      awp_warmup=1, ema_start=1)
         fire = argparse.Namespace(**common, lam=a.lam, distance="fisher-rao")
         trades = argparse.Namespace(**common, loss="trades", beta=a.beta)
         public = RecomputeNatural(self.fwd, self.x)
         return {"floor": lambda: self.floor_step(k),
                 "FIRE": lambda: self.train_step(train_fire, fire),
                 "TRADES": lambda: self.train_step(train_trades, trades),
-                "TRADES-public": lambda: self.train_step(train_trades, trades, public)}
+                "TRADES-public": lambda: self.train_step(train_trades, trades, public),
+                "FIRE+AWP": lambda: self.train_step(train_fire, fire, run="FIRE+AWP"),
+                "FIRE+EMA": lambda: self.train_step(train_fire, fire, run="FIRE+EMA")}
 
 
 def check_shape(model, args, device):
@@ -348,11 +368,13 @@ def quartiles(values):
     return q1, q2, q3
 
 
-def measure(args, batch_size, k, reps, warmup, device):
-    """Time floor, FIRE and TRADES at one (batch size, K); returns a dict of figures."""
+def measure(args, batch_size, k, reps, warmup, device, recipe=True):
+    """Time floor, FIRE and TRADES (and with `recipe` FIRE with AWP and with the average) at one
+    (batch size, K); returns a dict of figures."""
     bench = Bench(args, batch_size, device)
     flops = bench.floor_flops(k)
-    steps = bench.steps(k)
+    names = STEPS + RECIPE_STEPS if recipe else STEPS
+    steps = {name: step for name, step in bench.steps(k).items() if name in names}
     times = time_interleaved(steps, reps, warmup, device, args.clock)
     peaks = peak_memory(steps, device)
     if bool(bench.stats.first_bad.item() >= 0):
@@ -361,7 +383,7 @@ def measure(args, batch_size, k, reps, warmup, device):
     # Achieved throughput of the floor: its counted FLOPs over its median time.
     out["floor_flops"] = flops
     out["floor_tflops_per_s"] = flops / statistics.median(times["floor"]) / 1e12
-    for name in STEPS:
+    for name in names:
         q1, med, q3 = quartiles(times[name])
         out["steps"][name] = dict(ms=1e3 * med, ms_q1=1e3 * q1, ms_q3=1e3 * q3,
                                   images_per_s=batch_size / med, peak_mib=peaks[name],
@@ -371,6 +393,9 @@ def measure(args, batch_size, k, reps, warmup, device):
     pairs = {"FIRE/TRADES": ("FIRE", "TRADES"), "FIRE/floor": ("FIRE", "floor"),
              "TRADES/floor": ("TRADES", "floor"), "TRADES-public/floor": ("TRADES-public", "floor"),
              "FIRE/TRADES-public": ("FIRE", "TRADES-public")}
+    if recipe:  # what AWP and the average add to a FIRE step
+        for name in RECIPE_STEPS:
+            pairs.update({f"{name}/FIRE": (name, "FIRE"), f"{name}/floor": (name, "floor")})
     out["ratios"] = {key: statistics.median(a / b for a, b in zip(times[num], times[den]))
                      for key, (num, den) in pairs.items()}
     out["ratios_of_medians"] = {key: out["steps"][num]["ms"] / out["steps"][den]["ms"]
@@ -402,7 +427,7 @@ def main_table(result):
     b = result["batch_size"]
     lines = ["| step | ms per step (median) | [q1, q3] | images/s | vs floor | peak GPU memory |",
              "|---|---|---|---|---|---|"]
-    for name in STEPS:
+    for name in result["steps"]:
         s = result["steps"][name]
         vs = 1.0 if name == "floor" else result["ratios"][f"{name}/floor"]
         mem = "n/a (CPU)" if s["peak_mib"] is None else f"{s['peak_mib']:.0f} MiB"
@@ -419,6 +444,10 @@ def main_table(result):
     lines.append(f"FIRE / TRADES-public = {r['FIRE/TRADES-public']:.3f}: TRADES as its public code "
                  f"runs it, with the natural forward recomputed at each of the {result['attack_steps']} "
                  f"attack steps")
+    if "FIRE+AWP/FIRE" in r:
+        lines.append(f"FIRE+AWP / FIRE = {r['FIRE+AWP/FIRE']:.3f} (AWP, gamma 0.005: one more training forward "
+                     f"and backward per step)   FIRE+EMA / FIRE = {r['FIRE+EMA/FIRE']:.3f} (the average's "
+                     f"update, decay 0.999, after every step)")
     us, calls = result["loss_us"], result["attack_steps"] + 1
     lines.append(f"The losses alone (forward + backward on {b} x classes logits, {calls} per step): fire_loss "
                  f"{us['FIRE']:.0f} us, trades_loss {us['TRADES']:.0f} us, a difference of "
@@ -492,7 +521,7 @@ def main(argv=None):
         rows = []
         for b in args.sweep_batch_sizes:
             for k in args.sweep_steps:
-                rows.append(measure(args, b, k, args.sweep_reps, max(1, args.warmup), device))
+                rows.append(measure(args, b, k, args.sweep_reps, max(1, args.warmup), device, recipe=False))
         print()
         print(f"Step cost over attack steps K and batch size ({args.sweep_reps} interleaved "
               f"repetitions per cell, medians):")

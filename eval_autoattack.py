@@ -368,17 +368,21 @@ def first_images(dataset, n):
 
 
 def default_defense(saved, checkpoint):
-    """Row name: method, its weight, extra data and a non-best checkpoint, e.g. 'FIRE (lam=12)'.
+    """Row name: method, its weight, extra data, today's recipe and a non-best checkpoint, e.g.
+    'FIRE (lam=12)' or 'TRADES (beta=6) + AWP + EMA'.
 
     Madry's adversarial training gives two rows of Table 2: its last epoch ('Madry et al.') and
     its checkpoint chosen on validation robust accuracy, i.e. early stopping ('Overfitting',
     Rice et al. 2020).
     """
     stem = os.path.splitext(os.path.basename(checkpoint))[0]
+    # today's recipe (docs/modern-recipe.md): its runs are other rows than the method's
+    recipe = ((" + AWP" if saved.get("awp_gamma") else "") + (" + EMA" if saved.get("ema") else "")
+              + (f" + clip {saved['clip_grad_norm']:g}" if saved.get("clip_grad_norm") else ""))
     if saved.get("init_from"):  # fine-tuned from another run: Hendrycks et al. (2019)'s row
-        return "Pre-training" + ("" if stem == "best" else f" [{stem}]")
+        return "Pre-training" + recipe + ("" if stem == "best" else f" [{stem}]")
     if saved.get("method") == "madry" and stem in ("best", "last"):
-        return "Madry et al." if stem == "last" else "Overfitting (Madry, early stopping)"
+        return ("Madry et al." if stem == "last" else "Overfitting (Madry, early stopping)") + recipe
     name = METHOD_NAMES.get(saved.get("method"), str(saved.get("method")))
     if saved.get("method") == "trades" and saved.get("aux_data"):
         name = "RST-adv"  # Carmon et al. 2019: TRADES on the extra pseudo-labelled data
@@ -391,6 +395,7 @@ def default_defense(saved, checkpoint):
         name += " + extra data"
     if saved.get("augment") == "authors":
         name += " + authors' aug."
+    name += recipe
     if stem != "best":
         name += f" [{stem}]"
     return name
@@ -657,7 +662,7 @@ def merge_chunks(plan, args, ckpt, chunk_dir, n_chunks, device):
         method=saved["method"], dataset=saved["dataset"], model=saved["model"], eps=plan.eps,
         train_eps=saved["eps"], lam=saved.get("lam"), beta=saved.get("beta"),
         aux_data=saved.get("aux_data"), init_from=saved.get("init_from"), seed=saved["seed"],
-        epochs=saved.get("epochs"),
+        epochs=saved.get("epochs"), ema=saved.get("ema"),  # with --ema the weights are the average
         lr=saved.get("lr"), checkpoint=os.path.abspath(plan.path),
         checkpoint_kind=os.path.splitext(os.path.basename(plan.path))[0], epoch=ckpt.get("epoch"),
         train_time_s=train_time, train_time_source=source, pretrain_time_s=pretrain_time,

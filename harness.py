@@ -3,9 +3,10 @@ evaluation attack, checkpoints, devices, and the epoch loop.
 
 A training script supplies its own flags and one function,
 
-    train_step(args, model, attack_model, x, y, idx, soft_targets) -> (loss, logits, x_adv)
+    train_step(args, model, attack_model, x, y, idx, soft_targets, x_adv=None) -> (loss, logits, x_adv)
 
-(logits for the training accuracy, x_adv the training attack's points, for the attack diagnostics)
+(logits for the training accuracy, x_adv the training attack's points, for the attack diagnostics;
+a given x_adv skips the attack: AWP runs the step twice on the x' found once)
 
 that runs its attack and its loss; `train(args, train_step)` does everything else, identically for
 every method, so a FIRE vs TRADES comparison differs only in the loss and the attack objective.
@@ -13,6 +14,7 @@ every method, so a FIRE vs TRADES comparison differs only in the loss and the at
 `attack_model` the same weights without gradient synchronisation, for the attack.
 """
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -120,7 +122,9 @@ TRAIN_RANGES = {
     "eval_steps": Range(0, 1000), "unsup_fraction": Range(0, 1, low_open=True, high_open=True),
     "seed": Range(0, 2**32, high_open=True), "workers": Range(0, 256), "log_every": Range(1, 10**6),
     "lam": Range(0, 1e4), "beta": Range(0, 1e4), "sa_alpha": Range(0, 1, high_open=True),
-    "sa_start": Range(1, 10_000),
+    "sa_start": Range(1, 10_000), "clip_grad_norm": Range(0, 1e6, low_open=True),
+    "awp_gamma": Range(0, 1, high_open=True), "awp_warmup": Range(1, 10_000),
+    "ema": Range(0, 1, low_open=True, high_open=True), "ema_start": Range(1, 10_000),
 }
 
 
@@ -195,6 +199,24 @@ def base_parser(description):
     p.add_argument("--stop-on-collapse", action="store_true",
                    help="end the run when validation PGD accuracy stays below half its best for 2 "
                         "epochs (the collapse alarm; best.pt is kept). Without it the alarm is only logged")
+    # Today's recipe on top of any method's loss (docs/modern-recipe.md); all off by default.
+    p.add_argument("--clip-grad-norm", type=float, default=None, metavar="C",
+                   help=f"clip the global gradient norm of every step to C, {allowed('clip_grad_norm')} (the "
+                        "true norm, unscaled under float16); the share of clipped steps is logged per epoch. Default: off")
+    p.add_argument("--awp-gamma", type=float, default=0.0, metavar="G",
+                   help=f"adversarial weight perturbation (Wu et al. 2020), G {allowed('awp_gamma')}: before "
+                        "each step every conv/linear weight w moves by G * ||w|| up the gradient of the method's own "
+                        "loss on the x' found, and back after the step. 0 = off; Wu et al.: 0.005")
+    p.add_argument("--awp-warmup", type=int, default=10, metavar="E",
+                   help=f"first epoch (1-based) with AWP, {allowed('awp_warmup')}, as Wu et al.'s code counts (10: epochs 1-9 "
+                        "train without it)")
+    p.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help=f"keep an exponential moving average of the weights and BatchNorm statistics, "
+                        f"updated after every step with this decay per step, {allowed('ema')} (0.999: a horizon of about "
+                        "1,000 steps); validation, best.pt, the test and eval_autoattack.py use it. "
+                        "Default: off")
+    p.add_argument("--ema-start", type=int, default=1, metavar="EPOCH",
+                   help=f"first epoch (1-based) of averaging, {allowed('ema_start')}, with --ema: before it the average is the model")
     return p
 
 
@@ -280,6 +302,7 @@ class SelfAdaptiveTargets:
     def __init__(self, labels, num_classes, alpha, start, device):
         self.targets = F.one_hot(labels, num_classes).float().to(device)
         self.alpha, self.start, self.epoch = alpha, start, 0
+        self.writable = True
 
     def set_epoch(self, epoch):
         """The 0-based epoch being trained (as DistributedSampler.set_epoch)."""
@@ -290,8 +313,18 @@ class SelfAdaptiveTargets:
         idx = idx.to(self.targets.device)
         if self.epoch + 1 >= self.start:
             probs = F.softmax(upcast_half(logits_nat).detach(), dim=1)
-            self.targets[idx] = self.alpha * self.targets[idx] + (1 - self.alpha) * probs
+            moved = self.alpha * self.targets[idx] + (1 - self.alpha) * probs
+            if not self.writable:
+                return moved
+            self.targets[idx] = moved
         return self.targets[idx]
+
+    def read_only(self):
+        """The same targets, for a pass that must not move them (AWP's ascent pass): update()
+        returns what it would set and writes nothing."""
+        view = copy.copy(self)
+        view.writable = False
+        return view
 
     def state_dict(self):
         return {"targets": self.targets.cpu()}
@@ -706,6 +739,9 @@ def load_checkpoint(path, what="checkpoint", resuming=False):
     if resuming and ckpt["args"].get("self_adaptive") and not (
             isinstance(ckpt.get("method_state"), dict) and torch.is_tensor(ckpt["method_state"].get("targets"))):
         raise UserError(f"checkpoint {path!r} is incomplete: the self-adaptive targets are missing")
+    if resuming and ckpt["args"].get("ema") is not None and not (
+            isinstance(ckpt.get("online_model"), dict) and isinstance(ckpt.get("ema_updates"), int)):
+        raise UserError(f"checkpoint {path!r} is incomplete: the --ema run's online model is missing")
     return ckpt
 
 
@@ -1016,13 +1052,19 @@ def start_run_dir(args, ckpt):
             save_checkpoint(ckpt, path("best.pt"))
 
 
-def sgd_update(loss, optimizer, scaler):
-    """Backward pass and optimiser step (the GradScaler is a no-op unless --dtype float16).
-    Returns the global gradient norm (on the device; scaled under float16)."""
+def sgd_update(loss, optimizer, scaler, clip=None):
+    """Backward pass and optimiser step (the GradScaler is a no-op unless --dtype float16), with
+    the gradient's global norm clipped to `clip` first when given (--clip-grad-norm; the true
+    gradient: unscaled under float16). Returns the global gradient norm before clipping, on the
+    device (scaled under float16 without clipping)."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    grad_norm = torch.nn.utils.get_total_norm(
-        [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None])
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if clip is None:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    else:
+        scaler.unscale_(optimizer)  # a no-op without float16
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
     scaler.step(optimizer)
     scaler.update()
     return grad_norm
@@ -1040,11 +1082,13 @@ class EpochStats:
     attack's Linf displacement ||x' - x|| / eps, the samples it left stuck (displacement under one
     step: every step had a zero gradient, bar the 0.001 N(0, 1) start), the logit margin (top-1
     minus top-2: softmax saturates in float32 beyond ~17); the largest gradient norm; the first
-    non-finite batch and what was non-finite in it (BAD_QUANTITY). Kept on the device: the loop
-    syncs with the host every --log-every batches."""
+    non-finite batch and what was non-finite in it (BAD_QUANTITY); with --clip-grad-norm, the
+    steps it clipped. Kept on the device: the loop syncs with the host every --log-every batches."""
 
-    def __init__(self, device, eps, step_size, check_grad=True):
+    def __init__(self, device, eps, step_size, check_grad=True, clip=None):
         self.eps, self.step_size = eps, step_size  # the training attack's, for its displacement
+        self.clip = clip  # --clip-grad-norm: count the steps whose gradient norm was above it
+        self.clipped = torch.zeros((), device=device)
         self.sums = torch.zeros(len(STAT_KEYS), device=device)
         self.grad_max = torch.zeros((), device=device)
         self.first_bad = torch.full((), -1, device=device)
@@ -1070,6 +1114,8 @@ class EpochStats:
                                   (moved < self.step_size).sum().float(),
                                   (top2[:, 0] - top2[:, -1]).sum()])
         self.grad_max = torch.maximum(self.grad_max, grad_norm.detach())
+        if self.clip is not None:
+            self.clipped += grad_norm.detach() > self.clip
         self.batches += 1
 
     def check_finite(self, epoch):
@@ -1105,8 +1151,65 @@ def network_views(model, args, device):
     return net, net
 
 
+def evaluation_view(run, attack_model, device):
+    """The network validation and the test run through: the attack's view of the model (under
+    torchrun the unwrapped model: every rank evaluates everything), or with --ema the average,
+    over all visible GPUs of one process."""
+    if run.ema is None:
+        return run.model if dist.is_initialized() else attack_model
+    if device.type == "cuda" and torch.cuda.device_count() > 1 and not dist.is_initialized():
+        return torch.nn.DataParallel(run.ema.module)
+    return run.ema.module
+
+
 # ----------------------------------------------------------------------------------------------
 # The training loop: train(args, train_step) and its steps, in the order they run
+
+
+class WeightPerturbation:
+    """Adversarial weight perturbation (AWP; Wu, Xia & Wang, "Adversarial Weight Perturbation Helps
+    Robust Generalization", NeurIPS 2020), for any method's loss.
+
+    perturb(): the ascent pass. The script's train_step runs once at the weights w (its attack finds
+    x'), and every conv/linear weight (dimension > 1; not biases, BatchNorm or normalisation)
+    moves by v = gamma * ||w|| * g / ||g||, layer by layer, g the gradient of the method's loss.
+    The training step then takes its gradient at w + v on the same x', and restore() subtracts v
+    after the optimiser step, so the weights become w + (the SGD update computed at w + v).
+    The pass leaves BatchNorm's running statistics and the self-adaptive targets as they were,
+    takes its gradient without DDP's hooks (on the network without synchronisation; the ranks'
+    gradients are summed here) and outside the GradScaler's bookkeeping (each layer's direction is
+    normalised, so the loss scale only keeps float16 gradients from underflowing)."""
+
+    def __init__(self, model, gamma):
+        self.model, self.gamma = model, gamma
+        self.weights = [p for p in model.parameters() if p.dim() > 1]
+        self.v = None
+
+    def perturb(self, train_step, args, net, x, y, idx, soft_targets, scaler):
+        """w += v; returns x' (found at w) for the training step."""
+        running = [b.clone() for b in self.model.buffers()]  # BatchNorm statistics
+        targets = None if soft_targets is None else soft_targets.read_only()
+        loss, _, x_adv = train_step(args, net, net, x, y, idx, targets)
+        grads = torch.autograd.grad(scaler.scale(loss), self.weights)
+        with torch.no_grad():
+            for b, saved in zip(self.model.buffers(), running):
+                b.copy_(saved)
+            if dist.is_initialized():  # the whole batch's direction: sum the ranks' gradients
+                flat = torch.cat([g.flatten() for g in grads])
+                dist.all_reduce(flat)
+                grads = [g.view_as(w) for g, w in zip(flat.split([w.numel() for w in self.weights]),
+                                                       self.weights)]
+            w_norms, g_norms = torch._foreach_norm(self.weights), torch._foreach_norm(grads)
+            ok = torch.isfinite(torch.stack(g_norms)).all()  # float16 overflow: no perturbation this step
+            self.v = [torch.where(ok, self.gamma * w_norm / (g_norm + 1e-20) * g, 0.0)
+                      for g, w_norm, g_norm in zip(grads, w_norms, g_norms)]
+            torch._foreach_add_(self.weights, self.v)
+        return x_adv
+
+    def restore(self):
+        with torch.no_grad():
+            torch._foreach_sub_(self.weights, self.v)
+        self.v = None
 
 
 class Run:
@@ -1119,15 +1222,55 @@ class Run:
                                          fused=device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(args))
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")
+        self.awp = WeightPerturbation(model, args.awp_gamma) if args.awp_gamma > 0 else None
+        self.ema = None  # --ema: the averaged copy (parameters and BatchNorm buffers), kept on the model's device
+        if args.ema is not None:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
         self.epoch, self.best, self.best_epoch, self.train_time, self.history = 0, -1.0, 0, 0.0, []
 
+    def step(self, args, train_step, views, x, y, idx, epoch):
+        """One training step on a batch in `epoch` (0-based): AWP's ascent pass (from
+        --awp-warmup on), the script's train_step, the SGD update (clipped with --clip-grad-norm),
+        AWP's restore, the average's update (--ema; before --ema-start it restarts at the model).
+        `views` = (train_model, attack_model) of network_views. Returns (loss, logits, x', the
+        gradient norm)."""
+        train_model, attack_model = views
+        awp = self.awp if self.awp is not None and epoch + 1 >= args.awp_warmup else None
+        x_adv = None
+        with autocast(args.dtype, x.device):
+            if awp is not None:
+                x_adv = awp.perturb(train_step, args, attack_model, x, y, idx, self.soft_targets, self.scaler)
+            loss, logits, x_adv = train_step(args, train_model, attack_model, x, y, idx, self.soft_targets, x_adv)
+        grad_norm = sgd_update(loss, self.optimizer, self.scaler, args.clip_grad_norm)
+        if awp is not None:
+            awp.restore()
+        if self.ema is not None:
+            if epoch + 1 < args.ema_start:
+                self.ema.n_averaged.zero_()  # the next update copies the model
+            self.ema.update_parameters(self.model)
+        return loss, logits, x_adv, grad_norm
+
+    def evaluated(self):
+        """The network that validation, best.pt and the test evaluate: the average with --ema."""
+        return self.model if self.ema is None else self.ema.module
+
     def state_dict(self, args, log_bytes):
-        return dict(format=CHECKPOINT_FORMAT, model=self.model.state_dict(),
-                    optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-                    scaler=self.scaler.state_dict(), epoch=self.epoch, best_val_pgd=self.best,
-                    best_epoch=self.best_epoch, rng=rng_state(), args=vars(args),
-                    train_time_s=self.train_time, history=self.history, log_bytes=log_bytes,
-                    method_state=None if self.soft_targets is None else self.soft_targets.state_dict())
+        state = dict(format=CHECKPOINT_FORMAT, model=self.model.state_dict(),
+                     optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                     scaler=self.scaler.state_dict(), epoch=self.epoch, best_val_pgd=self.best,
+                     best_epoch=self.best_epoch, rng=rng_state(), args=vars(args),
+                     train_time_s=self.train_time, history=self.history, log_bytes=log_bytes,
+                     method_state=None if self.soft_targets is None else self.soft_targets.state_dict())
+        if self.ema is not None:  # `model`, which evaluation reads, is the average; SGD resumes from `online_model`
+            state.update(model=self.ema.module.state_dict(), online_model=self.model.state_dict(),
+                         ema_updates=self.ema.n_averaged.item())
+        return state
+
+
+def autocast(dtype, device):
+    """torch.autocast for --dtype bfloat16/float16; nothing for float32."""
+    return torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
 
 
 class StopSignals:
@@ -1169,10 +1312,11 @@ class StopSignals:
 
 
 def train(args, train_step):
-    """Train with the script's `train_step(args, model, attack_model, x, y, idx, soft_targets)
-    -> (loss, logits, x_adv)`, choose the checkpoint on validation PGD accuracy, report test accuracy.
-    Returns the summary dict (also written to <out-dir>/summary.json). A finished run given again
-    with --resume is left as it is (one line; its summary is returned)."""
+    """Train with the script's `train_step(args, model, attack_model, x, y, idx, soft_targets,
+    x_adv=None) -> (loss, logits, x_adv)` (a given x_adv skips the attack), choose the checkpoint
+    on validation PGD accuracy, report test accuracy. Returns the summary dict (also written to
+    <out-dir>/summary.json). A finished run given again with --resume is left as it is (one line;
+    its summary is returned)."""
     device = setup_device(args)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: cuDNN's autotuning pays off
     lock = claim_run_dir(args)
@@ -1214,13 +1358,13 @@ def train_and_test(args, train_step, device, ckpt, signals):
     log(f"{len(train_set)} train / {len(val_set)} val / {len(test_set)} test images, "
         f"{sum(p.numel() for p in run.model.parameters()):,} parameters, device {device}")
 
-    train_model, attack_model = network_views(run.model, args, device)
-    eval_model = run.model if dist.is_initialized() else attack_model  # every rank evaluates everything
+    views = network_views(run.model, args, device)  # (train_model, attack_model)
+    eval_model = evaluation_view(run, views[1], device)
     val_loader = eval_loader(val_set, args, device)
     for epoch in range(run.epoch, args.epochs):
         t0 = time.time()
         lr = run.optimizer.param_groups[0]["lr"]  # this epoch's learning rate
-        stats = train_epoch(run, args, train_step, train_model, attack_model, train_set, epoch, device)
+        stats = train_epoch(run, args, train_step, views, train_set, epoch, device)
         epoch_time = time.time() - t0
         val_nat, val_pgd = evaluate(eval_model, val_loader, args.eps, args.eval_steps, device)
         record = epoch_record(run, stats, epoch, lr, val_nat, val_pgd, epoch_time)
@@ -1313,7 +1457,12 @@ def finished_summary(args, ckpt):
 def resume(run, args, ckpt, device):
     """Load `ckpt` (resume_checkpoint) into `run`, so that training continues exactly where the
     checkpoint was committed."""
-    load_model_state(run.model, ckpt, args.resume)
+    load_model_state(run.evaluated(), ckpt, args.resume)
+    if run.ema is not None:  # the average is `model`; SGD continues from `online_model`
+        if "online_model" not in ckpt:
+            raise UserError(f"--resume {args.resume!r} was trained without --ema")
+        run.model.load_state_dict(ckpt["online_model"])
+        run.ema.n_averaged.fill_(ckpt["ema_updates"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     for group in run.optimizer.param_groups:  # this machine's SGD kernel, not the saving machine's
         group["fused"] = device.type == "cuda"
@@ -1329,15 +1478,14 @@ def resume(run, args, ckpt, device):
     run.train_time, run.history = ckpt["train_time_s"], ckpt["history"]
 
 
-def train_epoch(run, args, train_step, train_model, attack_model, train_set, epoch, device):
-    """One pass over the training set: the script's train_step, then the SGD step, on every batch.
-    Returns the epoch's EpochStats (summed over processes under torchrun)."""
+def train_epoch(run, args, train_step, views, train_set, epoch, device):
+    """One pass over the training set: Run.step (the script's train_step, then the SGD step) on
+    every batch. Returns the epoch's EpochStats (summed over processes under torchrun)."""
     loader = train_loader(train_set, args, epoch, device)
     if run.soft_targets is not None:
         run.soft_targets.set_epoch(epoch)
-    autocast = (torch.autocast(device.type, dtype=getattr(torch, args.dtype))
-                if args.dtype != "float32" else nullcontext())
-    stats = EpochStats(device, args.eps, args.step_size, check_grad=args.dtype != "float16")
+    stats = EpochStats(device, args.eps, args.step_size, check_grad=args.dtype != "float16",
+                       clip=args.clip_grad_norm)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                disable=None if is_main() else True)
     for i, (x, y, idx) in enumerate(bar):
@@ -1345,15 +1493,13 @@ def train_epoch(run, args, train_step, train_model, attack_model, train_set, epo
         y = y.to(device, non_blocking=True)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast:
-            loss, logits, x_adv = train_step(args, train_model, attack_model, x, y, idx, run.soft_targets)
-        grad_norm = sgd_update(loss, run.optimizer, run.scaler)
+        loss, logits, x_adv, grad_norm = run.step(args, train_step, views, x, y, idx, epoch)
         stats.add(loss, logits, y, grad_norm, x, x_adv)
         if (i + 1) % args.log_every == 0 or i + 1 == len(loader):
             stats.check_finite(epoch)  # the only host-device sync, once per log_every batches
             bar.set_postfix(loss=f"{(stats.sums[0] / stats.sums[3]).item():.4f}")
     run.scheduler.step()
-    if dist.is_initialized():
+    if dist.is_initialized():  # (gradients, hence clipping, are the same on every rank)
         dist.all_reduce(stats.sums)
         dist.all_reduce(stats.grad_max, op=dist.ReduceOp.MAX)
     return stats
@@ -1370,6 +1516,8 @@ def epoch_record(run, stats, epoch, lr, val_nat, val_pgd, epoch_time):
     record = dict(epoch=epoch + 1, lr=lr, **means, reg=means["loss"] - means["ce"],
                   val_nat=val_nat, val_pgd=val_pgd, grad_norm_max=stats.grad_max.item(),
                   weight_norm=weight_norm, epoch_time_s=epoch_time, best=is_best, collapsed=collapsed)
+    if stats.clip is not None:  # --clip-grad-norm: the share of this epoch's steps it clipped
+        record["clipped"] = stats.clipped.item() / max(stats.batches, 1)
     run.epoch, run.train_time = epoch + 1, run.train_time + epoch_time
     run.history.append(record)
     return record
@@ -1377,9 +1525,10 @@ def epoch_record(run, stats, epoch, lr, val_nat, val_pgd, epoch_time):
 
 def epoch_line(record, args, run):
     """The epoch's line of the console and log.txt."""
+    clipped = f"clipped {record['clipped']:.0%} | " if "clipped" in record else ""
     return (f"epoch {record['epoch']:3d} | lr {record['lr']:.4g} | loss {record['loss']:.4f} | "
             f"reg {record['reg']:.4f} | attack moved {record['attack_dist']:.2f} eps, "
-            f"stuck {record['attack_stuck']:.3f} | |grad| {record['grad_norm']:.3g} | "
+            f"stuck {record['attack_stuck']:.3f} | |grad| {record['grad_norm']:.3g} | {clipped}"
             f"train nat {record['train_nat']:.4f} | val nat {record['val_nat']:.4f} | val PGD-"
             f"{args.eval_steps} {record['val_pgd']:.4f}{' *' if record['best'] else ''} | "
             f"{record['epoch_time_s']:.1f}s"
@@ -1405,18 +1554,19 @@ def commit_epoch(run, args, record, log):
 
 
 def final_test(run, args, eval_model, test_set, device):
-    """The test-split natural and PGD accuracy of best.pt (chosen on validation), as the summary."""
+    """The test-split natural and PGD accuracy of best.pt (chosen on validation; with --ema the
+    average, and `ema` says so), as the summary."""
     if dist.is_initialized():
         dist.barrier()
     best_ckpt = load_checkpoint(os.path.join(args.out_dir, "best.pt"), resuming=True)
-    run.model.load_state_dict(best_ckpt["model"])
+    run.evaluated().load_state_dict(best_ckpt["model"])  # with --ema, the average
     test_nat, test_pgd = evaluate(eval_model, eval_loader(test_set, args, device), args.eps,
                                   args.eval_steps, device)
     return dict(method=args.method, dataset=args.dataset, model=args.model, eps=args.eps,
                 lam=getattr(args, "lam", None), beta=getattr(args, "beta", None),
                 aux_data=args.aux_data, seed=args.seed, epochs=args.epochs, best_epoch=best_ckpt["epoch"],
                 val_nat=best_ckpt["history"][-1]["val_nat"], val_pgd=best_ckpt["best_val_pgd"],
-                test_nat=test_nat, test_pgd=test_pgd, eval_steps=args.eval_steps,
+                test_nat=test_nat, test_pgd=test_pgd, eval_steps=args.eval_steps, ema=args.ema,
                 collapsed=any(r.get("collapsed", False) for r in run.history),
                 train_time_s=run.train_time, out_dir=args.out_dir, init_from=args.init_from,
                 pretrain_time_s=args.pretrain_time_s)

@@ -27,13 +27,18 @@ METHOD_NAMES = {"fire": "FIRE", "fire-sa": "FIRE + Self-Adaptive", "hellinger": 
                 "mart": "MART"}
 FIRE_LAM = 12.0  # the paper's lambda and train_fire.py's default: the reference row of the paired comparison
 N_BOOTSTRAP = 10_000
-# Rows the paper quotes from other papers without training them (Table 2): natural, AutoAttack
-# and Avg. Acc. as printed there.
+# Rows quoted without training them: those the paper quotes from other papers (Table 2), as printed
+# there, and the RobustBench entries the `modern` block compares with (source: robustbench.github.io).
 QUOTED = {"table2": [
     dict(defense="Atzmon et al.", dataset="mnist", model="cnn", eps=0.3, aux_data=False,
          natural=0.9935, autoattack=0.9085, avg_acc=0.9510),
     dict(defense="UAT", dataset="cifar10", model="wrn-106-8", eps=8 / 255, aux_data=True,
          natural=0.8646, autoattack=0.5603, avg_acc=0.7124),
+], "modern": [  # RobustBench's CIFAR-10 Linf 8/255 leaderboard, WRN-34-10 without extra data
+    dict(defense="TRADES (beta=6), Zhang et al. 2019", dataset="cifar10", model="wrn-34-10", eps=8 / 255,
+         aux_data=False, natural=0.8492, autoattack=0.5308, avg_acc=0.6900, source="RobustBench"),
+    dict(defense="TRADES + AWP, Wu et al. 2020", dataset="cifar10", model="wrn-34-10", eps=8 / 255,
+         aux_data=False, natural=0.8536, autoattack=0.5617, avg_acc=0.70765, source="RobustBench"),
 ]}
 
 RESULT_FIELDS = {"defense": str, "method": str, "dataset": str, "model": str, "eps": (int, float),
@@ -112,10 +117,11 @@ def find_results(dirs):
 
 
 def quoted_rows(name):
-    """The rows the paper quotes for table `name`, as records of the table (marked, one 'seed')."""
+    """The rows quoted for table `name` (from the paper, or from `source`), as records of the table
+    (marked, one 'seed')."""
     rows = []
     for q in QUOTED.get(name, ()):
-        rows.append(dict(q, defense=f"{q['defense']} (quoted from the paper)", method="quoted",
+        rows.append(dict(q, defense=f"{q['defense']} (quoted from {q.get('source', 'the paper')})", method="quoted",
                          quoted=True, seed=None, n_examples=None, split=None, aa_version=None))
     return rows
 
@@ -441,8 +447,9 @@ def summarize(results, title=None, quoted=()):
                   f"95% paired bootstrap interval over images ({N_BOOTSTRAP:,} resamples); - = no "
                   f"per-image results to pair."]
     if quoted:
-        lines += ["", "Rows marked (quoted from the paper) are the numbers the paper quotes; they "
-                      "were not trained or evaluated here."]
+        sources = sorted({r.get("source", "the paper") for r in quoted})
+        lines += ["", f"Rows marked (quoted from {' / '.join(sources)}) are numbers quoted from "
+                      f"{' and '.join(sources)}; they were not trained or evaluated here."]
     if varying or training_keys:
         differ = [SETTING_NAMES[f] for f in varying]
         if training_keys:

@@ -31,8 +31,9 @@ def test_tiny_benchmark_prints_and_writes_the_ratios(tmp_path, capsys, flags, on
                     "--json-out", str(out), *flags])
     printed = capsys.readouterr().out
     assert "FIRE / TRADES =" in printed and "FIRE / floor =" in printed and "TRADES / floor =" in printed
-    assert "FIRE / TRADES-public =" in printed
-    for row in ("| floor |", "| FIRE |", "| TRADES |", "| TRADES-public |", "| 2 | 0 |", "| 2 | 1 |"):
+    assert "FIRE / TRADES-public =" in printed and "FIRE+AWP / FIRE =" in printed and "FIRE+EMA / FIRE =" in printed
+    for row in ("| floor |", "| FIRE |", "| TRADES |", "| TRADES-public |", "| FIRE+AWP |", "| FIRE+EMA |",
+                "| 2 | 0 |", "| 2 | 1 |"):
         assert row in printed
     report = json.loads(out.read_text())
     result = report["result"]
@@ -48,6 +49,9 @@ def test_tiny_benchmark_prints_and_writes_the_ratios(tmp_path, capsys, flags, on
     assert result["ratios"]["FIRE/TRADES"] == pytest.approx(statistics.median(a / b for a, b in rounds))
     assert all(math.isfinite(r) and r > 0 for r in result["ratios"].values())
     assert [(r["batch_size"], r["attack_steps"]) for r in report["sweep"]] == [(2, 0), (2, 1)]
+    rounds = zip(result["steps"]["FIRE+AWP"]["all_ms"], result["steps"]["FIRE"]["all_ms"])
+    assert result["ratios"]["FIRE+AWP/FIRE"] == pytest.approx(statistics.median(a / b for a, b in rounds))
+    assert "FIRE+EMA/FIRE" in result["ratios"] and "FIRE+AWP" not in report["sweep"][0]["steps"]
     assert report["config"]["dtype"] == ("bfloat16" if flags else "float32")
     # The floor's FLOPs, counted once: SmallCNN's forward is 19.9 MFLOP per image; the floor runs
     # 1 + 2 K + 2 forwards and backwards worth about 2 K + 4 more, so ~11 forwards at K = 2.
@@ -63,8 +67,9 @@ def test_tiny_benchmark_prints_and_writes_the_ratios(tmp_path, capsys, flags, on
 
 def test_every_step_runs_the_floors_forward_passes():
     """FIRE, TRADES and the floor each run K + 3 forwards: the natural one once, K in the attack,
-    two for the update; TRADES-public (TRADES' own attack) K more. The floor leaves the weights
-    alone (lr 0); the real steps train."""
+    two for the update; TRADES-public (TRADES' own attack) K more; FIRE with AWP two more (the
+    ascent pass on the same x'), FIRE with the average none. The floor leaves the weights alone
+    (lr 0); the real steps train."""
     k = 3
     bench = make_bench(batch_size=4)
     calls = []
@@ -74,7 +79,8 @@ def test_every_step_runs_the_floors_forward_passes():
         calls.clear()
         step()
         attack = k + 1 + (k if name == "TRADES-public" else 0)
-        assert calls == [False] * attack + [True, True], name  # eval for the attack, train after
+        update = [True] * (4 if name == "FIRE+AWP" else 2)
+        assert calls == [False] * attack + update, name  # eval for the attack, train after
         moved = any(not torch.equal(a, p) for a, p in zip(before, bench.model.parameters()))
         assert moved == (name != "floor"), name
 

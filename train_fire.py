@@ -100,13 +100,15 @@ def attack_fire(model, x, eps, step_size, steps, regulariser=fisher_rao_sq):
     return x_adv.detach()
 
 
-def train_step(args, model, attack_model, x, y, idx, soft_targets=None):
-    """One FIRE step on a batch: x' by PGD, then the risk of Eq. 7. Returns (loss, natural logits,
-    x'); harness.train does the backward pass and the SGD step, and logs how far x' moved."""
+def train_step(args, model, attack_model, x, y, idx, soft_targets=None, x_adv=None):
+    """One FIRE step on a batch: x' by PGD (unless x_adv is given), then the risk of Eq. 7. Returns
+    (loss, natural logits, x'); harness.train does the backward pass and the SGD step, and logs
+    how far x' moved."""
     regulariser = REGULARISERS[args.distance]
-    # Attack in eval mode: no dropout, BatchNorm uses its running statistics and does not update them.
-    attack_model.eval()
-    x_adv = attack_fire(attack_model, x, args.eps, args.step_size, args.attack_steps, regulariser)
+    if x_adv is None:
+        # Attack in eval mode: no dropout, BatchNorm uses its running statistics and does not update them.
+        attack_model.eval()
+        x_adv = attack_fire(attack_model, x, args.eps, args.step_size, args.attack_steps, regulariser)
     model.train()
     logits_nat, logits_adv = model(x), model(x_adv)
     # Self-adaptive training (Huang et al. 2020) replaces the labels by soft targets; same loss.

@@ -96,18 +96,19 @@ def attack_trades(model, x, eps, step_size, steps):
     return x_adv.detach()
 
 
-def train_step(args, model, attack_model, x, y, idx, soft_targets=None):
-    """One step of --loss on a batch: x' by PGD, then the loss. Returns (loss, logits for the
-    train accuracy, x'); harness.train does the backward pass and the SGD step."""
-    # Attack in eval mode: no dropout, BatchNorm uses its running statistics and does not update them.
-    attack_model.eval()
-    if args.loss == "trades":
-        x_adv = attack_trades(attack_model, x, args.eps, args.step_size, args.attack_steps)
-    elif args.loss == "madry":  # uniform random start in the eps-ball (Madry et al.)
-        x_adv = attack_pgd_ce(attack_model, x, y, args.eps, args.step_size, args.attack_steps)
-    else:  # MART's code starts from x + 0.001 * N(0, 1)
-        x_adv = attack_pgd_ce(attack_model, x, y, args.eps, args.step_size, args.attack_steps,
-                              start="normal")
+def train_step(args, model, attack_model, x, y, idx, soft_targets=None, x_adv=None):
+    """One step of --loss on a batch: x' by PGD (unless x_adv is given), then the loss. Returns
+    (loss, logits for the train accuracy, x'); harness.train does the backward pass and the SGD step."""
+    if x_adv is None:
+        # Attack in eval mode: no dropout, BatchNorm uses its running statistics and does not update them.
+        attack_model.eval()
+        if args.loss == "trades":
+            x_adv = attack_trades(attack_model, x, args.eps, args.step_size, args.attack_steps)
+        elif args.loss == "madry":  # uniform random start in the eps-ball (Madry et al.)
+            x_adv = attack_pgd_ce(attack_model, x, y, args.eps, args.step_size, args.attack_steps)
+        else:  # MART's code starts from x + 0.001 * N(0, 1)
+            x_adv = attack_pgd_ce(attack_model, x, y, args.eps, args.step_size, args.attack_steps,
+                                  start="normal")
     model.train()
     if args.loss == "madry":
         logits_adv = model(x_adv)
