@@ -112,3 +112,20 @@ def test_run_all_names_run_folders_by_identity_not_by_data_dir(tmp_path):
     assert planned(DATA_DIR="/somewhere/else") == runs
     assert not set(planned(TRAIN_FLAGS="--eps 0.2")) & set(runs)
     assert not (tmp_path / "out").exists()
+
+
+def test_run_all_modern_block_plans_the_recipe_at_full_scale(tmp_path):
+    """The modern block trains FIRE (lam 12), TRADES beta 6 and beta 10 per seed on CIFAR-10 with
+    TRADES-AWP's schedule and AWP + weight averaging, evaluates each best.pt at 8/255 and builds
+    one table with RobustBench's rows quoted; its dry run creates nothing."""
+    r = run_all("modern", timeout=300, DRY_RUN="1", SEEDS="0 1", OUT_DIR=str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    trainings = re.findall(r"^  would train  \S+/(\S+)-s(\d)-[0-9a-f]{12}  \((.*)\)$", r.stdout, re.M)
+    assert [(tag, seed) for tag, seed, _ in trainings] == [
+        (tag, seed) for seed in "01" for tag in ("fire-cifar10-lam12", "trades-cifar10-beta6", "trades-cifar10-beta10")]
+    for _, _, command in trainings:
+        assert ("--epochs 200 --batch-size 128 --lr 0.1 --schedule step --lr-milestones 0.5 0.75" in command
+                and "--awp-gamma 0.005 --awp-warmup 10 --ema 0.999 --ema-start 1" in command), command
+    assert len(re.findall(r"^  would evaluate \S+/best\.pt at eps 8/255$", r.stdout, re.M)) == 6
+    assert re.search(r"would write  \S+/tables/modern\.md", r.stdout)
+    assert not (tmp_path / "out").exists()
