@@ -45,14 +45,16 @@ def test_trades_learns_on_digits(tmp_path):
     assert summary["test_nat"] > 0.6 and summary["test_pgd"] > 0.3
 
 
-LEARN = ["--epochs", "5", "--lr", "0.1", "--attack-steps", "3", "--eval-steps", "5"]
+LEARN = ["--lr", "0.1", "--attack-steps", "3", "--eval-steps", "5"]
 
 
+# Epochs each method needs to clear the bar with room (seed 0): Hellinger and FIRE-SA reach about
+# 0.6 / 0.34 in 3, Madry and MART need 5.
 @pytest.mark.parametrize("script,flags,method", [
-    ("train_fire.py", ["--distance", "hellinger"], "hellinger"),
-    ("train_fire.py", ["--self-adaptive", "--sa-start", "3"], "fire-sa"),
-    ("train_trades.py", ["--loss", "madry"], "madry"),
-    ("train_trades.py", ["--loss", "mart"], "mart"),
+    ("train_fire.py", ["--distance", "hellinger", "--epochs", "3"], "hellinger"),
+    ("train_fire.py", ["--self-adaptive", "--sa-start", "2", "--epochs", "3"], "fire-sa"),
+    ("train_trades.py", ["--loss", "madry", "--epochs", "5"], "madry"),
+    ("train_trades.py", ["--loss", "mart", "--epochs", "5"], "mart"),
 ])
 def test_each_method_learns_on_digits(script, flags, method, tmp_path):
     r = run_script(script, *LEARN, *flags, "--out-dir", str(tmp_path))
