@@ -1375,7 +1375,7 @@ def train_and_test(args, train_step, device, ckpt, signals):
             raise UserError(f"stopped at epoch {epoch + 1} (--stop-on-collapse): validation PGD accuracy "
                             f"{val_pgd:.4f} has been below half its best, {run.best:.4f} at epoch "
                             f"{run.best_epoch}, for 2 epochs; best.pt is kept (at high lr this is usually "
-                            f"an optimisation blow-up: try a lower --lr; docs/mnist5k-stability.md)")
+                            f"an optimisation blow-up: try --clip-grad-norm 5 or a lower --lr; docs/modern-recipe.md)")
     summary = final_test(run, args, eval_model, test_set, device)
     if is_main():
         write_atomic(os.path.join(args.out_dir, "summary.json"), lambda f: json.dump(summary, f, indent=1))
