@@ -1458,9 +1458,7 @@ def resume(run, args, ckpt, device):
     """Load `ckpt` (resume_checkpoint) into `run`, so that training continues exactly where the
     checkpoint was committed."""
     load_model_state(run.evaluated(), ckpt, args.resume)
-    if run.ema is not None:  # the average is `model`; SGD continues from `online_model`
-        if "online_model" not in ckpt:
-            raise UserError(f"--resume {args.resume!r} was trained without --ema")
+    if run.ema is not None:  # the average is `model`; SGD continues from `online_model` (load_checkpoint checked it is there)
         run.model.load_state_dict(ckpt["online_model"])
         run.ema.n_averaged.fill_(ckpt["ema_updates"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
