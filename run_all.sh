@@ -173,6 +173,7 @@ fi
 IMAGENET32="$PT_DATA_DIR/imagenet32"  # where train_*.py --dataset imagenet32 read it
 declare -A EVAL_EPS=([cifar10]="8/255" [cifar100]="8/255")  # AutoAttack's eps (training: 0.031)
 EVAL_EXTRA=()  # a block's own evaluation flags (mnist5k: --pgd20)
+QUOTED=""     # a block's quoted rows in its table (modern: RobustBench's), see report
 
 # ---- run identities ------------------------------------------------------------------------------
 # One Python process answers for every run what `train_*.py FLAGS --print-identity` prints (the
@@ -577,13 +578,14 @@ plot() {
         "$PY" eval_autoattack.py --plot-sweep "$@" --plot-kind "$kind" --plot-out "$OUT_DIR/figures/$name.png"
 }
 
-# report NAME TITLE RUN...: AutoAttack on each run's best.pt, then table NAME; sets JSONS.
+# report NAME TITLE RUN...: AutoAttack on each run's best.pt, then table NAME; sets JSONS. A block
+# that sets QUOTED (local) adds those quoted rows (eval_autoattack.py --quoted).
 report() {
     local name=$1 title=$2 run; shift 2
     evaluate best "$@"
     JSONS=()
     for run in "$@"; do JSONS+=("$(result "$run" best)"); done
-    table "$name" "$title" "${JSONS[@]}"
+    table "$name" "$title" "${JSONS[@]}" ${QUOTED:+--quoted "$QUOTED"}
 }
 
 # ---- blocks --------------------------------------------------------------------------------------
@@ -757,7 +759,7 @@ mnist5k() {
 # blocks: ./run_all.sh modern.
 modern() {
     echo "== modern: FIRE and TRADES with AWP and weight averaging"
-    local s run runs=() recipe=(--awp-gamma 0.005 --awp-warmup 10 --ema 0.999 --ema-start 1)
+    local s runs=() QUOTED=modern recipe=(--awp-gamma 0.005 --awp-warmup 10 --ema 0.999 --ema-start 1)
     local schedule=(--epochs 200 --batch-size 128 --lr 0.1 --schedule step --lr-milestones 0.5 0.75
                     --eps 0.03137254901960784 --step-size 0.00784313725490196 --attack-steps 10)
     if [[ $SMOKE == 1 ]]; then  # TRAIN_COMMON's one epoch of digits: AWP from it, a short average
@@ -768,10 +770,7 @@ modern() {
         trades "$FIG_DATASET" "$s" 6 "${schedule[@]}" "${recipe[@]}"; runs+=("$RUN")
         trades "$FIG_DATASET" "$s" 10 "${schedule[@]}" "${recipe[@]}"; runs+=("$RUN")
     done
-    evaluate best "${runs[@]}"
-    JSONS=()
-    for run in "${runs[@]}"; do JSONS+=("$(result "$run" best)"); done
-    table modern "Today's recipe: FIRE and TRADES with AWP and weight averaging" "${JSONS[@]}" --quoted modern
+    report modern "Today's recipe: FIRE and TRADES with AWP and weight averaging" "${runs[@]}"
 }
 
 # ---- main ----------------------------------------------------------------------------------------
