@@ -9,7 +9,7 @@ Commands:
     python benchmark.py --dataset cifar10 --device cuda --batch-size 256 --dtype bfloat16 \
         --channels-last --compile --compile-mode reduce-overhead   # + torch.compile with CUDA graphs
 
-Each timed step is the training loop's own step, harness.Run.step: the train_step of train_fire.py or
+Each timed step is the training loop's own step, harness.TrainState.step: the train_step of train_fire.py or
 train_trades.py, then the SGD update, and harness.EpochStats as harness.train runs them, on one
 fixed synthetic batch of the data set's shape already on the device (data loading is not timed):
     model.eval(); x' = attack(model, x)                       # K PGD steps, natural logits once
@@ -27,7 +27,7 @@ projections, sign, random start, Python, copies and synchronisation are what a s
 its floor. A fourth step, TRADES-public, is the TRADES step with the natural forward recomputed
 at every attack step, as TRADES' public code (and the paper's timing of it) does. Two more,
 FIRE+AWP and FIRE+EMA, are the FIRE step with adversarial weight perturbation (gamma 0.005) and
-with the weight average (decay 0.999), as harness.Run.step runs them (docs/modern-recipe.md). All
+with the weight average (decay 0.999), as harness.TrainState.step runs them (docs/modern-recipe.md). All
 share one model and are timed in interleaved repetitions (their order rotates every repetition)
 in one process; the figures are medians. The floor's FLOPs (convolutions and matrix products, as
 torch.utils.flop_counter counts them) are counted once, and over its median time give the
@@ -48,14 +48,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from models import check_model_name, get_model
 import train_fire
 import train_trades
-from harness import (DATA_INFO, PRESETS, TRAIN_RANGES, ArgumentParser, EpochStats, Range, Run, UserError,
-                     check_output, check_ranges, write_atomic)
+from common import ArgumentParser, Range, UserError, check_output, check_ranges, cli, write_atomic
+from config import TRAIN_RANGES
+from data import DATASETS, dataset_shape
+from harness import EpochStats, TrainState
+from parallel import Networks
 from train_fire import fire_loss
 from train_trades import trades_loss
 
-IMAGE_SIZE = {"digits": 28, "mnist5k": 28, "mnist": 28, "cifar10": 32, "cifar100": 32, "imagenet32": 32}
-TRAIN_IMAGES = {"digits": 1257, "mnist5k": 3500, "mnist": 59000, "cifar10": 49000, "cifar100": 49000,
-                "imagenet32": 1271167}  # after validation
 STEPS = ("floor", "FIRE", "TRADES", "TRADES-public")  # TRADES-public: natural forward at every attack step
 # The FIRE step with the recipe of docs/modern-recipe.md, as harness.train runs it: adversarial weight
 # perturbation (gamma 0.005, Wu et al.'s) and the weight average (decay 0.999).
@@ -76,7 +76,7 @@ RANGES = {**{k: TRAIN_RANGES[k] for k in ("batch_size", "attack_steps", "eps", "
 
 def get_args(argv=None):
     p = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", type=str, default="mnist", choices=sorted(PRESETS),
+    p.add_argument("--dataset", type=str, default="mnist", choices=list(DATASETS),
                    help="preset of model, image shape, classes, normalisation, eps, step size and lr "
                         "(the training scripts' presets); batch size and attack steps are this "
                         "script's own defaults, 128 and 10, whatever the data set")
@@ -140,10 +140,10 @@ def get_args(argv=None):
                    help="also write every figure to this JSON file (its folder must exist and be writable)")
     args = p.parse_args(argv)
 
-    preset = PRESETS[args.dataset]
-    num_classes, channels, mean, std = DATA_INFO[args.dataset]
+    preset = DATASETS[args.dataset].preset
+    num_classes, channels, mean, std = dataset_shape(args.dataset)
     args.model = args.model or preset["model"]
-    args.shape = args.shape or [channels, IMAGE_SIZE[args.dataset], IMAGE_SIZE[args.dataset]]
+    args.shape = args.shape or list(DATASETS[args.dataset].shape)
     args.num_classes = num_classes if args.num_classes is None else args.num_classes
     # The preset's normalisation only fits the preset's channel count.
     args.mean, args.std = (mean, std) if args.shape[0] == channels else (None, None)
@@ -195,7 +195,7 @@ class Bench:
         # foreach on CUDA, for --no-fused-sgd; on the CPU both are torch's default (neither).
         self.fused = True if device.type == "cuda" and args.fused_sgd else None
         sgd = dict(momentum=0.9, weight_decay=5e-4, nesterov=True, fused=self.fused)
-        # The training loop's step (harness.Run.step) on the shared model: plain, with AWP, with the average
+        # The training loop's step (harness.TrainState.step) on the shared model: plain, with AWP, with the average
         self.runs = {name: self.training_run(**RECIPE.get(name, {})) for name in ("FIRE", *RECIPE_STEPS)}
         # The floor's optimiser does an SGD step's work (weight decay, momentum, update) at lr 0.
         self.floor_optimizer = torch.optim.SGD(model.parameters(), lr=0.0, **sgd)
@@ -205,22 +205,22 @@ class Bench:
         self.stats = EpochStats(device, args.eps, args.step_size)
 
     def training_run(self, awp_gamma=0.0, ema=None):
-        """A harness.Run on the shared model: training's SGD (Nesterov, momentum 0.9, weight decay
+        """A harness.TrainState on the shared model: training's SGD (Nesterov, momentum 0.9, weight decay
         5e-4, fused as --fused-sgd says), gradient scaler and, when asked, AWP and the average."""
         a = self.args
         spec = argparse.Namespace(lr=a.lr, momentum=0.9, weight_decay=5e-4, dtype=a.dtype, schedule="step",
                                   epochs=1, lr_milestones=[1.0], awp_gamma=awp_gamma, ema=ema)
-        run = Run(spec, self.model, None, self.device)
-        for group in run.optimizer.param_groups:
+        state = TrainState(spec, self.model, None, self.device)
+        for group in state.optimizer.param_groups:
             group["fused"] = self.fused
-        return run
+        return state
 
     def train_step(self, script, method_args, attack_model=None, run="FIRE"):
-        """One step of the training loop (harness.train): Run.step (AWP's ascent pass, the script's
+        """One step of the training loop (harness.train): TrainState.step (AWP's ascent pass, the script's
         train_step under autocast, the SGD update, the average's update) and the on-device
         statistics. Returns the (detached) loss."""
         loss, logits, x_adv, grad_norm = self.runs[run].step(
-            method_args, script.train_step, (self.fwd, attack_model or self.fwd), self.x, self.y, None, epoch=0)
+            method_args, script.train_step, Networks(self.fwd, attack_model or self.fwd), self.x, self.y, None, epoch=0)
         self.stats.add(loss, logits, self.y, grad_norm, self.x, x_adv)
         return loss.detach()
 
@@ -254,7 +254,7 @@ class Bench:
 
     def steps(self, k):
         a = self.args
-        # with the harness's settings of Run.step: AWP and the average from the first step, no clipping
+        # with the harness's settings of TrainState.step: AWP and the average from the first step, no clipping
         common = dict(eps=a.eps, step_size=a.step_size, attack_steps=k, dtype=a.dtype, clip_grad_norm=None,
                       awp_warmup=1, ema_start=1)
         fire = argparse.Namespace(**common, lam=a.lam, distance="fisher-rao")
@@ -510,7 +510,7 @@ def main(argv=None):
           + (f"; load average {load[0]:.2f} before" if load else ""))
     result = measure(args, args.batch_size, args.attack_steps, args.reps, args.warmup, device)
     print(main_table(result))
-    epochs, n = PRESETS[args.dataset]["epochs"], TRAIN_IMAGES[args.dataset]
+    epochs, n = DATASETS[args.dataset].preset["epochs"], DATASETS[args.dataset].train_images
     hours = {name: epochs * n / result["steps"][name]["images_per_s"] / 3600 for name in ("FIRE", "TRADES")}
     print(f"projected {epochs} epochs of {n:,} {args.dataset} training images at batch {args.batch_size}, "
           f"K {args.attack_steps}: FIRE {hours['FIRE']:.1f} h, TRADES {hours['TRADES']:.1f} h "
@@ -537,22 +537,5 @@ def main(argv=None):
     return report
 
 
-def cli(argv=None):
-    """main() for the command line: a UserError (a shape the model cannot take, an unwritable
-    --json-out) or a step too large for the memory ends with one line on stderr and exit code 2
-    instead of a traceback."""
-    try:
-        return main(argv)
-    except UserError as e:
-        sys.stderr.write(f"{PROG}: error: {e}\n")
-        sys.exit(2)
-    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError (CUDA) is a RuntimeError
-        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "can't allocate memory" not in str(e):
-            raise
-        sys.stderr.write(f"{PROG}: error: out of memory for this step ({type(e).__name__}): lower "
-                         f"--batch-size, --shape, --num-classes or the size of --model\n")
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    cli()
+    cli(main)

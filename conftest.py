@@ -14,6 +14,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402  (after the thread setting)
 
 import benchmark
+import common
+import data
 import harness
 import tables
 
@@ -44,18 +46,18 @@ def fire_run(tmp_path_factory):
 def few_digits(monkeypatch):
     """Trainings run in this test process (script.main(argv)) use the first 192 of the 1,257 digits
     training images: real runs, six times shorter, for tests of the loop rather than of learning."""
-    real = harness.get_datasets
+    real = data.get_datasets
 
     def first_images(args):
         train, val, test = real(args)
-        return harness.Indexed(train.base, train.indices[:192], train.transform), val, test
+        return data.Indexed(train.base, train.indices[:192], train.transform), val, test
     monkeypatch.setattr(harness, "get_datasets", first_images)
 
 
 def cli_error(main, argv, capsys):
     """Run a script's main() as its command line does: (exit code, stderr lines)."""
     with pytest.raises(SystemExit) as e:
-        harness.cli(lambda: main(argv))
+        common.cli(lambda: main(argv))
     return e.value.code, capsys.readouterr().err.strip().splitlines()
 
 
@@ -68,11 +70,15 @@ def imagenet32_folder(data_dir, per_file=8, n_val=16):
     folder = data_dir / "imagenet32"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    for name in harness.IMAGENET32_FILES:
+    for name in data.IMAGENET32_FILES:
         n = n_val if name == "val_data.npz" else per_file
         np.savez(folder / name, data=rng.integers(0, 256, (n, 3072), dtype=np.uint8),
                  labels=rng.integers(1, 1001, n))
     return folder
+
+
+METHODS = {"fire": ("FIRE", 6), "trades": ("TRADES", 2), "hellinger": ("Hellinger", 3), "madry": ("Madry et al.", 0),
+           "mart": ("MART", 1)}  # (title, row order) of train_fire.py's and train_trades.py's entries
 
 
 def write_result(folder, name, robust, method="fire", seed=0, index=None, npz=True, training=None, **extra):
@@ -84,8 +90,10 @@ def write_result(folder, name, robust, method="fire", seed=0, index=None, npz=Tr
     identity = dict(method=method, dataset="cifar10", model="wrn-34-10", eps=0.031, lam=lam, beta=beta,
                     seed=seed, epochs=100, lr=0.1, batch_size=256)
     identity.update(training or {})
-    record = dict(format=tables.RESULT_FORMAT, defense=extra.pop("defense", tables.METHOD_NAMES[method]),
-                  method=method, dataset="cifar10", model="wrn-34-10", eps=8 / 255, train_eps=0.031,
+    title, order = METHODS[method]
+    record = dict(format=tables.RESULT_FORMAT, defense=extra.pop("defense", title), method=method,
+                  method_title=title, method_order=order, method_weight="lam" if lam else "beta" if beta else None,
+                  dataset="cifar10", model="wrn-34-10", eps=8 / 255, train_eps=0.031,
                   lam=lam, beta=beta, seed=seed, natural=0.9, autoattack=robust.mean().item(),
                   avg_acc=(0.9 + robust.mean().item()) / 2, n_examples=len(robust), split="test",
                   aa_version="standard", checkpoint_kind="best", train_time_s=3600.0,

@@ -46,12 +46,15 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import tables
-from harness import (DATA_INFO, UserError, ArgumentParser, Range, attack_pgd_ce, check_output,
-                     check_ranges, cli, get_datasets, load_checkpoint, load_model_state, lock_folder,
-                     model_from_args, read_arrays, run_identity, setup_device, sha256_file,
-                     upcast_half, write_atomic)
+from attacks import attack_pgd_ce, upcast_half
+from checkpoints import load_checkpoint, load_model_state, model_from_args, run_training_time
+from common import (ArgumentParser, Range, UserError, check_output, check_ranges, cli, eps_text,
+                    lock_folder, read_arrays, read_json, sha256_file, write_atomic, write_json)
+from config import run_identity
+from data import DATASETS, dataset_shape, get_datasets
 from models import check_model_name, get_model
-from tables import METHOD_NAMES, QUOTED, RESULT_FORMAT, fmt_hours
+from parallel import over_all_gpus, rank_and_world, setup_device
+from tables import QUOTED, RESULT_FORMAT, fmt_hours
 
 TIMING_FORMAT = "fire-repro-autoattack-timing/1"
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")  # AutoAttack's standard order
@@ -131,7 +134,7 @@ def get_args(argv=None):
     g.add_argument("--time-model", type=str, default=None,
                    help="time a freshly initialised model of this architecture (e.g. wrn-34-10) "
                         "on random images labelled with its own predictions, no checkpoint")
-    g.add_argument("--time-dataset", type=str, default="cifar10", choices=sorted(DATA_INFO),
+    g.add_argument("--time-dataset", type=str, default="cifar10", choices=list(DATASETS),
                    help="image shape and classes for --time-model")
     g = p.add_argument_group("tables and figures from result JSONs")
     g.add_argument("--summarize", type=str, nargs="+", default=None, metavar="DIR",
@@ -185,10 +188,6 @@ def get_args(argv=None):
 
 # ----------------------------------------------------------------------------------------------
 # Output files: checked before the work starts, written atomically
-
-
-def write_json(path, record):
-    write_atomic(path, lambda f: json.dump(record, f, indent=1))
 
 
 def write_npz(path, arrays):
@@ -312,7 +311,7 @@ def evaluate_autoattack(model, x, y, eps, batch_size=500, seed=0, device="cpu", 
                 collect.messages.append(f"re-evaluating x' gave {again} robust points in a batch, "
                                         f"AutoAttack {after['square'].sum().item()}")
             if pgd20 or cw:  # each batch's random start, independent of the batches before it
-                torch.manual_seed((seed * 1_000_003 + batch) % 2 ** 64)
+                torch.manual_seed(chunk_seed(seed, batch) % 2 ** 64)
             if pgd20:
                 x_pgd = attack_pgd_ce(model, xb, yb, eps, 2.5 * eps / 20, 20)
                 with torch.no_grad():
@@ -367,78 +366,13 @@ def first_images(dataset, n):
     return torch.cat(xs), torch.cat(ys)
 
 
-def default_defense(saved, checkpoint):
-    """Row name: method, its weight, extra data, today's recipe and a non-best checkpoint, e.g.
-    'FIRE (lam=12)' or 'TRADES (beta=6) + AWP + EMA'.
-
-    Madry's adversarial training gives two rows of Table 2: its last epoch ('Madry et al.') and
-    its checkpoint chosen on validation robust accuracy, i.e. early stopping ('Overfitting',
-    Rice et al. 2020).
-    """
-    stem = os.path.splitext(os.path.basename(checkpoint))[0]
-    # today's recipe (docs/modern-recipe.md): its runs are other rows than the method's
-    recipe = ((" + AWP" if saved.get("awp_gamma") else "") + (" + EMA" if saved.get("ema") else "")
-              + (f" + clip {saved['clip_grad_norm']:g}" if saved.get("clip_grad_norm") else ""))
-    if saved.get("init_from"):  # fine-tuned from another run: Hendrycks et al. (2019)'s row
-        return "Pre-training" + recipe + ("" if stem == "best" else f" [{stem}]")
-    if saved.get("method") == "madry" and stem in ("best", "last"):
-        return ("Madry et al." if stem == "last" else "Overfitting (Madry, early stopping)") + recipe
-    name = METHOD_NAMES.get(saved.get("method"), str(saved.get("method")))
-    if saved.get("method") == "trades" and saved.get("aux_data"):
-        name = "RST-adv"  # Carmon et al. 2019: TRADES on the extra pseudo-labelled data
-    weight = {"fire": "lam", "fire-sa": "lam", "hellinger": "lam", "trades": "beta",
-              "trades-sa": "beta", "mart": "beta"}
-    key = weight.get(saved.get("method"))
-    if key and isinstance(saved.get(key), (int, float)):
-        name += f" ({key}={saved[key]:g})"
-    if saved.get("aux_data"):
-        name += " + extra data"
-    if saved.get("augment") == "authors":
-        name += " + authors' aug."
-    name += recipe
-    if stem != "best":
-        name += f" [{stem}]"
-    return name
-
-
-def training_time(checkpoint, ckpt):
-    """Wall-clock training time of the whole run (best.pt only knows the time up to its epoch):
-    summary.json of the run folder, else its last.pt, else the checkpoint's own. Returns
-    (seconds, source, pretrain seconds or None): a run fine-tuned from another (--init-from)
-    records that run's time as `pretrain_time_s` in its summary.json."""
-    run_dir = os.path.dirname(os.path.abspath(checkpoint))
-    summary = os.path.join(run_dir, "summary.json")
-    if os.path.isfile(summary):
-        try:
-            with open(summary) as f:
-                record = json.load(f)
-            pretrain = record.get("pretrain_time_s")
-            return (float(record["train_time_s"]), "summary.json",
-                    None if pretrain is None else float(pretrain))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            pass
-    last = os.path.join(run_dir, "last.pt")
-    if os.path.isfile(last) and os.path.abspath(last) != os.path.abspath(checkpoint):
-        try:
-            return float(load_checkpoint(last)["train_time_s"]), "last.pt", None
-        except (UserError, KeyError, TypeError):
-            pass
-    return float(ckpt.get("train_time_s", float("nan"))), "checkpoint", None
-
-
-def eps_tag(eps):
-    """eps in a file name: 8-255 for 8/255, else 0.05."""
-    k = eps * 255
-    return f"{round(k)}-255" if abs(k - round(k)) < 1e-6 and round(k) > 0 else f"{eps:g}"
-
-
 def default_out(checkpoint, eps=None, train_eps=None, split="test"):
     """<run>/autoattack[-<name>][-eps<eps>][-val].json: different checkpoints, radii and splits
     never share a file."""
     stem = os.path.splitext(os.path.basename(checkpoint))[0]
     name = "autoattack" + ("" if stem == "best" else f"-{stem}")
     if eps is not None and train_eps is not None and abs(eps - train_eps) > 1e-9:
-        name += f"-eps{eps_tag(eps)}"
+        name += f"-eps{eps_text(eps, sep='-')}"
     if split != "test":
         name += f"-{split}"
     return os.path.join(os.path.dirname(os.path.abspath(checkpoint)), name + ".json")
@@ -467,15 +401,6 @@ class Plan:
         self.identity = dict(checkpoint_sha256=sha256_file(path),
                              settings=settings_of(args, self.eps, self.n))
         self.stem = os.path.splitext(self.out)[0]
-
-
-def read_json(path):
-    """The JSON value in `path`, or None when the file is missing or is not whole JSON."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def settings_change(old, new):
@@ -554,7 +479,7 @@ def read_chunk(path, identity, chunk, n):
 
 
 def lock_folders(plans, outs):
-    """The run-folder lock (harness.lock_folder, the one trainings take) of every folder this
+    """The run-folder lock (common.lock_folder, the one trainings take) of every folder this
     process writes into or reads a checkpoint from, each taken once: a training or another
     evaluation there meanwhile stops with one line. A checkpoint's folder that cannot be written
     (no training can write there either) is not locked. Process 0 only under torchrun."""
@@ -573,10 +498,6 @@ def lock_folders(plans, outs):
     return locks
 
 
-def rank_and_world():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
 def load_network(plan, device):
     """The checkpoint's model in float32 and eval mode, wrapped in DataParallel when several GPUs
     are visible to one process (not under torchrun: there each process has its own GPU)."""
@@ -587,9 +508,7 @@ def load_network(plan, device):
         raise UserError(f"{plan.path!r} does not describe its model ({type(e).__name__}: {e})") from None
     load_model_state(model, ckpt, plan.path)
     model = model.to(device).float().eval()  # eval mode: no dropout, BatchNorm running statistics
-    if device.type == "cuda" and torch.cuda.device_count() > 1 and not dist.is_initialized():
-        return torch.nn.DataParallel(model), ckpt
-    return model, ckpt
+    return over_all_gpus(model, device), ckpt
 
 
 def evaluate_checkpoint(plan, args, device):
@@ -654,12 +573,13 @@ def merge_chunks(plan, args, ckpt, chunk_dir, n_chunks, device):
     for _, meta in chunks:
         warnings += [m for m in meta["aa_warnings"] if m not in warnings]
     saved = plan.saved
-    train_time, source, pretrain_time = training_time(plan.path, ckpt)
+    train_time, source, pretrain_time = run_training_time(plan.path, ckpt)
     import pyautoattack
     per_sample = {k: v for k, v in arrays.items() if k not in ("index", "label")}
     result = dict(
-        format=RESULT_FORMAT, defense=args.defense or default_defense(saved, plan.path),
-        method=saved["method"], dataset=saved["dataset"], model=saved["model"], eps=plan.eps,
+        format=RESULT_FORMAT, defense=args.defense or tables.row_name(saved, plan.path),
+        method=saved["method"], method_title=saved["method_title"], method_weight=saved["method_weight"],
+        method_order=saved["method_order"], distance=saved.get("distance"), dataset=saved["dataset"], model=saved["model"], eps=plan.eps,
         train_eps=saved["eps"], lam=saved.get("lam"), beta=saved.get("beta"),
         aux_data=saved.get("aux_data"), init_from=saved.get("init_from"), seed=saved["seed"],
         epochs=saved.get("epochs"), ema=saved.get("ema"),  # with --ema the weights are the average
@@ -774,14 +694,12 @@ def run_plans(plans, outs, args):
     torch.backends.cudnn.allow_tf32 = False
     try:
         if args.time_model is not None:
-            num_classes, channels, mean, std = DATA_INFO[args.time_dataset]
             torch.manual_seed(args.seed)
-            model = get_model(args.time_model, num_classes, channels, mean, std).to(device).eval()
-            size = 28 if channels == 1 else 32
-            x = torch.rand(args.time_images, channels, size, size)
+            model = get_model(args.time_model, *dataset_shape(args.time_dataset)).to(device).eval()
+            x = torch.rand(args.time_images, *DATASETS[args.time_dataset].shape)
             with torch.no_grad():  # labels = the model's own predictions: every image is attacked
                 y = torch.cat([model(b.to(device)).argmax(1).cpu() for b in x.split(args.batch_size)])
-            eps = args.eps if args.eps is not None else 0.3 if channels == 1 else 8 / 255
+            eps = args.eps if args.eps is not None else DATASETS[args.time_dataset].eval_eps or DATASETS[args.time_dataset].preset["eps"]
             timing = time_autoattack(model, x, y, eps, args, device)
             report_timing(timing, args.out, f"random {args.time_model} on {args.time_dataset}-shaped images")
             return [timing]

@@ -27,13 +27,14 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no global state, renders with Agg
 from scipy.optimize import minimize, minimize_scalar
 from scipy.stats import norm
+
+from common import ArgumentParser, UserError, check_output, cli, write_atomic
 
 METHODS = ("ace", "trades", "fire", "hellinger")
 OUTPUTS = ("results.json", "fig3.png", "fig6.png", "fig9.png")
@@ -44,15 +45,6 @@ MIN_ANGLES = 100  # the Pareto set is an arc of the curve: with fewer angles it 
 # [1e-2, 1e4]), they keep a run within minutes and its numbers finite.
 LIMITS = dict(eps=10.0, mu=1e3, sigma=1e3, n_per_class=10**6, lam=1e8, n_lam=1000, refine=10,
               theta_norm=1e4, gtol=1.0, zero_tol=1.0, n_angles=10**7, cover_tol=1.0, fig3_norm=1e4)
-
-
-class UserError(Exception):
-    """A problem with the user's input (flags, --out-dir): reported as one line, exit code 2."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage block
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def check_args(args, p):
@@ -161,38 +153,12 @@ def get_args(argv=None):
 
 
 def prepare_out_dir(out_dir):
-    """Create --out-dir and probe-write a file there, so that an unwritable folder is refused before the
-    work, not after it. Raises UserError."""
+    """Refuse, before the work, an --out-dir that is a file or cannot be written, or an output
+    name that is a folder in it (common.check_output for each output). Raises UserError."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out-dir {out_dir!r} is a file, not a folder")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f".write-test{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write to --out-dir {out_dir!r}: {e.strerror or e}") from None
     for name in OUTPUTS:
-        if os.path.isdir(os.path.join(out_dir, name)):
-            raise UserError(f"--out-dir {out_dir!r} holds a folder named {name!r}, where that output goes")
-
-
-def write_atomically(path, write, binary=False):
-    """write(f) into a temporary file next to `path`, then os.replace it onto `path`: an interrupted run
-    leaves the previous file (or none), never a half-written one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
+        check_output(os.path.join(out_dir, name), "--out-dir output")
 
 
 # ---------------------------------------------------------------- exact quantities (Sec. 4.1)
@@ -510,7 +476,7 @@ def tradeoff_figure(curve, panels, path):
         ax.grid(alpha=0.3)
         ax.legend(loc="lower left", fontsize=8)
     np.atleast_1d(axes)[0].set_ylabel(r"adversarial accuracy $1-P'_e(\theta)$")
-    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True, what="--out-dir output")
 
 
 def fig3(curve, args, path, n=201):
@@ -532,7 +498,7 @@ def fig3(curve, args, path, n=201):
         ax.set_ylabel(r"$\delta_2$")
         ax.set_aspect("equal")
     fig.colorbar(im, ax=axes, label=r"$d_{R}(q(\cdot|0), q(\cdot|\delta))$")
-    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True, what="--out-dir output")
 
 
 def main(argv=None):
@@ -573,14 +539,11 @@ def main(argv=None):
 
     sol = {m: results[m]["solutions"] if m in results else None for m in METHODS}
     top = ("(a) Pareto set", None)
-    try:
-        fig3(curve, args, os.path.join(args.out_dir, "fig3.png"))
-        tradeoff_figure(curve, [top, ("(b) " + method_label("trades", args), sol["trades"]),
-                                ("(c) FIRE", sol["fire"])], os.path.join(args.out_dir, "fig6.png"))
-        tradeoff_figure(curve, [top, ("(b) Hellinger", sol["hellinger"]), ("(c) FIRE", sol["fire"])],
-                        os.path.join(args.out_dir, "fig9.png"))
-    except OSError as e:
-        raise UserError(f"cannot write the figures to --out-dir {args.out_dir!r}: {e.strerror or e}") from None
+    fig3(curve, args, os.path.join(args.out_dir, "fig3.png"))  # write_atomic: one line if unwritable
+    tradeoff_figure(curve, [top, ("(b) " + method_label("trades", args), sol["trades"]),
+                            ("(c) FIRE", sol["fire"])], os.path.join(args.out_dir, "fig6.png"))
+    tradeoff_figure(curve, [top, ("(b) Hellinger", sol["hellinger"]), ("(c) FIRE", sol["fire"])],
+                    os.path.join(args.out_dir, "fig9.png"))
 
     record = {"args": vars(args),
               "alpha_nat": curve["a_nat"], "nat_acc_at_alpha_nat": float(nat_n), "adv_acc_at_alpha_nat": float(adv_n),
@@ -590,24 +553,11 @@ def main(argv=None):
               "pareto_alpha_range": [float(par_alpha.min()), float(par_alpha.max())],
               "prop2_lower_slack": curve["prop2_lower_slack"], "prop2_upper_slack": curve["prop2_upper_slack"],
               "methods": results, "seconds": time.time() - t0}
-    try:
-        write_atomically(os.path.join(args.out_dir, "results.json"), lambda f: json.dump(record, f, indent=1))
-    except OSError as e:
-        raise UserError(f"cannot write results.json to --out-dir {args.out_dir!r}: {e.strerror or e}") from None
+    write_atomic(os.path.join(args.out_dir, "results.json"), lambda f: json.dump(record, f, indent=1),
+                 what="--out-dir output")
     print(f"wrote {args.out_dir}/results.json, fig3.png, fig6.png, fig9.png in {time.time() - t0:.1f}s")
     return record
 
 
-def cli(argv=None):
-    """main() for the command line: a UserError, or any other OSError, ends with one line on stderr and
-    exit code 2 instead of a traceback."""
-    try:
-        return main(argv)
-    except (UserError, OSError) as e:
-        message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-        sys.stderr.write(f"{PROG}: error: {message}\n")
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    cli()
+    cli(main)

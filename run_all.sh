@@ -638,7 +638,7 @@ table2() {
         "$PY" - "$AUX_DATA" <<'EOF'
 import argparse, sys
 import numpy as np, torch
-from harness import get_datasets
+from data import get_datasets
 train = get_datasets(argparse.Namespace(dataset="digits", data_dir="data", val_size=180))[0]
 x = torch.stack([train[i][0] for i in range(len(train))])
 x = torch.cat([torch.roll(x, 1, dims=3), torch.roll(x, -1, dims=2)])
@@ -661,7 +661,7 @@ EOF
         "$PY" - "$IMAGENET32" <<'EOF'
 import os, sys
 import numpy as np
-from harness import IMAGENET32_FILES
+from data import IMAGENET32_FILES
 rng = np.random.default_rng(0)
 os.makedirs(sys.argv[1], exist_ok=True)
 for name in IMAGENET32_FILES:  # val_data.npz last: its presence means the folder is complete

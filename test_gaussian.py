@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+import common
 import gaussian_demo as gd
 from conftest import run_script
 
@@ -228,9 +229,9 @@ def test_gaussian_unwritable_out_dir_is_refused_before_work(where, tmp_path):
 def test_gaussian_out_dir_that_is_a_file_or_holds_a_folder_output(tmp_path, capsys):
     (tmp_path / "file.txt").write_text("")
     (tmp_path / "run" / "fig6.png").mkdir(parents=True)
-    for out, needle in ((tmp_path / "file.txt", "not a folder"), (tmp_path / "run", "'fig6.png'")):
+    for out, needle in ((tmp_path / "file.txt", "not a folder"), (tmp_path / "run", "fig6.png' is a folder")):
         with pytest.raises(SystemExit) as e:
-            gd.cli(["--quick", "--out-dir", str(out)])
+            common.cli(gd.main, ["--quick", "--out-dir", str(out)])
         assert e.value.code == 2
         err = capsys.readouterr().err
         one_error_line(err, "--out-dir")
@@ -249,7 +250,7 @@ def test_gaussian_failed_write_is_one_line_and_keeps_the_old_results(tmp_path, c
 
     monkeypatch.setattr(gd, "json", SimpleNamespace(dumps=json.dumps, dump=dump_half_then_fail))
     with pytest.raises(SystemExit) as e:
-        gd.cli(["--quick", "--methods", "ace", "--n-angles", "400", "--out-dir", str(tmp_path)])
+        common.cli(gd.main, ["--quick", "--methods", "ace", "--n-angles", "400", "--out-dir", str(tmp_path)])
     assert e.value.code == 2
     one_error_line(capsys.readouterr().err, "--out-dir")
     assert (tmp_path / "results.json").read_text() == '{"old": 1}'

@@ -10,6 +10,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+import attacks
+import checkpoints
+import data
 import harness
 import train_fire
 import train_trades
@@ -61,12 +64,12 @@ def test_awp_step_is_the_sgd_update_at_the_perturbed_point(script, flags):
         for w, dv in zip(weights(perturbed), v):
             w += dv
     at_perturbed = state(perturbed)
-    reference = harness.Run(args, perturbed, None, torch.device("cpu"))
+    reference = harness.TrainState(args, perturbed, None, torch.device("cpu"))
     harness.sgd_update(script.train_step(args, perturbed, perturbed, x, y, idx, None, x_adv)[0],
                        reference.optimizer, reference.scaler)
     update = {k: perturbed.state_dict()[k] - at_perturbed[k] for k in before}
     # The harness's step
-    run = harness.Run(args, model, None, torch.device("cpu"))
+    run = harness.TrainState(args, model, None, torch.device("cpu"))
     torch.manual_seed(5)
     run.step(args, script.train_step, (model, model), x, y, idx, epoch=0)
     after = model.state_dict()
@@ -159,7 +162,7 @@ def test_awp_step_under_mixed_precision(dtype):
                                 "--dtype", dtype])
     x, y, idx = batch()
     model = small_net()
-    run = harness.Run(args, model, None, torch.device("cpu"))
+    run = harness.TrainState(args, model, None, torch.device("cpu"))
     scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
     before = [w.detach().clone() for w in weights(model)]
     with harness.autocast(dtype, x.device):
@@ -180,7 +183,7 @@ def test_average_is_its_closed_form():
     args = train_fire.get_args(["--ema", "0.7", "--ema-start", "2", "--attack-steps", "1", "--lr", "0.2"])
     x, y, idx = batch()
     model = small_net()
-    run = harness.Run(args, model, None, torch.device("cpu"))
+    run = harness.TrainState(args, model, None, torch.device("cpu"))
     for _ in range(2):
         run.step(args, train_fire.train_step, (model, model), x, y, idx, epoch=0)
         assert all(torch.equal(a, b) for a, b in zip(run.ema.module.state_dict().values(),
@@ -197,7 +200,7 @@ def test_average_is_its_closed_form():
         assert torch.allclose(value, closed, rtol=1e-5, atol=1e-6), key
         if key.endswith(("weight", "running_mean")):
             assert not torch.allclose(value, seen[-1][key]), key  # an average, not the model
-    assert run.evaluated() is run.ema.module
+    assert run.evaluated_model() is run.ema.module
 
 
 def test_clipping_bounds_the_step_and_is_counted():
@@ -257,12 +260,12 @@ def test_recipe_run_resumes_exactly_and_evaluates_the_average(tmp_path):
     assert all(0 <= r["clipped"] <= 1 for r in rows) and rows[-1]["clipped"] > 0
     # the test numbers are the average's: evaluate best.pt's `model` on a plain network
     best = torch.load(tmp_path / "a" / "best.pt", weights_only=True)
-    net = harness.model_from_args(best["args"])
-    harness.load_model_state(net, best, "best.pt")
+    net = checkpoints.model_from_args(best["args"])
+    checkpoints.load_model_state(net, best, "best.pt")
     args = train_fire.get_args(RECIPE)
-    _, _, test_set = harness.get_datasets(args)
+    _, _, test_set = data.get_datasets(args)
     torch.manual_seed(0)
-    nat, _ = harness.evaluate(net, harness.eval_loader(test_set, args, torch.device("cpu")), args.eps, 0, "cpu")
+    nat, _ = attacks.evaluate(net, data.eval_loader(test_set, args, torch.device("cpu")), args.eps, 0, "cpu")
     assert nat == straight["test_nat"]
     # eval_autoattack.py evaluates that average without a flag, and its JSON says so
     import eval_autoattack

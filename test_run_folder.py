@@ -11,7 +11,10 @@ import time
 import pytest
 import torch
 
+import checkpoints
+import common
 import harness
+import run_folder
 import train_fire
 from conftest import HERE, PY, QUICK, cli_error, run_script
 
@@ -166,7 +169,7 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_fails(two_epoch_run, tmp_p
     monkeypatch.setattr(train_fire, "train_step", not_finite)
     code, lines = cli_error(train_fire.main, [*COMMIT, "--overwrite", "--out-dir", str(out)], capsys)
     assert code == 2 and len(lines) == 1 and "the loss became NaN or infinite" in lines[0], lines
-    assert file_bytes(out) == before and not (out / harness.REPLACED).exists()
+    assert file_bytes(out) == before and not (out / run_folder.REPLACED).exists()
 
 
 def test_overwrite_killed_before_its_first_commit_gives_the_old_run_back(two_epoch_run, tmp_path):
@@ -181,15 +184,15 @@ def test_overwrite_killed_before_its_first_commit_gives_the_old_run_back(two_epo
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     deadline = time.time() + 300
-    while not (out / harness.REPLACED).exists() and proc.poll() is None and time.time() < deadline:
+    while not (out / run_folder.REPLACED).exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert (out / harness.REPLACED).exists(), "the run never set the old one aside"
+    assert (out / run_folder.REPLACED).exists(), "the run never set the old one aside"
     assert not (out / "last.pt").exists() or (out / "last.pt").read_bytes() == before["last.pt"], "kill came too late"
     r = run(*COMMIT, "--out-dir", str(out), "--resume", "auto")
     assert r.returncode == 0 and "already finished" in r.stdout, r.stderr
-    assert file_bytes(out) == before and not (out / harness.REPLACED).exists()
+    assert file_bytes(out) == before and not (out / run_folder.REPLACED).exists()
 
 
 def test_resume_leaves_a_finished_run_alone(two_epoch_run, tmp_path, capsys):
@@ -244,7 +247,7 @@ def test_unwritable_folder_mid_run_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(harness, "save_checkpoint", refuse)
     monkeypatch.setattr(sys, "argv", ["train_fire.py"])
     with pytest.raises(SystemExit) as exit_info:
-        harness.cli(lambda: train_fire.main(["--epochs", "1", "--attack-steps", "1", "--eval-steps", "1",
+        common.cli(lambda: train_fire.main(["--epochs", "1", "--attack-steps", "1", "--eval-steps", "1",
                                              "--out-dir", str(tmp_path / "run")]))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -279,7 +282,7 @@ class _Evil:
 def test_malicious_checkpoint_does_not_run_code(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "last.pt"
-    torch.save({"format": harness.CHECKPOINT_FORMAT, "payload": _Evil(marker)}, evil)
+    torch.save({"format": checkpoints.CHECKPOINT_FORMAT, "payload": _Evil(marker)}, evil)
     r = run_script("train_fire.py", "--resume", str(evil), "--out-dir", str(tmp_path / "run"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "cannot load checkpoint" in r.stderr
@@ -301,9 +304,9 @@ def test_broken_and_foreign_checkpoints(fire_run, tmp_path):
         r = run_script("train_fire.py", *QUICK, "--resume", str(tmp_path / name), "--out-dir", str(tmp_path / name) + ".run")
         assert r.returncode == 2, (name, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, (name, r.stderr)
-    with pytest.raises(harness.UserError, match="does not match"):
+    with pytest.raises(common.UserError, match="does not match"):
         saved = torch.load(tmp_path / "mislabelled.pt", weights_only=True)
-        harness.load_model_state(harness.model_from_args(saved["args"]), saved, "mislabelled.pt")
+        checkpoints.load_model_state(checkpoints.model_from_args(saved["args"]), saved, "mislabelled.pt")
     r = run_script("train_trades.py", "--resume", str(out / "last.pt"), "--out-dir", str(tmp_path / "t"))
     assert r.returncode == 2 and "method='fire'" in r.stderr  # a FIRE run cannot resume as TRADES
 
@@ -313,7 +316,7 @@ def test_broken_and_foreign_checkpoints(fire_run, tmp_path):
     ("args-string", "no training arguments"), ("optimizer", "'optimizer' is missing")])
 def test_incomplete_checkpoints_are_one_line_for_every_reader(two_epoch_run, tmp_path, capsys, damage, needle):
     """A checkpoint of the right format with a piece missing or of the wrong kind: --resume,
-    --init-from and the evaluation (one reader, harness.load_checkpoint) each stop in one line
+    --init-from and the evaluation (one reader, checkpoints.load_checkpoint) each stop in one line
     naming it (was: KeyError or AttributeError tracebacks). The optimiser only matters to --resume."""
     import eval_autoattack as ea
     ckpt = torch.load(two_epoch_run[0] / "last.pt", weights_only=True)

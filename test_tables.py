@@ -6,14 +6,16 @@ import numpy as np
 import pytest
 
 import tables
-from conftest import write_result
+from conftest import METHODS, write_result
 
 
 def test_summary_table_mean_and_sample_std(tmp_path):
     import eval_autoattack as ea
 
     def record(seed, natural, aa, method="fire", **extra):
-        return dict(format=tables.RESULT_FORMAT, defense=tables.METHOD_NAMES[method], method=method,
+        title, order = METHODS[method]
+        return dict(format=tables.RESULT_FORMAT, defense=title, method=method, method_title=title,
+                    method_order=order, train_identity=dict(method=method, seed=seed),
                     dataset="cifar10", model="wrn-34-10", eps=8 / 255, lam=12.0, seed=seed,
                     natural=natural, autoattack=aa, avg_acc=(natural + aa) / 2, n_examples=10000,
                     split="test", aa_version="standard", checkpoint_kind="best",
@@ -40,7 +42,8 @@ def test_summary_table_mean_and_sample_std(tmp_path):
 def test_pretraining_row_sits_with_the_additional_data_as_in_the_paper(tmp_path):
     """Table 2 lists Pre-training (a run with --init-from) under "With additional data"."""
     import eval_autoattack as ea
-    common = dict(format=tables.RESULT_FORMAT, method="madry", dataset="cifar10", model="wrn-28-10",
+    common = dict(format=tables.RESULT_FORMAT, method="madry", method_title="Madry et al.", method_order=0,
+                  train_identity=dict(method="madry", seed=0), dataset="cifar10", model="wrn-28-10",
                   eps=8 / 255, seed=0, natural=0.8, autoattack=0.5, avg_acc=0.65, n_examples=100,
                   split="test", aa_version="standard", checkpoint_kind="best", train_time_s=60.0)
     (tmp_path / "a.json").write_text(json.dumps(dict(common, defense="Pre-training", init_from="p/best.pt")))
@@ -111,7 +114,7 @@ def test_summarize_keys_rows_by_every_setting_and_says_so(tmp_path):
 
 def test_summarize_never_averages_runs_trained_with_other_settings(tmp_path, capsys):
     """FIRE at lr 0.1 and at lr 0.01, two seeds each: two rows, each showing its lr, and a note;
-    a result that records no training settings is keyed as before, with one warning line."""
+    a result that records no training settings is not a result: left out with one warning line."""
     import eval_autoattack as ea
     robust = np.arange(10) < 5
     for seed in (0, 1):
@@ -129,8 +132,8 @@ def test_summarize_never_averages_runs_trained_with_other_settings(tmp_path, cap
     (tmp_path / "old" / "aa.json").write_text(json.dumps(old))
     table = ea.main(["--summarize", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "record no training settings" in err[0] and "old" in err[0]
-    assert "| not recorded |" in table and "| 1 (2) |" in table
+    assert len(err) == 1 and "'train_identity' missing" in err[0] and "old" in err[0]
+    assert "| 1 (2) |" not in table
 
 
 def test_an_attack_run_on_some_seeds_only_says_which(tmp_path):

@@ -12,7 +12,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoints
+import common
+import data
 import harness
+import tables
 import train_fire
 import train_trades
 from conftest import HERE, PY, QUICK, cli_error, imagenet32_folder, make_bench, run_script
@@ -122,18 +126,18 @@ def test_authors_augmentation_flag(monkeypatch, augment):
 
         def __getitem__(self, i):
             return Image.new("RGB", (32, 32), (i * 10, 0, 0)), self.targets[i]
-    monkeypatch.setattr(harness, "_torchvision_split", lambda cls, root, train: FakeCifar())
+    monkeypatch.setattr(data, "_torchvision_split", lambda cls, root, train: FakeCifar())
     args = train_fire.get_args(["--dataset", "cifar10", "--augment", augment, "--val-size", "4"])
-    train, val, _ = harness.get_datasets(args)
+    train, val, _ = data.get_datasets(args)
     kinds = [type(t) for t in train.transform.transforms]
     assert kinds[:2] == [T.RandomCrop, T.RandomHorizontalFlip] and kinds[-1] == T.ToTensor
     assert (T.ColorJitter in kinds and T.RandomRotation in kinds) == (augment == "authors")
     assert train[0][0].shape == (3, 32, 32) and type(val.transform) is T.ToTensor
-    import eval_autoattack
-    name = eval_autoattack.default_defense({"method": "fire", "lam": 5.0, "augment": augment}, "r/best.pt")
+    saved = train_fire.get_args(["--lam", "5", "--augment", augment, "--dataset", "cifar10"])
+    name = tables.row_name(vars(saved), "r/best.pt")
     assert name == "FIRE (lam=5)" + (" + authors' aug." if augment == "authors" else "")
     r = run_script("train_fire.py", "--augment", "authors", "--out-dir", "/nonexistent/run")
-    assert r.returncode == 2 and "--augment authors is for cifar10/cifar100" in r.stderr
+    assert r.returncode == 2 and "--augment authors is for cifar10, cifar100" in r.stderr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,7 +223,7 @@ def test_nan_stop_names_the_first_non_finite_quantity():
         if needle is None:
             stats.check_finite(0)
         else:
-            with pytest.raises(harness.UserError, match=f"^{needle} became NaN or infinite at epoch 1, batch 2"):
+            with pytest.raises(common.UserError, match=f"^{needle} became NaN or infinite at epoch 1, batch 2"):
                 stats.check_finite(0)
 
 
@@ -251,7 +255,7 @@ def test_collapse_is_logged_recorded_and_can_stop_the_run(tmp_path, monkeypatch,
     monkeypatch.setattr(harness, "evaluate", lambda *a, **k: next(scripted))
     argv = ["--epochs", "4", "--attack-steps", "1", "--eval-steps", "1", "--out-dir", str(tmp_path)]
     if stop:
-        with pytest.raises(harness.UserError, match="stopped at epoch 4 .*best.pt is kept"):
+        with pytest.raises(common.UserError, match="stopped at epoch 4 .*best.pt is kept"):
             train_fire.main(argv + ["--stop-on-collapse"])
         assert not (tmp_path / "summary.json").exists()
     else:
@@ -348,9 +352,9 @@ def test_torchrun_ddp_on_cpu_trains_and_saves_the_unwrapped_model(tmp_path):
     log = (tmp_path / "log.txt").read_text()
     assert log.count("epoch   1 |") == 1  # one writer
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
-    ckpt = harness.load_checkpoint(str(tmp_path / "last.pt"))
-    model = harness.model_from_args(ckpt["args"])
-    harness.load_model_state(model, ckpt, "last.pt")  # strict: no "module." prefixes
+    ckpt = checkpoints.load_checkpoint(str(tmp_path / "last.pt"))
+    model = checkpoints.model_from_args(ckpt["args"])
+    checkpoints.load_model_state(model, ckpt, "last.pt")  # strict: no "module." prefixes
     assert json.loads((tmp_path / "summary.json").read_text())["epochs"] == 1
 
 
@@ -432,7 +436,7 @@ TINY = ["--model", "wrn-10-1", "--epochs", "1", "--batch-size", "16", "--attack-
 
 class FakeCIFAR(torch.utils.data.Dataset):
     """What torchvision's CIFAR10 yields (PIL images, integer labels): the real cifar10 code path
-    of harness.get_datasets without the download."""
+    of data.get_datasets without the download."""
 
     def __init__(self, n, seed):
         rng = np.random.default_rng(seed)
@@ -449,7 +453,7 @@ class FakeCIFAR(torch.utils.data.Dataset):
 
 @pytest.fixture
 def fake_cifar(monkeypatch):
-    monkeypatch.setattr(harness, "_torchvision_split",
+    monkeypatch.setattr(data, "_torchvision_split",
                         lambda cls, root, train: FakeCIFAR(40 if train else 16, seed=int(train)))
 
 
@@ -474,16 +478,16 @@ def test_init_from_replaces_the_classifier_and_keeps_the_rest(pretrained):
     args = train_trades.get_args(finetune_argv(source, "unused"))
     args.resume = None
     torch.manual_seed(0)
-    model = harness.model_from_args(vars(args))
+    model = checkpoints.model_from_args(vars(args))
     torch.manual_seed(0)
-    fresh = harness.model_from_args(vars(args)).state_dict()
-    harness.init_from(model, args)
+    fresh = checkpoints.model_from_args(vars(args)).state_dict()
+    checkpoints.init_from(model, args)
     got, src = model.state_dict(), torch.load(source, weights_only=True)["model"]
     new = {"0.mean", "0.std", "1.fc.weight", "1.fc.bias"}  # normalisation and the 64 -> 10 classifier
     assert all(torch.equal(got[k], src[k]) for k in got if k not in new)
     assert all(torch.equal(got[k], fresh[k]) for k in new)
     assert got["1.fc.weight"].shape == (10, 64) and src["1.fc.weight"].shape == (1000, 64)
-    assert torch.allclose(got["0.mean"].flatten(), torch.tensor(harness.DATA_INFO["cifar10"][2]))
+    assert torch.allclose(got["0.mean"].flatten(), torch.tensor(data.DATASETS["cifar10"].mean))
     import hashlib
     assert args.init_from_sha256 == hashlib.sha256(source.read_bytes()).hexdigest()
 
@@ -513,8 +517,7 @@ def test_pretrain_then_finetune_chain_and_resume_ignores_init_from(pretrained, f
     assert summary["init_from"] == str(source) and summary["pretrain_time_s"] == pre["train_time_s"]
     ckpt = torch.load(tmp_path / "ft" / "last.pt", weights_only=True)
     assert ckpt["args"]["init_from"] == str(source) and len(ckpt["args"]["init_from_sha256"]) == 64
-    import eval_autoattack
-    assert eval_autoattack.default_defense(ckpt["args"], str(tmp_path / "ft" / "best.pt")) == "Pre-training"
+    assert tables.row_name(ckpt["args"], str(tmp_path / "ft" / "best.pt")) == "Pre-training"
     # --resume continues this run: its own weights, its record; this other --init-from is ignored
     other = tmp_path / "other.pt"
     other.write_bytes(b"would fail if it were read")

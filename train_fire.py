@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import harness
-from harness import natural_ce, upcast_half
+from harness import Method, natural_ce, upcast_half
 
 
 def get_args(argv=None):
@@ -27,13 +27,17 @@ def get_args(argv=None):
     parser.add_argument("--lam", type=float, default=12.0,
                         help=f"weight of d^2 in Eq. 7, {harness.allowed('lam')} (paper: 12). The authors' code weights "
                              "arccos(BC)^2 = d^2/4 by beta, so their beta = 4 * lam")
-    parser.add_argument("--distance", type=str, default="fisher-rao", choices=sorted(REGULARISERS),
-                        help="regulariser: fisher-rao = d^2 (FIRE, Eq. 7), hellinger = H^2 (Eq. 48)")
+    parser.add_argument("--distance", type=str, default="fisher-rao", choices=list(REGULARISERS),
+                        help="the regulariser, an entry of REGULARISERS: " + ", ".join(
+                            f"{name} = {method.title}" for name, (_, method) in REGULARISERS.items()))
     harness.add_self_adaptive_flags(parser, "FIRE + Self Adaptive (Table 2)")
 
-    def run_name(args):
-        return ("hellinger" if args.distance == "hellinger" else "fire") + ("-sa" if args.self_adaptive else "")
-    return harness.finish_args(parser, argv, method=run_name)
+    def method(args):
+        m = REGULARISERS[args.distance][1]
+        if args.self_adaptive:  # "FIRE + Self-Adaptive" in Table 2
+            return Method(f"{m.name}-sa", f"{m.title} + Self-Adaptive", "lam", order=m.order - 2)
+        return m
+    return harness.finish_args(parser, argv, method)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,7 +70,13 @@ def hellinger_sq(logits_a, logits_b):
     return (root_a - root_b).pow(2).sum(dim=1)
 
 
-REGULARISERS = {"fisher-rao": fisher_rao_sq, "hellinger": hellinger_sq}  # Eq. 7 and Eq. 48
+# --distance: the regulariser (per-sample, of two logits) and the method its runs are: their folder
+# (runs/<name>-<dataset>-s<seed>), their table rows' title and the rows' order (harness.Method).
+# A new entry is a new method: it trains, is evaluated and gets its own rows beside FIRE.
+REGULARISERS = {
+    "fisher-rao": (fisher_rao_sq, Method("fire", "FIRE", "lam", order=6)),         # Eq. 7
+    "hellinger": (hellinger_sq, Method("hellinger", "Hellinger", "lam", order=3)),  # Eq. 48
+}
 
 
 def fire_loss(logits_nat, logits_adv, targets, lam, regulariser=fisher_rao_sq):
@@ -104,7 +114,7 @@ def train_step(args, model, attack_model, x, y, idx, soft_targets=None, x_adv=No
     """One FIRE step on a batch: x' by PGD (unless x_adv is given), then the risk of Eq. 7. Returns
     (loss, natural logits, x'); harness.train does the backward pass and the SGD step, and logs
     how far x' moved."""
-    regulariser = REGULARISERS[args.distance]
+    regulariser = REGULARISERS[args.distance][0]
     if x_adv is None:
         # Attack in eval mode: no dropout, BatchNorm uses its running statistics and does not update them.
         attack_model.eval()

@@ -20,7 +20,15 @@ import torch
 import torch.nn.functional as F
 
 import harness
-from harness import attack_pgd_ce, natural_ce, upcast_half
+from harness import Method, attack_pgd_ce, natural_ce, upcast_half
+
+# --loss: the method its runs are (folder, table row title, row order and weight flag; harness.Method)
+METHODS = {
+    "trades": Method("trades", "TRADES", "beta", order=2),
+    "madry": Method("madry", "Madry et al.", None, order=0),
+    "mart": Method("mart", "MART", "beta", order=1),
+    "trades-sa": Method("trades-sa", "Self Adaptive", "beta", order=1),  # Table 2's name for it
+}
 
 
 def get_args(argv=None):
@@ -30,11 +38,12 @@ def get_args(argv=None):
     parser.add_argument("--beta", type=float, default=6.0,
                         help=f"weight of the KL term for trades and mart, {harness.allowed('beta')} (paper's comparison: 6)")
     harness.add_self_adaptive_flags(parser, "Self Adaptive (Table 2), with --loss trades")
-    args = harness.finish_args(parser, argv,
-                               method=lambda a: a.loss + ("-sa" if a.self_adaptive else ""))
-    if args.self_adaptive and args.loss != "trades":
-        parser.error(f"--self-adaptive works with --loss trades, not {args.loss}")
-    return args
+
+    def method(args):
+        if args.self_adaptive and args.loss != "trades":
+            parser.error(f"--self-adaptive works with --loss trades, not {args.loss}")
+        return METHODS["trades-sa" if args.self_adaptive else args.loss]
+    return harness.finish_args(parser, argv, method)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,223 @@
+"""The training scripts' command line: shared flags and their ranges, the data set's preset,
+what a method is called (Method), and a run's identity.
+
+    base_parser(description)      the flags both training scripts take
+    finish_args(parser, argv, method)   parse, apply the data set's preset, check, --print-identity
+    Method                        a method's run name, row title, weight flag and row order
+    run_identity, identity_hash   the settings that define what a run computes, and their hash
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+from common import ArgumentParser, Range, UserError, check_input_file, check_ranges
+from data import DATASETS
+from models import check_model_name
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a training objective is called, recorded with every run and result: `name` its run
+    folders (runs/<name>-<dataset>-s<seed>) and its results' `method`, `title` its rows in tables
+    and figures, `weight` the flag that weights its regulariser (lam, beta; None for none), and
+    `order` its place among a table's rows (the paper's: Madry 0, MART and Self Adaptive 1, TRADES
+    2, Hellinger 3, FIRE + Self-Adaptive 4, FIRE 6; a new method without one comes before FIRE).
+    FIRE (name "fire", lam 12) is the reference of the tables' paired comparisons."""
+    name: str
+    title: str
+    weight: Optional[str] = None
+    order: int = 5
+
+
+TRAIN_RANGES = {
+    "val_size": Range(1, 10**7), "epochs": Range(1, 10_000), "batch_size": Range(1, 65_536),
+    "lr": Range(0, 10, low_open=True), "momentum": Range(0, 1, high_open=True),
+    "weight_decay": Range(0, 1), "lr_milestones": Range(0, 1, low_open=True),
+    "eps": Range(0, 1), "step_size": Range(0, 1, low_open=True), "attack_steps": Range(0, 1000),
+    "eval_steps": Range(0, 1000), "unsup_fraction": Range(0, 1, low_open=True, high_open=True),
+    "seed": Range(0, 2**32, high_open=True), "workers": Range(0, 256), "log_every": Range(1, 10**6),
+    "lam": Range(0, 1e4), "beta": Range(0, 1e4), "sa_alpha": Range(0, 1, high_open=True),
+    "sa_start": Range(1, 10_000), "clip_grad_norm": Range(0, 1e6, low_open=True),
+    "awp_gamma": Range(0, 1, high_open=True), "awp_warmup": Range(1, 10_000),
+    "ema": Range(0, 1, low_open=True, high_open=True), "ema_start": Range(1, 10_000),
+}
+
+
+def allowed(name):
+    """A training flag's range as its help text gives it, e.g. 'in [1, 10000]'."""
+    return str(TRAIN_RANGES[name])
+
+
+def base_parser(description):
+    """Flags shared by both training scripts; None means 'take the dataset preset'."""
+    p = ArgumentParser(description=description)
+    p.add_argument("--dataset", type=str, default="digits", choices=list(DATASETS),
+                   help="data set and preset of the paper's settings (digits: bundled, no download)")
+    p.add_argument("--data-dir", type=str, default="data",
+                   help="where torchvision data live / go; imagenet32 reads <data-dir>/imagenet32/*.npz")
+    p.add_argument("--val-size", type=int, default=None,
+                   help=f"training images held out for model selection, {allowed('val_size')} and below "
+                        f"the training set's size (default 1000; digits 180, mnist5k 500, imagenet32 10000)")
+    p.add_argument("--model", type=str, default=None,
+                   help="smallcnn | resnet18 | wrn-D-W (default: preset)")
+    p.add_argument("--epochs", type=int, default=None, help=f"training epochs, {allowed('epochs')} (default: preset)")
+    p.add_argument("--batch-size", type=int, default=None, help=f"global batch size, {allowed('batch_size')} (default: preset)")
+    p.add_argument("--lr", type=float, default=None, help=f"initial learning rate, {allowed('lr')} (default: preset)")
+    p.add_argument("--momentum", type=float, default=0.9, help=f"SGD momentum (Nesterov), {allowed('momentum')}")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help=f"SGD weight decay, {allowed('weight_decay')}")
+    p.add_argument("--schedule", type=str, default=None, choices=["step", "cosine"],
+                   help="lr schedule: step = /10 at each milestone, cosine = cosine decay to 0")
+    p.add_argument("--lr-milestones", type=float, nargs="+", default=[0.75, 0.9],
+                   help=f"step schedule milestones as fractions of --epochs, each {allowed('lr_milestones')} "
+                        f"(0.75 0.9 = epochs 75, 90 of 100)")
+    p.add_argument("--augment", type=str, default="crop-flip", choices=["crop-flip", "authors"],
+                   help="CIFAR training augmentation: crop-flip = random crop of the 4-pixel-padded "
+                        "image + horizontal flip (TRADES); authors = + ColorJitter(0.25, 0.25, 0.25) "
+                        "+ RandomRotation(15), as FIRE's public code trains")
+    p.add_argument("--eps", type=float, default=None, help=f"Linf radius in pixel units of [0, 1], {allowed('eps')} (default: preset)")
+    p.add_argument("--step-size", type=float, default=None, help=f"PGD step size during training, {allowed('step_size')} (default: preset)")
+    p.add_argument("--attack-steps", type=int, default=None, help=f"PGD steps during training, {allowed('attack_steps')} (default: preset)")
+    p.add_argument("--eval-steps", type=int, default=None,
+                   help=f"steps of the CE PGD used for validation/test (step 2.5 * eps / steps), "
+                        f"{allowed('eval_steps')} (default: preset)")
+    p.add_argument("--aux-data", type=str, default=None,
+                   help=".npz with `images` (N, H, W, C) uint8 and `labels` (N,): extra pseudo-labelled "
+                        "images mixed into every batch (Carmon et al.'s 500K; with cifar10 the preset "
+                        "becomes WRN-28-10, cosine, 200 epochs)")
+    p.add_argument("--unsup-fraction", type=float, default=0.5,
+                   help=f"share of each batch drawn from --aux-data, {allowed('unsup_fraction')}")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow --aux-data in the public pickle format (unpickling runs code: "
+                        "only for files you trust; prefer converting to .npz)")
+    p.add_argument("--init-from", type=str, default=None, metavar="CHECKPOINT",
+                   help="start from another run's weights (same --model): the classifier is new when "
+                        "the class counts differ, the normalisation is this data set's (Hendrycks et "
+                        "al.'s fine-tuning); ignored by --resume, which continues this run")
+    p.add_argument("--seed", type=int, default=0, help=f"seed of every random number generator, {allowed('seed')}")
+    p.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto = CUDA (all visible GPUs) when available, else CPU")
+    p.add_argument("--workers", type=int, default=4, help=f"data-loader worker processes (CIFAR), {allowed('workers')}")
+    p.add_argument("--dtype", type=str, default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="autocast precision of training forwards and attacks; evaluation is float32")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                   help="channels-last memory layout (faster convolutions on recent GPUs)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the model")
+    p.add_argument("--out-dir", type=str, default=None, help="run folder (default runs/<method>-<dataset>-s<seed>)")
+    p.add_argument("--resume", type=str, default=None,
+                   help="checkpoint to resume from, or 'auto' = <out-dir>/last.pt if it exists")
+    p.add_argument("--overwrite", action="store_true", help="allow replacing a finished run's files")
+    p.add_argument("--log-every", type=int, default=50, help=f"batches between progress/NaN checks, {allowed('log_every')}")
+    p.add_argument("--print-identity", action="store_true",
+                   help="print the hash of the run's identity (every setting that changes what it "
+                        "computes, presets applied) and exit; run_all.sh names run folders by it")
+    p.add_argument("--stop-on-collapse", action="store_true",
+                   help="end the run when validation PGD accuracy stays below half its best for 2 "
+                        "epochs (the collapse alarm; best.pt is kept). Without it the alarm is only logged")
+    # Today's recipe on top of any method's loss (docs/modern-recipe.md); all off by default.
+    p.add_argument("--clip-grad-norm", type=float, default=None, metavar="C",
+                   help=f"clip the global gradient norm of every step to C, {allowed('clip_grad_norm')} (the "
+                        "true norm, unscaled under float16); the share of clipped steps is logged per epoch. Default: off")
+    p.add_argument("--awp-gamma", type=float, default=0.0, metavar="G",
+                   help=f"adversarial weight perturbation (Wu et al. 2020), G {allowed('awp_gamma')}: before "
+                        "each step every conv/linear weight w moves by G * ||w|| up the gradient of the method's own "
+                        "loss on the x' found, and back after the step. 0 = off; Wu et al.: 0.005")
+    p.add_argument("--awp-warmup", type=int, default=10, metavar="E",
+                   help=f"first epoch (1-based) with AWP, {allowed('awp_warmup')}, as Wu et al.'s code counts (10: epochs 1-9 "
+                        "train without it)")
+    p.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help=f"keep an exponential moving average of the weights and BatchNorm statistics, "
+                        f"updated after every step with this decay per step, {allowed('ema')} (0.999: a horizon of about "
+                        "1,000 steps); validation, best.pt, the test and eval_autoattack.py use it. "
+                        "Default: off")
+    p.add_argument("--ema-start", type=int, default=1, metavar="EPOCH",
+                   help=f"first epoch (1-based) of averaging, {allowed('ema_start')}, with --ema: before it the average is the model")
+    return p
+
+
+def finish_args(parser, argv, method):
+    """Parse, fill unset flags from the data set's preset, and check values. Exits 2 on bad input.
+
+    `method(args)` -> Method: what the run is (recorded as args.method, method_title,
+    method_weight and method_order)."""
+    args = parser.parse_args(argv)
+    m = method(args)
+    args.method, args.method_title, args.method_weight, args.method_order = m.name, m.title, m.weight, m.order
+    dataset = DATASETS[args.dataset]
+    preset = dict(dataset.preset, **(dataset.aux_preset if args.aux_data else {}))
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.val_size is None:
+        args.val_size = dataset.val_size
+    if args.out_dir is None:
+        args.out_dir = os.path.join("runs", f"{args.method}-{args.dataset}-s{args.seed}")
+    check_ranges(parser, args, TRAIN_RANGES)
+    checks = [
+        (args.augment == "crop-flip" or dataset.authors_augment,
+         f"--augment authors is for {', '.join(k for k, d in DATASETS.items() if d.authors_augment)} "
+         f"(the authors' MNIST code does not augment)"),
+    ]
+    if hasattr(args, "self_adaptive"):
+        checks += [
+            (not (args.self_adaptive and args.aux_data),
+             "--self-adaptive with --aux-data is not supported (the paper uses neither together)"),
+            (not (args.self_adaptive and int(os.environ.get("WORLD_SIZE", 1)) > 1),
+             "--self-adaptive keeps per-image targets in one process: use DataParallel, not torchrun"),
+        ]
+    for ok, message in checks:
+        if not ok:
+            parser.error(message)
+    try:
+        check_model_name(args.model)  # the name only: no network is built here
+        for path, flag in ((args.aux_data, "--aux-data"), (args.resume, "--resume"),
+                           (args.init_from, "--init-from")):
+            # --print-identity plans a run whose inputs may not exist yet (a fine-tune's source)
+            if path is not None and not (flag == "--resume" and path == "auto") and not args.print_identity:
+                check_input_file(path, flag)
+    except (ValueError, UserError) as e:
+        parser.error(str(e))
+    if args.print_identity:
+        print(identity_hash(vars(args)))
+        sys.exit(0)
+    return args
+
+
+def add_self_adaptive_flags(parser, row):
+    parser.add_argument("--self-adaptive", action="store_true",
+                        help=f"{row}: CE on soft targets (self-adaptive training, Huang et al. 2020)")
+    parser.add_argument("--sa-alpha", type=float, default=0.9,
+                        help=f"soft-target momentum, {allowed('sa_alpha')}")
+    parser.add_argument("--sa-start", type=int, default=70,
+                        help=f"first epoch (1-based) of target updates, {allowed('sa_start')}")
+
+
+# A run's arguments fix what it computes, except these: where its files and data live, the devices
+# and how fast it runs, how often it logs, whether the collapse alarm ends it, and what the run
+# records about itself. Every other argument, a new flag included, is the run's identity: --resume
+# refuses to change it (bar --epochs, which extends a run), run_all.sh names run folders by it
+# (--print-identity) and a table never averages runs whose identities differ beyond the seed.
+NOT_IDENTITY = frozenset({"out_dir", "resume", "overwrite", "data_dir", "device", "workers",
+                          "log_every", "compile", "channels_last", "trust_pickle", "stop_on_collapse",
+                          "print_identity", "init_from_sha256", "pretrain_time_s",
+                          "method_title", "method_weight", "method_order"})  # the last three: of `method`
+IDENTITY_PATHS = ("aux_data", "init_from")  # compared as normalised paths: ./x and x are one file
+
+
+def run_identity(saved):
+    """The settings that define what a run computes: its arguments (a dict) minus NOT_IDENTITY."""
+    identity = {k: v for k, v in sorted(saved.items()) if k not in NOT_IDENTITY}
+    for key in IDENTITY_PATHS:
+        if isinstance(identity.get(key), str):
+            identity[key] = os.path.normpath(identity[key])
+    return identity
+
+
+def identity_hash(saved):
+    """12 hex digits of the SHA-256 of run_identity(saved): equal for equal experiments."""
+    text = json.dumps(run_identity(saved), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -1,0 +1,102 @@
+"""Extending the repository as the README says: a regulariser added to train_fire.REGULARISERS is a
+method of its own, and a data set added as one entry of data.DATASETS trains, is evaluated and
+gets its table rows, with no other edit."""
+import json
+
+import pytest
+import torch
+
+import data
+import eval_autoattack
+import harness
+import tables
+import train_fire
+import train_trades
+from train_trades import kl_per_sample
+
+TINY = ["--epochs", "1", "--attack-steps", "1", "--eval-steps", "1", "--device", "cpu"]
+EVAL = ["--n-examples", "24", "--batch-size", "24", "--smoke-aa", "--device", "cpu"]
+
+
+def symmetric_kl(logits_a, logits_b):
+    """KL(q_a || q_b) + KL(q_b || q_a): a user's regulariser, per sample."""
+    return kl_per_sample(logits_a, logits_b) + kl_per_sample(logits_b, logits_a)
+
+
+def table_rows(folder):
+    table = tables.summarize(tables.find_results([str(folder)]))
+    return {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in table.splitlines() if line.startswith("| ") and "---" not in line}
+
+
+def test_a_new_regulariser_is_a_method_of_its_own(tmp_path, monkeypatch, few_digits):
+    monkeypatch.setitem(train_fire.REGULARISERS, "sym-kl",
+                        (symmetric_kl, harness.Method("sym-kl", "Symmetric KL", "lam", order=5)))
+    monkeypatch.chdir(tmp_path)  # default run folders: runs/<method>-digits-s0
+    for distance in ("fisher-rao", "sym-kl"):
+        summary = train_fire.main([*TINY, "--distance", distance])
+        assert summary["distance"] == distance
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["fire-digits-s0", "sym-kl-digits-s0"]
+    summary = json.loads((tmp_path / "runs" / "sym-kl-digits-s0" / "summary.json").read_text())
+    assert (summary["method"], summary["method_title"]) == ("sym-kl", "Symmetric KL")
+    for run in ("fire", "sym-kl"):
+        result = eval_autoattack.main([f"runs/{run}-digits-s0/best.pt", *EVAL])[0]
+        assert result["method"] == run
+    rows = table_rows(tmp_path / "runs")
+    assert list(rows)[1:] == ["Symmetric KL (lam=12)", "FIRE (lam=12)"]  # its own row, before FIRE
+    assert rows["FIRE (lam=12)"][-1] == "reference"  # FIRE stays the reference
+    assert rows["Symmetric KL (lam=12)"][-1].startswith(("+", "-")) and "[" in rows["Symmetric KL (lam=12)"][-1]
+
+
+def bars(args):
+    """A stand-in data set: 28x28 grey images of a horizontal (even classes) or vertical (odd) bar
+    in one of five bands of the image (class // 2), with noise; 96 training (incl. validation) and
+    32 test images. Ten classes: the standard AutoAttack's targeted attacks use nine targets."""
+    gen = torch.Generator().manual_seed(0)
+    n = 128
+    y = torch.arange(n) % 10
+    x = 0.2 * torch.rand(n, 1, 28, 28, generator=gen)
+    where = torch.randint(0, 3, (n,), generator=gen) + 5 * (y // 2) + 1
+    for i in range(n):
+        if y[i] % 2 == 0:
+            x[i, 0, where[i]:where[i] + 3, :] = 1.0
+        else:
+            x[i, 0, :, where[i]:where[i] + 3] = 1.0
+    base = torch.utils.data.TensorDataset(x, y)
+    return data.hold_out(base, list(range(32, n)), list(range(32)), args.val_size)
+
+
+def test_a_new_data_set_is_one_entry(tmp_path, monkeypatch):
+    entry = data.DataSet(title="Bars", classes=10, shape=(1, 28, 28), mean=(0.5,), std=(0.5,),
+                         train_size=96, val_size=16, in_memory=True, load=bars,
+                         preset=dict(model="smallcnn", epochs=1, batch_size=16, lr=0.05, schedule="step",
+                                     eps=0.1, step_size=0.05, attack_steps=1, eval_steps=1))
+    monkeypatch.setitem(data.DATASETS, "bars", entry)
+    runs = tmp_path / "runs"
+    train_fire.main(["--dataset", "bars", "--device", "cpu", "--out-dir", str(runs / "fire")])
+    train_trades.main(["--dataset", "bars", "--device", "cpu", "--out-dir", str(runs / "trades")])
+    for run in ("fire", "trades"):
+        result = eval_autoattack.main([str(runs / run / "best.pt"), *EVAL])[0]
+        assert (result["dataset"], result["n_examples"], result["eps"]) == ("bars", 24, 0.1)
+    rows = table_rows(runs)
+    assert list(rows)[1:] == ["TRADES (beta=6)", "FIRE (lam=12)"]
+    assert all(row[1] == "Bars" for name, row in rows.items() if name != "Defense")
+
+
+@pytest.mark.parametrize("field", ["classes", "shape", "preset", "val_size"])
+def test_the_entry_is_what_the_scripts_read(field):
+    """Every script reads a data set's facts from its entry (no copy elsewhere): the parsed
+    arguments of a training take its preset and validation size, benchmark.py its shape, a
+    checkpoint's model its classes."""
+    import benchmark
+    from checkpoints import model_from_args
+    d = data.DATASETS["mnist5k"]
+    args = train_fire.get_args(["--dataset", "mnist5k"])
+    if field == "preset":
+        assert all(getattr(args, k) == v for k, v in d.preset.items())
+    elif field == "val_size":
+        assert args.val_size == d.val_size
+    elif field == "shape":
+        assert benchmark.get_args(["--dataset", "mnist5k"]).shape == list(d.shape)
+    else:
+        assert model_from_args(vars(args))(torch.zeros(1, *d.shape)).shape == (1, d.classes)
