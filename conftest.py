@@ -17,7 +17,7 @@ import benchmark
 import common
 import data
 import harness
-import tables
+import results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
@@ -91,7 +91,7 @@ def write_result(folder, name, robust, method="fire", seed=0, index=None, npz=Tr
                     seed=seed, epochs=100, lr=0.1, batch_size=256)
     identity.update(training or {})
     title, order = METHODS[method]
-    record = dict(format=tables.RESULT_FORMAT, defense=extra.pop("defense", title), method=method,
+    record = dict(format=results.RESULT_FORMAT, defense=extra.pop("defense", title), method=method,
                   method_title=title, method_order=order, method_weight="lam" if lam else "beta" if beta else None,
                   dataset="cifar10", model="wrn-34-10", eps=8 / 255, train_eps=0.031,
                   lam=lam, beta=beta, seed=seed, natural=0.9, autoattack=robust.mean().item(),

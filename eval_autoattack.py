@@ -45,19 +45,20 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import results
 import tables
 from attacks import attack_pgd_ce, upcast_half
 from checkpoints import load_checkpoint, load_model_state, model_from_args, run_training_time
-from common import (ArgumentParser, Range, UserError, check_output, check_ranges, cli, eps_text,
+from common import (ArgumentParser, Range, UserError, check_output, check_ranges, cli,
                     lock_folder, read_arrays, read_json, sha256_file, write_atomic, write_json)
 from config import run_identity
 from data import DATASETS, dataset_shape, get_datasets
 from models import check_model_name, get_model
 from parallel import over_all_gpus, rank_and_world, setup_device
-from tables import QUOTED, RESULT_FORMAT, fmt_hours
+from results import RESULT_FORMAT, STANDARD_ATTACKS, default_out, settings_change
+from tables import QUOTED, fmt_hours
 
 TIMING_FORMAT = "fire-repro-autoattack-timing/1"
-STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")  # AutoAttack's standard order
 TEST_SET_SIZE = 10_000  # AutoAttack's papers evaluate the first 10,000 test images
 # The ranges of the numeric flags, the one place they are written (the help texts quote them).
 EVAL_RANGES = {"n_examples": Range(1, 10**7), "batch_size": Range(1, 65_536),
@@ -366,18 +367,6 @@ def first_images(dataset, n):
     return torch.cat(xs), torch.cat(ys)
 
 
-def default_out(checkpoint, eps=None, train_eps=None, split="test"):
-    """<run>/autoattack[-<name>][-eps<eps>][-val].json: different checkpoints, radii and splits
-    never share a file."""
-    stem = os.path.splitext(os.path.basename(checkpoint))[0]
-    name = "autoattack" + ("" if stem == "best" else f"-{stem}")
-    if eps is not None and train_eps is not None and abs(eps - train_eps) > 1e-9:
-        name += f"-eps{eps_text(eps, sep='-')}"
-    if split != "test":
-        name += f"-{split}"
-    return os.path.join(os.path.dirname(os.path.abspath(checkpoint)), name + ".json")
-
-
 def settings_of(args, eps, n):
     """Everything besides the checkpoint that changes an evaluation's numbers. Batch and chunk
     size change the random starts; the number of processes does not (chunks are seeded alone)."""
@@ -403,30 +392,9 @@ class Plan:
         self.stem = os.path.splitext(self.out)[0]
 
 
-def settings_change(old, new):
-    """'n_examples 32 -> 16, ...' for the evaluation settings that differ; '' when none do."""
-    old = old if isinstance(old, dict) else {}
-    return ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k])
-
-
 def finished_result(plan):
-    """(the existing result JSON if it comes from this checkpoint (hash) and these settings and
-    its per-image file is whole, else None; why an existing JSON will be replaced, else None)."""
-    if not os.path.exists(plan.out):
-        return None, None
-    record = read_json(plan.out)
-    if record is None:
-        return None, "it is not whole JSON (damaged)"
-    if not (isinstance(record, dict) and record.get("format") == RESULT_FORMAT):
-        return None, "it is not a result of this script"
-    if record.get("checkpoint_sha256") != plan.identity["checkpoint_sha256"]:
-        return None, "it was evaluated on another checkpoint (other SHA-256)"
-    changed = settings_change(record.get("settings"), plan.identity["settings"])
-    if changed:
-        return None, f"it was evaluated with other settings ({changed}; --overwrite)"
-    if tables.read_per_image(record, plan.out) is None:
-        return None, "its per-image .npz is missing or damaged"
-    return record, None
+    """results.finished for this plan's result file, checkpoint and settings."""
+    return results.finished(plan.out, plan.identity["checkpoint_sha256"], plan.identity["settings"])
 
 
 def earlier_settings(plan):

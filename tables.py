@@ -17,10 +17,10 @@ import sys
 import numpy as np
 from scipy.stats import bootstrap
 
-from common import UserError, eps_text, read_arrays, sha256_file, write_atomic
+from common import UserError, eps_text, write_atomic
 from data import DATASETS
+from results import RESULT_FORMAT, read_per_image, result_problem
 
-RESULT_FORMAT = "fire-repro-autoattack/1"  # the `format` of a result JSON of eval_autoattack.py
 FIRE_LAM = 12.0  # the paper's lambda and train_fire.py's default: the reference row of the paired comparison
 N_BOOTSTRAP = 10_000
 # Rows quoted without training them: those the paper quotes from other papers (Table 2), as printed
@@ -36,12 +36,6 @@ QUOTED = {"table2": [
     dict(defense="TRADES + AWP, Wu et al. 2020", dataset="cifar10", model="wrn-34-10", eps=8 / 255,
          aux_data=False, natural=0.8536, autoattack=0.5617, avg_acc=0.70765, source="RobustBench"),
 ]}
-
-RESULT_FIELDS = {"defense": str, "method": str, "method_title": str, "method_order": int, "dataset": str,
-                 "model": str, "eps": (int, float), "seed": int, "natural": (int, float),
-                 "autoattack": (int, float), "avg_acc": (int, float), "n_examples": int, "split": str,
-                 "train_identity": dict}
-
 
 def dataset_title(name):
     return DATASETS[name].title if name in DATASETS else name
@@ -83,34 +77,6 @@ def row_name(saved, checkpoint):
 
 def warn(message):
     print(f"{os.path.basename(sys.argv[0])}: warning: {message}", file=sys.stderr, flush=True)
-
-
-def checkpoint_of(record, json_path):
-    """The evaluated checkpoint: its recorded path, else the file of that name beside the JSON
-    (a run folder moved as a whole); None if neither exists."""
-    recorded = record["checkpoint"]
-    beside = os.path.join(os.path.dirname(os.path.abspath(json_path)), os.path.basename(str(recorded)))
-    return next((p for p in (str(recorded), beside) if os.path.isfile(p)), None)
-
-
-def result_problem(record, path):
-    """Why a result JSON must not go into a table (None if it may): incomplete, its per-image file
-    damaged, or its checkpoint gone or changed since it was evaluated (e.g. retrained)."""
-    for key, kind in RESULT_FIELDS.items():
-        if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
-            return f"not a complete result ({key!r} missing or of the wrong type)"
-    if os.path.exists(per_image_path(record, path)) and read_per_image(record, path) is None:
-        return f"its per-image file {per_image_path(record, path)!r} is damaged; evaluate again"
-    if "checkpoint" not in record:
-        return None  # typed by hand: no checkpoint to check against
-    if not isinstance(record["checkpoint"], str) or not isinstance(record.get("checkpoint_sha256"), str):
-        return "not a complete result ('checkpoint' or 'checkpoint_sha256' missing or not text)"
-    ckpt = checkpoint_of(record, path)
-    if ckpt is None:
-        return f"its checkpoint {record['checkpoint']!r} no longer exists"
-    if sha256_file(ckpt) != record["checkpoint_sha256"]:
-        return f"its checkpoint {ckpt!r} has changed since it was evaluated (retrained?); evaluate again"
-    return None
 
 
 def find_results(dirs):
@@ -298,32 +264,6 @@ def row_order(r):
 
 
 # ---- the paired comparison with FIRE
-
-_PER_SAMPLE = {}
-
-
-def per_image_path(record, json_path):
-    """The result's per-image .npz: its `per_sample` name (else the JSON's stem) beside the JSON."""
-    name = record.get("per_sample") or os.path.splitext(os.path.basename(json_path))[0] + ".npz"
-    return os.path.join(os.path.dirname(json_path), str(name))
-
-
-def read_per_image(record, json_path):
-    """The result's per-image arrays if its .npz is whole (every array readable, an image index
-    and the AutoAttack verdict for each of its n_examples images), else None (missing or damaged)."""
-    path = per_image_path(record, json_path)
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    key = (path, st.st_size, st.st_mtime_ns, record.get("n_examples"))  # a rewritten file is read again
-    if key not in _PER_SAMPLE:
-        arrays = read_arrays(path)
-        whole = arrays is not None and all(
-            k in arrays and arrays[k].shape == (record.get("n_examples"),) for k in ("index", "square"))
-        _PER_SAMPLE[key] = arrays if whole else None
-    return _PER_SAMPLE[key]
-
 
 def per_sample_aa(record):
     """(image indices, robust after the whole AutoAttack) from the result's .npz, or None."""

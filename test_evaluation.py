@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+import results
 import tables
 from conftest import HERE, PY, cli_error, run_script, write_result
 from models import get_model
@@ -337,7 +338,7 @@ def test_eval_damaged_chunk_or_per_image_file_is_computed_again(fire_run, tmp_pa
     again, = ea.main(argv)
     out = capsys.readouterr().out
     assert "already evaluated" not in out and "per-image .npz is missing or damaged" in out
-    assert tables.read_per_image(again, str(ckpt.parent / "autoattack.json")) is not None
+    assert results.read_per_image(again, str(ckpt.parent / "autoattack.json")) is not None
     assert {k: v for k, v in again.items() if k not in VOLATILE} == {k: v for k, v in result.items() if k not in VOLATILE}
 
 

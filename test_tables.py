@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+import results
 import tables
 from conftest import METHODS, write_result
 
@@ -14,7 +15,7 @@ def test_summary_table_mean_and_sample_std(tmp_path):
 
     def record(seed, natural, aa, method="fire", **extra):
         title, order = METHODS[method]
-        return dict(format=tables.RESULT_FORMAT, defense=title, method=method, method_title=title,
+        return dict(format=results.RESULT_FORMAT, defense=title, method=method, method_title=title,
                     method_order=order, train_identity=dict(method=method, seed=seed),
                     dataset="cifar10", model="wrn-34-10", eps=8 / 255, lam=12.0, seed=seed,
                     natural=natural, autoattack=aa, avg_acc=(natural + aa) / 2, n_examples=10000,
@@ -42,7 +43,7 @@ def test_summary_table_mean_and_sample_std(tmp_path):
 def test_pretraining_row_sits_with_the_additional_data_as_in_the_paper(tmp_path):
     """Table 2 lists Pre-training (a run with --init-from) under "With additional data"."""
     import eval_autoattack as ea
-    common = dict(format=tables.RESULT_FORMAT, method="madry", method_title="Madry et al.", method_order=0,
+    common = dict(format=results.RESULT_FORMAT, method="madry", method_title="Madry et al.", method_order=0,
                   train_identity=dict(method="madry", seed=0), dataset="cifar10", model="wrn-28-10",
                   eps=8 / 255, seed=0, natural=0.8, autoattack=0.5, avg_acc=0.65, n_examples=100,
                   split="test", aa_version="standard", checkpoint_kind="best", train_time_s=60.0)

@@ -1,0 +1,112 @@
+"""What a result is: the JSON (and per-image .npz) that eval_autoattack.py writes for a checkpoint,
+where it goes, what it must hold, and whether an evaluation is finished and whole. Read by
+eval_autoattack.py, tables.py and the plan of run_all.sh.
+
+    <run>/autoattack[-<checkpoint>][-eps<eps>][-val].json   default_out()
+    <run>/<same stem>.npz     per image: index, label, natural, apgd-ce ... square [, pgd20, cw]
+"""
+import os
+
+from common import eps_text, read_arrays, read_json, sha256_file
+
+RESULT_FORMAT = "fire-repro-autoattack/1"  # the `format` of a result JSON
+STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")  # AutoAttack's standard order
+RESULT_FIELDS = {"defense": str, "method": str, "method_title": str, "method_order": int, "dataset": str,
+                 "model": str, "eps": (int, float), "seed": int, "natural": (int, float),
+                 "autoattack": (int, float), "avg_acc": (int, float), "n_examples": int, "split": str,
+                 "train_identity": dict}
+
+
+def default_out(checkpoint, eps=None, train_eps=None, split="test"):
+    """<run>/autoattack[-<name>][-eps<eps>][-val].json: different checkpoints, radii and splits
+    never share a file."""
+    stem = os.path.splitext(os.path.basename(checkpoint))[0]
+    name = "autoattack" + ("" if stem == "best" else f"-{stem}")
+    if eps is not None and train_eps is not None and abs(eps - train_eps) > 1e-9:
+        name += f"-eps{eps_text(eps, sep='-')}"
+    if split != "test":
+        name += f"-{split}"
+    return os.path.join(os.path.dirname(os.path.abspath(checkpoint)), name + ".json")
+
+
+def settings_change(old, new):
+    """'n_examples 32 -> 16, ...' for the evaluation settings that differ; '' when none do."""
+    old = old if isinstance(old, dict) else {}
+    return ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k])
+
+
+def checkpoint_of(record, json_path):
+    """The evaluated checkpoint: its recorded path, else the file of that name beside the JSON
+    (a run folder moved as a whole); None if neither exists."""
+    recorded = record["checkpoint"]
+    beside = os.path.join(os.path.dirname(os.path.abspath(json_path)), os.path.basename(str(recorded)))
+    return next((p for p in (str(recorded), beside) if os.path.isfile(p)), None)
+
+
+_PER_SAMPLE = {}
+
+
+def per_image_path(record, json_path):
+    """The result's per-image .npz: its `per_sample` name (else the JSON's stem) beside the JSON."""
+    name = record.get("per_sample") or os.path.splitext(os.path.basename(json_path))[0] + ".npz"
+    return os.path.join(os.path.dirname(json_path), str(name))
+
+
+def read_per_image(record, json_path):
+    """The result's per-image arrays if its .npz is whole (every array readable, an image index
+    and the AutoAttack verdict for each of its n_examples images), else None (missing or damaged)."""
+    path = per_image_path(record, json_path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (path, st.st_size, st.st_mtime_ns, record.get("n_examples"))  # a rewritten file is read again
+    if key not in _PER_SAMPLE:
+        arrays = read_arrays(path)
+        whole = arrays is not None and all(
+            k in arrays and arrays[k].shape == (record.get("n_examples"),) for k in ("index", "square"))
+        _PER_SAMPLE[key] = arrays if whole else None
+    return _PER_SAMPLE[key]
+
+
+def result_problem(record, path):
+    """Why a result JSON must not go into a table (None if it may): incomplete, its per-image file
+    damaged, or its checkpoint gone or changed since it was evaluated (e.g. retrained)."""
+    for key, kind in RESULT_FIELDS.items():
+        if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
+            return f"not a complete result ({key!r} missing or of the wrong type)"
+    if os.path.exists(per_image_path(record, path)) and read_per_image(record, path) is None:
+        return f"its per-image file {per_image_path(record, path)!r} is damaged; evaluate again"
+    if "checkpoint" not in record:
+        return None  # typed by hand: no checkpoint to check against
+    if not isinstance(record["checkpoint"], str) or not isinstance(record.get("checkpoint_sha256"), str):
+        return "not a complete result ('checkpoint' or 'checkpoint_sha256' missing or not text)"
+    ckpt = checkpoint_of(record, path)
+    if ckpt is None:
+        return f"its checkpoint {record['checkpoint']!r} no longer exists"
+    if sha256_file(ckpt) != record["checkpoint_sha256"]:
+        return f"its checkpoint {ckpt!r} has changed since it was evaluated (retrained?); evaluate again"
+    return None
+
+
+def finished(path, checkpoint_sha256, settings):
+    """(the result JSON at `path` if it is whole and comes from this checkpoint (hash) and these
+    evaluation settings, with its per-image file whole, else None; why an existing JSON would be
+    replaced, else None). The one answer to "is this evaluation done", for eval_autoattack.py
+    and for the plan of run_all.sh."""
+    if not os.path.exists(path):
+        return None, None
+    record = read_json(path)
+    if record is None:
+        return None, "it is not whole JSON (damaged)"
+    if not (isinstance(record, dict) and record.get("format") == RESULT_FORMAT):
+        return None, "it is not a result of eval_autoattack.py"
+    if record.get("checkpoint_sha256") != checkpoint_sha256:
+        return None, "it was evaluated on another checkpoint (other SHA-256)"
+    changed = settings_change(record.get("settings"), settings)
+    if changed:
+        return None, f"it was evaluated with other settings ({changed}; --overwrite)"
+    problem = result_problem(record, path)
+    if problem:
+        return None, problem
+    return record, None
