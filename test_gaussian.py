@@ -153,9 +153,12 @@ def test_main_writes_results_and_figures(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_rejects_bad_sigma():
-    with pytest.raises(SystemExit):
+def test_cli_rejects_bad_sigma(capsys):
+    """An asymmetric covariance is refused by the parser: exit code 2 and one line naming --sigma."""
+    with pytest.raises(SystemExit) as e:
         gd.get_args(["--sigma", "1", "2", "3", "1"])
+    assert e.value.code == 2
+    one_error_line(capsys.readouterr().err, "--sigma")
 
 
 # ---- Every flag checked before work starts
@@ -168,14 +171,14 @@ def one_error_line(stderr, needle):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--eps", "nan"], "--eps"),  # was a traceback
-    (["--eps", "-1"], "--eps"),  # was accepted: adversarial accuracy 1.0
+    (["--eps", "nan"], "--eps"),  # not finite
+    (["--eps", "-1"], "--eps"),  # negative: would give adversarial accuracy 1.0
     (["--eps", "two"], "--eps"),  # argparse's own errors are one line too
-    (["--mu", "nan", "0"], "--mu"),  # was a traceback
+    (["--mu", "nan", "0"], "--mu"),  # not finite
     (["--sigma", "1", "0", "0", "inf"], "--sigma"),
-    (["--n-per-class", "0"], "--n-per-class"),  # was accepted
-    (["--lam-grid", "-1", "nan"], "--lam-grid"),  # was accepted
-    (["--n-angles", "0"], "--n-angles"),  # was a traceback
+    (["--n-per-class", "0"], "--n-per-class"),  # no samples
+    (["--lam-grid", "-1", "nan"], "--lam-grid"),  # negative and not finite
+    (["--n-angles", "0"], "--n-angles"),  # no angle to search
     (["--theta-norm", "1", "--zero-tol", "1"], "--zero-tol"),  # every solution would count as theta = 0
 ])
 def test_gaussian_bad_flags_exit_2_with_one_line(args, needle, tmp_path):
@@ -193,7 +196,7 @@ def test_gaussian_bad_flags_exit_2_with_one_line(args, needle, tmp_path):
     (["--theta-norm", "-1"], "--theta-norm"), (["--gtol", "0"], "--gtol"), (["--zero-tol", "nan"], "--zero-tol"),
     (["--n-angles", "1"], "--n-angles"), (["--cover-tol", "0"], "--cover-tol"),
     (["--fig3-norm", "inf"], "--fig3-norm"),
-    # upper bounds (were: nonsense results and exit 0, or runs until killed)
+    # upper bounds: beyond them a run gives nonsense or does not end
     (["--eps", "1e308"], "--eps"), (["--n-lam", "100000000"], "--n-lam"), (["--n-per-class", str(10 ** 9)], "--n-per-class"),
     (["--refine", "1000"], "--refine"), (["--n-angles", str(10 ** 9)], "--n-angles"), (["--lam-max", "1e300"], "--lam-max"),
     (["--lam-grid", *["1"] * 1001], "--lam-grid"), (["--mu", "1e300", "0"], "--mu"),

@@ -156,7 +156,7 @@ def test_overwrite_checks_every_input_before_deleting(two_epoch_run, tmp_path, f
 
 def test_overwrite_keeps_the_old_run_when_the_new_one_fails(two_epoch_run, tmp_path, monkeypatch, capsys):
     """--overwrite of a finished run by a run whose loss is not finite at the first batch: one
-    line, and the old run is whole again (was: only log.txt left)."""
+    line, and the old run is whole again (every file, not log.txt alone)."""
     done = two_epoch_run[0]
     out = tmp_path / "run"
     shutil.copytree(done, out)
@@ -196,8 +196,8 @@ def test_overwrite_killed_before_its_first_commit_gives_the_old_run_back(two_epo
 
 
 def test_resume_leaves_a_finished_run_alone(two_epoch_run, tmp_path, capsys):
-    """--resume auto of a finished run: one line, no file touched (was: the test evaluation run
-    again, summary.json rewritten, the arguments appended to log.txt); a smaller --epochs is refused."""
+    """--resume auto of a finished run: one line, no file touched (no second
+    test, summary.json and log.txt as they were); a smaller --epochs is refused."""
     done, _, summary, _ = two_epoch_run
     out = tmp_path / "run"
     shutil.copytree(done, out)
@@ -317,7 +317,7 @@ def test_broken_and_foreign_checkpoints(fire_run, tmp_path):
 def test_incomplete_checkpoints_are_one_line_for_every_reader(two_epoch_run, tmp_path, capsys, damage, needle):
     """A checkpoint of the right format with a piece missing or of the wrong kind: --resume,
     --init-from and the evaluation (one reader, checkpoints.load_checkpoint) each stop in one line
-    naming it (was: KeyError or AttributeError tracebacks). The optimiser only matters to --resume."""
+    naming it, never a KeyError or AttributeError traceback. The optimiser only matters to --resume."""
     import eval_autoattack as ea
     ckpt = torch.load(two_epoch_run[0] / "last.pt", weights_only=True)
     if damage == "args-string":
