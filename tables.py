@@ -19,6 +19,7 @@ import numpy as np
 from scipy.stats import bootstrap
 
 from common import UserError, eps_text, write_atomic
+from config import never_starts, run_identity
 from data import DATASETS
 from results import RESULT_FORMAT, read_per_image, result_problem
 
@@ -54,7 +55,10 @@ def row_name(saved, checkpoint):
     """
     stem = os.path.splitext(os.path.basename(checkpoint))[0]
     # today's recipe (docs/modern-recipe.md): its runs are other rows than the method's
-    recipe = ((" + AWP" if saved.get("awp_gamma") else "") + (" + EMA" if saved.get("ema") else "")
+    # (a part that starts after the last epoch was never done: no " + AWP" for it)
+    late = {key for key, _ in never_starts(saved)}
+    recipe = ((" + AWP" if saved.get("awp_gamma") and "awp_warmup" not in late else "")
+              + (" + EMA" if saved.get("ema") and "ema_start" not in late else "")
               + (f" + clip {saved['clip_grad_norm']:g}" if saved.get("clip_grad_norm") else ""))
     if saved.get("init_from"):
         return "Pre-training" + recipe + ("" if stem == "best" else f" [{stem}]")
@@ -161,8 +165,8 @@ def rounded(value):
 def training_settings(r):
     """A result's training identity without the seed (config.run_identity of its checkpoint's
     arguments, recorded by eval_autoattack.py); None for a quoted row."""
-    identity = r.get("train_identity")
-    return None if identity is None else {k: v for k, v in identity.items() if k != "seed"}
+    identity = r.get("train_identity")  # again through run_identity: an older result's inert settings
+    return None if identity is None else {k: v for k, v in run_identity(identity).items() if k != "seed"}
 
 
 def group_key(r):
