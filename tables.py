@@ -101,7 +101,7 @@ def find_results(dirs):
             named.add(os.path.realpath(d))
         elif os.path.isdir(d):
             for root, subdirs, files in os.walk(d):
-                subdirs.sort()
+                subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))  # not .replaced/
                 jsons = [os.path.join(root, f) for f in sorted(files) if f.endswith(".json")]
                 paths += jsons
                 if any(f in files for f in RUN_MARKS):
