@@ -228,3 +228,17 @@ def test_summarize_names_the_runs_not_evaluated_yet(tmp_path, capsys):
     assert status == 0 and table_rows(table)["FIRE"][-2] == "1 (0)"
     assert len(err) == 1 and err[0].endswith(f"warning: not evaluated yet (a run without a result JSON): "
                                              f"{tmp_path / 'fire-s1'}, {tmp_path / 'fire-s2'}")
+
+
+def test_results_of_runs_that_differ_in_inert_settings_are_one_row(tmp_path, capsys):
+    """A result recorded with a setting that changes nothing (--awp-warmup without AWP, --ema-start
+    without an average: a run trained before identities left them out) is averaged with the run
+    without it: one row of two seeds, no Training column; a setting that does something stays apart."""
+    robust = np.arange(10) < 5
+    write_result(tmp_path / "s0", "aa", robust, seed=0, training=dict(awp_gamma=0.0, awp_warmup=10, ema=None, ema_start=1))
+    write_result(tmp_path / "s1", "aa", robust, seed=1, training=dict(awp_gamma=0.0, awp_warmup=3, ema=None, ema_start=4))
+    table, status, err = summarize(capsys, str(tmp_path))
+    assert status == 0 and not err and table_rows(table)["FIRE"][-2] == "2 (0,1)" and "Training" not in table
+    write_result(tmp_path / "s2", "aa", robust, seed=2, training=dict(awp_gamma=0.005, awp_warmup=3, ema=None, ema_start=1))
+    table, status, err = summarize(capsys, str(tmp_path))
+    assert len([line for line in table.splitlines() if line.startswith("| FIRE")]) == 2 and "--awp-gamma" in table
