@@ -162,8 +162,7 @@ def test_an_attack_run_on_some_seeds_only_says_which(tmp_path):
 
 def test_damaged_result_files_are_named_and_left_out(tmp_path, capsys):
     """A truncated per-image .npz or result JSON: one warning line naming the file, the rest
-    of the table as before (was: zipfile.BadZipFile)."""
-    import eval_autoattack as ea
+    of the table as before (was: zipfile.BadZipFile), and the table and exit status 3 say so."""
     robust = np.arange(10) < 5
     write_result(tmp_path / "good", "aa", robust)
     write_result(tmp_path / "npz", "aa", robust, seed=1)
