@@ -340,7 +340,7 @@ def test_eval_damaged_chunk_or_per_image_file_is_computed_again(fire_run, tmp_pa
     npz.write_bytes(npz.read_bytes()[:100])
     again, = ea.main(argv)
     out = capsys.readouterr().out
-    assert "already evaluated" not in out and "per-image .npz is missing or damaged" in out
+    assert "already evaluated" not in out and "per-image file" in out and "is damaged; evaluate again" in out
     assert results.read_per_image(again, str(ckpt.parent / "autoattack.json")) is not None
     assert {k: v for k, v in again.items() if k not in VOLATILE} == {k: v for k, v in result.items() if k not in VOLATILE}
 
