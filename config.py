@@ -47,6 +47,12 @@ TRAIN_RANGES = {
 }
 
 
+# Defaults of the settings that only matter when another setting is on (INERT_UNLESS); run_identity
+# puts an inert one back to its default, so the flags and the identity read them from here.
+DEFAULTS = {"awp_warmup": 10, "ema_start": 1, "sa_alpha": 0.9, "sa_start": 70, "unsup_fraction": 0.5,
+            "lr_milestones": [0.75, 0.9]}
+
+
 def allowed(name):
     """A training flag's range as its help text gives it, e.g. 'in [1, 10000]'."""
     return str(TRAIN_RANGES[name])
@@ -71,7 +77,7 @@ def base_parser(description):
     p.add_argument("--weight-decay", type=float, default=5e-4, help=f"SGD weight decay, {allowed('weight_decay')}")
     p.add_argument("--schedule", type=str, default=None, choices=["step", "cosine"],
                    help="lr schedule: step = /10 at each milestone, cosine = cosine decay to 0")
-    p.add_argument("--lr-milestones", type=float, nargs="+", default=[0.75, 0.9],
+    p.add_argument("--lr-milestones", type=float, nargs="+", default=list(DEFAULTS["lr_milestones"]),
                    help=f"step schedule milestones as fractions of --epochs, each {allowed('lr_milestones')} "
                         f"(0.75 0.9 = epochs 75, 90 of 100)")
     p.add_argument("--augment", type=str, default="crop-flip", choices=["crop-flip", "authors"],
@@ -88,7 +94,7 @@ def base_parser(description):
                    help=".npz with `images` (N, H, W, C) uint8 and `labels` (N,): extra pseudo-labelled "
                         "images mixed into every batch (Carmon et al.'s 500K; with cifar10 the preset "
                         "becomes WRN-28-10, cosine, 200 epochs)")
-    p.add_argument("--unsup-fraction", type=float, default=0.5,
+    p.add_argument("--unsup-fraction", type=float, default=DEFAULTS["unsup_fraction"],
                    help=f"share of each batch drawn from --aux-data, {allowed('unsup_fraction')}")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow --aux-data in the public pickle format (unpickling runs code: "
@@ -115,6 +121,10 @@ def base_parser(description):
     p.add_argument("--print-identity", action="store_true",
                    help="print the hash of the run's identity (every setting that changes what it "
                         "computes, presets applied) and exit; run_all.sh names run folders by it")
+    p.add_argument("--planned", type=str, action="append", default=None, metavar="FILE",
+                   help="with --print-identity: an input file (--init-from, --aux-data) that a run planned "
+                        "before this one will write, e.g. a pre-training's best.pt; it need not exist yet. "
+                        "Every other input file is checked as a training checks it. Repeatable")
     p.add_argument("--stop-on-collapse", action="store_true",
                    help="end the run when validation PGD accuracy stays below half its best for 2 "
                         "epochs (the collapse alarm; best.pt is kept). Without it the alarm is only logged")
@@ -126,7 +136,7 @@ def base_parser(description):
                    help=f"adversarial weight perturbation (Wu et al. 2020), G {allowed('awp_gamma')}: before "
                         "each step every conv/linear weight w moves by G * ||w|| up the gradient of the method's own "
                         "loss on the x' found, and back after the step. 0 = off; Wu et al.: 0.005")
-    p.add_argument("--awp-warmup", type=int, default=10, metavar="E",
+    p.add_argument("--awp-warmup", type=int, default=DEFAULTS["awp_warmup"], metavar="E",
                    help=f"first epoch (1-based) with AWP, {allowed('awp_warmup')}, as Wu et al.'s code counts (10: epochs 1-9 "
                         "train without it)")
     p.add_argument("--ema", type=float, default=None, metavar="DECAY",
@@ -134,7 +144,7 @@ def base_parser(description):
                         f"updated after every step with this decay per step, {allowed('ema')} (0.999: a horizon of about "
                         "1,000 steps); validation, best.pt, the test and eval_autoattack.py use it. "
                         "Default: off")
-    p.add_argument("--ema-start", type=int, default=1, metavar="EPOCH",
+    p.add_argument("--ema-start", type=int, default=DEFAULTS["ema_start"], metavar="EPOCH",
                    help=f"first epoch (1-based) of averaging, {allowed('ema_start')}, with --ema: before it the average is the model")
     return p
 
@@ -172,27 +182,60 @@ def finish_args(parser, argv, method):
     for ok, message in checks:
         if not ok:
             parser.error(message)
+    inputs = ((args.aux_data, "--aux-data"), (args.resume, "--resume"), (args.init_from, "--init-from"))
+    planned = {os.path.normpath(path) for path in args.planned or ()}
+    if planned and not args.print_identity:
+        parser.error("--planned goes with --print-identity (a training reads its inputs now)")
+    unknown = planned - {os.path.normpath(path) for path, _ in inputs if path is not None}
+    if unknown:
+        parser.error(f"--planned {sorted(unknown)[0]!r} is not an input of this run (--init-from or --aux-data)")
     try:
         check_model_name(args.model)  # the name only: no network is built here
-        for path, flag in ((args.aux_data, "--aux-data"), (args.resume, "--resume"),
-                           (args.init_from, "--init-from")):
-            # --print-identity plans a run whose inputs may not exist yet (a fine-tune's source)
-            if path is not None and not (flag == "--resume" and path == "auto") and not args.print_identity:
+        for path, flag in inputs:
+            # a file that a run planned before this one writes need not exist yet (--planned)
+            if path is not None and not (flag == "--resume" and path == "auto") and os.path.normpath(path) not in planned:
                 check_input_file(path, flag)
     except (ValueError, UserError) as e:
         parser.error(str(e))
     if args.print_identity:
         print(identity_hash(vars(args)))
         sys.exit(0)
+    for line in settings_warnings(vars(args)):
+        print(f"{parser.prog}: warning: {line}", file=sys.stderr, flush=True)
     return args
+
+
+# The settings that start at an epoch: (setting, what starts, whether it is on). One past --epochs
+# is a warning, not an error: a later --resume with a larger --epochs reaches it.
+STARTS = [("awp_warmup", "AWP", lambda a: (a.get("awp_gamma") or 0) > 0),
+          ("ema_start", "the average (--ema)", lambda a: a.get("ema") is not None),
+          ("sa_start", "the self-adaptive targets' updates", lambda a: bool(a.get("self_adaptive")))]
+
+
+def never_starts(saved):
+    """[(setting, what)] for the settings of `saved` (a run's arguments) that are on but start
+    after its last epoch, e.g. ('awp_warmup', 'AWP') for --awp-gamma 0.005 --awp-warmup 10 --epochs 2."""
+    return [(key, what) for key, what, on in STARTS
+            if on(saved) and key in saved and saved[key] > saved.get("epochs", saved[key])]
+
+
+def settings_warnings(saved):
+    """One line for each setting of `saved` that changes nothing in this run: inert without another
+    (INERT_UNLESS; left out of the identity), or starting past --epochs."""
+    flag = lambda key: "--" + key.replace("_", "-")  # noqa: E731
+    lines = [f"{flag(k)} {saved[k]} changes nothing without {needs}: this is the run without it "
+             f"(same identity, folder and table row)" for k, needs in inert_settings(saved)]
+    lines += [f"{flag(k)} {saved[k]} is past --epochs {saved['epochs']}: {what} never starts in this run "
+              f"(its table row does not name it)" for k, what in never_starts(saved)]
+    return lines
 
 
 def add_self_adaptive_flags(parser, row):
     parser.add_argument("--self-adaptive", action="store_true",
                         help=f"{row}: CE on soft targets (self-adaptive training, Huang et al. 2020)")
-    parser.add_argument("--sa-alpha", type=float, default=0.9,
+    parser.add_argument("--sa-alpha", type=float, default=DEFAULTS["sa_alpha"],
                         help=f"soft-target momentum, {allowed('sa_alpha')}")
-    parser.add_argument("--sa-start", type=int, default=70,
+    parser.add_argument("--sa-start", type=int, default=DEFAULTS["sa_start"],
                         help=f"first epoch (1-based) of target updates, {allowed('sa_start')}")
 
 
@@ -203,14 +246,37 @@ def add_self_adaptive_flags(parser, row):
 # (--print-identity) and a table never averages runs whose identities differ beyond the seed.
 NOT_IDENTITY = frozenset({"out_dir", "resume", "overwrite", "data_dir", "device", "workers",
                           "log_every", "compile", "channels_last", "trust_pickle", "stop_on_collapse",
-                          "print_identity", "init_from_sha256", "pretrain_time_s",
+                          "print_identity", "planned", "init_from_sha256", "pretrain_time_s",
                           "method_title", "method_weight", "method_order"})  # the last three: of `method`
 IDENTITY_PATHS = ("aux_data", "init_from")  # compared as normalised paths: ./x and x are one file
 
 
+# Settings that change nothing unless another one is on: (setting, the flags that make it matter,
+# whether they are on). In a run's identity an inert setting reads as its default (DEFAULTS), so
+# `--awp-warmup 3` without AWP is the run without it: same identity, folder and table row.
+INERT_UNLESS = [
+    ("awp_warmup", "--awp-gamma > 0", lambda a: (a.get("awp_gamma") or 0) > 0),
+    ("ema_start", "--ema", lambda a: a.get("ema") is not None),
+    ("sa_alpha", "--self-adaptive", lambda a: bool(a.get("self_adaptive"))),
+    ("sa_start", "--self-adaptive", lambda a: bool(a.get("self_adaptive"))),
+    ("unsup_fraction", "--aux-data", lambda a: bool(a.get("aux_data"))),
+    ("lr_milestones", "--schedule step", lambda a: a.get("schedule") != "cosine"),
+]
+
+
+def inert_settings(saved):
+    """[(setting, what would make it matter)] for the settings in `saved` (a run's arguments) that
+    differ from their default and change nothing, e.g. ('awp_warmup', '--awp-gamma > 0')."""
+    return [(key, needs) for key, needs, on in INERT_UNLESS
+            if key in saved and saved[key] != DEFAULTS[key] and not on(saved)]
+
+
 def run_identity(saved):
-    """The settings that define what a run computes: its arguments (a dict) minus NOT_IDENTITY."""
+    """The settings that define what a run computes: its arguments (a dict) minus NOT_IDENTITY,
+    with each inert setting (INERT_UNLESS) at its default."""
     identity = {k: v for k, v in sorted(saved.items()) if k not in NOT_IDENTITY}
+    for key, _ in inert_settings(identity):
+        identity[key] = DEFAULTS[key]
     for key in IDENTITY_PATHS:
         if isinstance(identity.get(key), str):
             identity[key] = os.path.normpath(identity[key])

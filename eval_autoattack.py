@@ -19,6 +19,8 @@ Commands:
     python eval_autoattack.py --time-images 200 --time-model wrn-34-10 --time-dataset cifar10
     python eval_autoattack.py --summarize runs/ --table-out table.md   # mean +- std over seeds
     python eval_autoattack.py --summarize runs/ --quoted table2        # + the rows the paper quotes
+    (--summarize and --plot-sweep exit with 3 when they wrote their output but left out results
+    under a folder; a file named on their command line must be a valid result, else exit 2)
     python eval_autoattack.py --plot-sweep runs/sweep --plot-kind lambda --plot-out fig7.png
     python eval_autoattack.py --plot-sweep runs/sweep --plot-kind plane --plot-out fig8.png
 
@@ -37,6 +39,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from fractions import Fraction
 
@@ -56,9 +59,11 @@ from data import DATASETS, dataset_shape, get_datasets
 from models import check_model_name, get_model
 from parallel import over_all_gpus, rank_and_world, setup_device
 from results import RESULT_FORMAT, STANDARD_ATTACKS, default_out, settings_change
+from run_folder import missing_run_file
 from tables import QUOTED, fmt_hours
 
 TIMING_FORMAT = "fire-repro-autoattack-timing/1"
+LEFT_OUT = 3  # exit status of --summarize / --plot-sweep: written, but results under a folder were left out
 TEST_SET_SIZE = 10_000  # AutoAttack's papers evaluate the first 10,000 test images
 # The ranges of the numeric flags, the one place they are written (the help texts quote them).
 EVAL_RANGES = {"n_examples": Range(1, 10**7), "batch_size": Range(1, 65_536),
@@ -379,6 +384,8 @@ class Plan:
     """One checkpoint to evaluate, with everything checked before the work starts."""
 
     def __init__(self, path, args, out_flag):
+        if not os.path.lexists(path):
+            raise UserError(f"checkpoint {path!r} {missing_run_file(path)}")
         ckpt = load_checkpoint(path)  # whole, with arguments that rebuild its model and data
         self.path, self.saved = path, ckpt["args"]
         self.train_identity = run_identity(self.saved)  # the run's settings, for table rows
@@ -617,17 +624,22 @@ def main(argv=None):
     if args.summarize is not None:
         if args.table_out:
             check_output(args.table_out, "--table-out")
-        table = tables.summarize(tables.find_results(args.summarize), args.title,
-                                 tables.quoted_rows(args.quoted))
+        found, left_out = tables.find_results(args.summarize)
+        table = tables.summarize(found, args.title, tables.quoted_rows(args.quoted), left_out)
         print(table, end="")
         if args.table_out:
             write_atomic(args.table_out, lambda f: f.write(table))
+        if left_out:
+            sys.exit(LEFT_OUT)
         return table
     if args.plot_sweep is not None:
         check_output(args.plot_out, "--plot-out")
-        results = tables.find_results(args.plot_sweep)
-        tables.plot_sweep(results, args.plot_out, args.plot_kind)
-        print(f"{len(results)} results -> {args.plot_out}")
+        found, left_out = tables.find_results(args.plot_sweep)
+        tables.plot_sweep(found, args.plot_out, args.plot_kind)
+        print(f"{len(found)} results -> {args.plot_out}")
+        if left_out:
+            print(tables.left_out_note(left_out))
+            sys.exit(LEFT_OUT)
         return args.plot_out
 
     # Everything the user gave is checked before any attack runs.

@@ -400,6 +400,9 @@ def train_and_test(args, train_step, device, ckpt, signals):
     log(json.dumps(vars(args), sort_keys=True))
     log(f"{len(train_set)} train / {len(val_set)} val / {len(test_set)} test images, "
         f"{sum(p.numel() for p in state.model.parameters()):,} parameters, device {device}")
+    horizon = ema_horizon_warning(args, len(train_loader(train_set, args, 0, device)))
+    if horizon:
+        log(f"warning: {horizon}")
 
     nets = training_networks(state.model, args, device)
     eval_model = eval_network(state, nets, device)
@@ -425,6 +428,26 @@ def train_and_test(args, train_step, device, ckpt, signals):
         log(json.dumps(summary))
     return summary
 
+
+
+EMA_HORIZON_SHARE = 0.2  # an average whose horizon is more of the run than this is mostly its start
+EMA_SUGGESTED_SHARE = 0.1  # the horizon suggested instead (docs/modern-recipe.md measures it)
+
+
+def ema_horizon_warning(args, steps_per_epoch):
+    """The warning line for an --ema whose horizon, 1 / (1 - decay) steps, is more than
+    EMA_HORIZON_SHARE of the steps it averages (from --ema-start to --epochs), naming the decay of
+    a horizon of EMA_SUGGESTED_SHARE of them; None when it is short enough or there is no --ema."""
+    steps = steps_per_epoch * max(args.epochs - args.ema_start + 1, 0)
+    if args.ema is None or steps == 0:  # (an --ema-start past --epochs: config.settings_warnings)
+        return None
+    horizon = 1 / (1 - args.ema)
+    if horizon <= EMA_HORIZON_SHARE * steps:
+        return None
+    suggested = 1 - 1 / max(EMA_SUGGESTED_SHARE * steps, 1)
+    return (f"--ema {args.ema:g} averages over about {horizon:,.0f} steps, {horizon / max(steps, 1):.0%} of "
+            f"the {steps:,} steps it sees: the average is mostly the early model (--ema {suggested:.3g} "
+            f"averages over {EMA_SUGGESTED_SHARE:.0%} of them; docs/modern-recipe.md)")
 
 
 def new_train_state(args, train_set, device):

@@ -5,9 +5,11 @@ eval_autoattack.py, tables.py and the plan of run_all.sh.
     <run>/autoattack[-<checkpoint>][-eps<eps>][-val].json   default_out()
     <run>/<same stem>.npz     per image: index, label, natural, apgd-ce ... square [, pgd20, cw]
 """
+import math
 import os
 
 from common import eps_text, read_arrays, read_json, sha256_file
+from run_folder import missing_run_file
 
 RESULT_FORMAT = "fire-repro-autoattack/1"  # the `format` of a result JSON
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")  # AutoAttack's standard order
@@ -15,6 +17,12 @@ RESULT_FIELDS = {"defense": str, "method": str, "method_title": str, "method_ord
                  "model": str, "eps": (int, float), "seed": int, "natural": (int, float),
                  "autoattack": (int, float), "avg_acc": (int, float), "n_examples": int, "split": str,
                  "train_identity": dict}
+# Values a result's numbers may take: accuracies are shares of images, radii are in pixel units of [0, 1].
+UNIT = (0.0, 1.0)
+RESULT_RANGES = {"natural": UNIT, "autoattack": UNIT, "avg_acc": UNIT, "pgd20": UNIT, "cw": UNIT,
+                 "eps": UNIT, "train_eps": UNIT, "n_examples": (1, math.inf), "seed": (0, math.inf),
+                 "train_time_s": (0.0, math.inf), "pretrain_time_s": (0.0, math.inf)}
+OPTIONAL = ("pgd20", "cw", "train_eps", "train_time_s", "pretrain_time_s")  # may be absent or null
 
 
 def default_out(checkpoint, eps=None, train_eps=None, split="test"):
@@ -69,12 +77,35 @@ def read_per_image(record, json_path):
     return _PER_SAMPLE[key]
 
 
-def result_problem(record, path):
-    """Why a result JSON must not go into a table (None if it may): incomplete, its per-image file
-    damaged, or its checkpoint gone or changed since it was evaluated (e.g. retrained)."""
+def value_problem(record):
+    """Why a result's fields are not a result's (None if they are): not a JSON object, a field
+    missing or of the wrong type, or a number that is not finite or outside its range (an accuracy
+    of 7.5, a NaN, n_examples 0)."""
+    if not isinstance(record, dict):
+        return f"not a result (a JSON {type(record).__name__}, not an object)"
+    if record.get("format") != RESULT_FORMAT:
+        return f"not a result of eval_autoattack.py (its 'format' is not {RESULT_FORMAT!r})"
     for key, kind in RESULT_FIELDS.items():
         if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
             return f"not a complete result ({key!r} missing or of the wrong type)"
+    for key, (low, high) in RESULT_RANGES.items():
+        value = record.get(key)
+        if value is None and key in OPTIONAL:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return f"not a complete result ({key!r} is not a number)"
+        if not (math.isfinite(value) and low <= value <= high):
+            return f"impossible value {key}={value!r} (allowed: finite, in [{low:g}, {high:g}])"
+    return None
+
+
+def result_problem(record, path):
+    """Why a result JSON must not go into a table (None if it may): not a result, incomplete, a
+    value out of its range, its per-image file damaged, or its checkpoint gone or changed since it
+    was evaluated (e.g. retrained)."""
+    problem = value_problem(record)
+    if problem:
+        return problem
     if os.path.exists(per_image_path(record, path)) and read_per_image(record, path) is None:
         return f"its per-image file {per_image_path(record, path)!r} is damaged; evaluate again"
     if "checkpoint" not in record:
@@ -83,7 +114,7 @@ def result_problem(record, path):
         return "not a complete result ('checkpoint' or 'checkpoint_sha256' missing or not text)"
     ckpt = checkpoint_of(record, path)
     if ckpt is None:
-        return f"its checkpoint {record['checkpoint']!r} no longer exists"
+        return f"its checkpoint {record['checkpoint']!r} {missing_run_file(record['checkpoint'])}"
     if sha256_file(ckpt) != record["checkpoint_sha256"]:
         return f"its checkpoint {ckpt!r} has changed since it was evaluated (retrained?); evaluate again"
     return None

@@ -13,6 +13,7 @@ finished run left alone.
 import json
 import os
 import shutil
+import time
 
 import torch.distributed as dist
 
@@ -68,6 +69,26 @@ def set_old_run_aside(out_dir):
     os.makedirs(os.path.join(out_dir, REPLACED), exist_ok=True)
     for name in names:  # RUN_FILES lists last.pt first
         os.replace(os.path.join(out_dir, name), os.path.join(out_dir, REPLACED, name))
+
+
+def replacement_started(out_dir):
+    """When the run that --overwrite started in `out_dir` set the old run aside (UTC, to the
+    second), while it has not committed its first epoch; None when nothing is being replaced."""
+    try:
+        started = os.stat(os.path.join(out_dir, REPLACED)).st_mtime
+    except OSError:
+        return None
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started))
+
+
+def missing_run_file(path):
+    """Why a run's file (a checkpoint, say) is not there: 'is being replaced by a run started at
+    <time> ...' when its folder's run is being replaced, else 'does not exist'."""
+    started = replacement_started(os.path.dirname(os.path.abspath(path)))
+    if started is None:
+        return "does not exist"
+    return (f"is being replaced by a run started at {started} (the old run's files are in "
+            f"{REPLACED}/ until the new run commits its first epoch)")
 
 
 def settle_replaced_run(out_dir):

@@ -1,7 +1,8 @@
 """The paper's tables and figures from finished AutoAttack results (the JSON and per-image .npz
 that eval_autoattack.py writes beside each checkpoint).
 
-    find_results(dirs)         the usable result JSONs under some folders (one warning line per unusable one)
+    find_results(dirs)         the usable result JSONs under some folders (one warning line per unusable
+                               one, which is left out) or named files (each must be usable)
     summarize(results, ...)    Tables 1-3 as Markdown: one row per defense and setting, mean +- std over
                                seeds, and each row's paired AutoAttack difference to FIRE
     plot_sweep(results, ...)   Fig. 7 (accuracy against lambda) or Fig. 8 (the accuracy plane)
@@ -18,6 +19,7 @@ import numpy as np
 from scipy.stats import bootstrap
 
 from common import UserError, eps_text, write_atomic
+from config import never_starts, run_identity
 from data import DATASETS
 from results import RESULT_FORMAT, read_per_image, result_problem
 
@@ -53,7 +55,10 @@ def row_name(saved, checkpoint):
     """
     stem = os.path.splitext(os.path.basename(checkpoint))[0]
     # today's recipe (docs/modern-recipe.md): its runs are other rows than the method's
-    recipe = ((" + AWP" if saved.get("awp_gamma") else "") + (" + EMA" if saved.get("ema") else "")
+    # (a part that starts after the last epoch was never done: no " + AWP" for it)
+    late = {key for key, _ in never_starts(saved)}
+    recipe = ((" + AWP" if saved.get("awp_gamma") and "awp_warmup" not in late else "")
+              + (" + EMA" if saved.get("ema") and "ema_start" not in late else "")
               + (f" + clip {saved['clip_grad_norm']:g}" if saved.get("clip_grad_norm") else ""))
     if saved.get("init_from"):
         return "Pre-training" + recipe + ("" if stem == "best" else f" [{stem}]")
@@ -79,20 +84,31 @@ def warn(message):
     print(f"{os.path.basename(sys.argv[0])}: warning: {message}", file=sys.stderr, flush=True)
 
 
+RUN_MARKS = ("best.pt", "summary.json")  # a folder holding one of these is a run folder
+
+
 def find_results(dirs):
-    """Result JSONs (by their `format`) under the given folders or files, each file once; a JSON
-    that is incomplete or whose checkpoint is gone or changed is left out with one warning line."""
-    paths = []
+    """The usable result JSONs (by their `format`) under the given folders or files, each file
+    once, and the paths of those left out. A file named in `dirs` must be a usable result
+    (UserError otherwise). In a folder, a JSON that is a result but not a usable one (damaged,
+    incomplete, a value out of range, its checkpoint gone or changed) is left out with one
+    warning line; other JSONs (a run's summary.json) are not results and are passed over. Run
+    folders without any result are named in one warning line. Returns (results, left_out)."""
+    paths, named, runs = [], set(), []
     for d in dirs:
         if os.path.isfile(d):
             paths.append(d)
+            named.add(os.path.realpath(d))
         elif os.path.isdir(d):
             for root, subdirs, files in os.walk(d):
-                subdirs.sort()
-                paths += [os.path.join(root, f) for f in sorted(files) if f.endswith(".json")]
+                subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))  # not .replaced/
+                jsons = [os.path.join(root, f) for f in sorted(files) if f.endswith(".json")]
+                paths += jsons
+                if any(f in files for f in RUN_MARKS):
+                    runs.append((root, jsons))
         else:
             raise UserError(f"{d!r} does not exist")
-    results, seen = [], set()
+    results, left_out, seen, evaluated = [], [], set(), set()
     for path in paths:
         real = os.path.realpath(path)
         if real in seen:
@@ -102,19 +118,34 @@ def find_results(dirs):
             with open(path) as f:
                 record = json.load(f)
         except (OSError, ValueError):
-            warn(f"ignoring {path}: not whole JSON (damaged?)")
-            continue
-        if not (isinstance(record, dict) and record.get("format") == RESULT_FORMAT):
-            continue
-        problem = result_problem(record, path)
-        if problem:
-            warn(f"ignoring {path}: {problem}")
+            record, problem = None, "not whole JSON (damaged?)"
+        else:
+            problem = result_problem(record, path)
+        if real in named:
+            if problem:
+                raise UserError(f"{path}: {problem}")
+        elif record is not None and not (isinstance(record, dict) and record.get("format") == RESULT_FORMAT):
+            continue  # not a result (a run's summary.json, a timing)
+        elif problem:
+            warn(f"left out {path}: {problem}")
+            left_out.append(path)
             continue
         record["_path"] = path
         results.append(record)
+        evaluated.add(os.path.dirname(real))
+    waiting = [root for root, jsons in runs if os.path.realpath(root) not in evaluated
+               and not any(p in left_out for p in jsons)]
+    if waiting:
+        warn(f"not evaluated yet (a run without a result JSON): {', '.join(waiting)}")
     if not results:
         raise UserError(f"no usable AutoAttack result JSONs under {' '.join(dirs)}")
-    return results
+    return results, left_out
+
+
+def left_out_note(left_out):
+    """The line a table or figure ends with when results were left out: how many and which."""
+    return (f"**Note: {len(left_out)} result file{'s' * (len(left_out) > 1)} left out (damaged or "
+            f"not valid; see the warnings): {', '.join(left_out)}.**")
 
 
 def quoted_rows(name):
@@ -134,8 +165,8 @@ def rounded(value):
 def training_settings(r):
     """A result's training identity without the seed (config.run_identity of its checkpoint's
     arguments, recorded by eval_autoattack.py); None for a quoted row."""
-    identity = r.get("train_identity")
-    return None if identity is None else {k: v for k, v in identity.items() if k != "seed"}
+    identity = r.get("train_identity")  # again through run_identity: an older result's inert settings
+    return None if identity is None else {k: v for k, v in run_identity(identity).items() if k != "seed"}
 
 
 def group_key(r):
@@ -342,9 +373,10 @@ def paired_cells(groups):
     return cells
 
 
-def summarize(results, title=None, quoted=()):
+def summarize(results, title=None, quoted=(), left_out=()):
     """The paper's table (Tables 1-3) as Markdown: one row per defense and setting, mean +- std
-    over seeds, and each row's paired AutoAttack difference to FIRE."""
+    over seeds, and each row's paired AutoAttack difference to FIRE; it ends with a note naming
+    the result files `left_out` (see find_results), if any."""
     groups = {}
     for r in sorted([*results, *quoted], key=row_order):
         groups.setdefault(group_key(r), []).append(r)
@@ -415,6 +447,8 @@ def summarize(results, title=None, quoted=()):
     if smoke:
         lines += ["", "**Smoke run: AutoAttack with reduced iterations (--smoke-aa) on a toy "
                       "training budget; these numbers only show that the pipeline works.**"]
+    if left_out:
+        lines += ["", left_out_note(left_out)]
     return "\n".join(lines) + "\n"
 
 

@@ -114,3 +114,100 @@ def test_every_numeric_flag_states_its_range_in_its_help(script, monkeypatch):
     numeric = [a for a in parser._actions if a.type in (int, float) or getattr(a.type, "__name__", "") == "parse_eps"]
     unbounded = [a.option_strings[0] for a in numeric if not re.search(r"in \[|in \(", a.help or "")]
     assert numeric and not unbounded
+
+
+# ---- A run's identity: what --print-identity prints and run_all.sh names run folders by
+
+def identity(script, flags, capsys):
+    """The hash `script.py FLAGS --print-identity` prints (in this process)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        script.get_args([*flags, "--print-identity"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 0, err
+    return out.strip()
+
+
+# Printed by the code that named the existing run folders (train_*.py FLAGS --print-identity):
+# a change of the identity's rules must leave every default run where it is.
+FOLDER_HASHES = [
+    (train_fire, [], "5c3a5dac0066"), (train_fire, ["--distance", "hellinger"], "aae68c598fce"),
+    (train_fire, ["--self-adaptive"], "45164ed9ceed"), (train_trades, [], "9704e61df6a3"),
+    (train_trades, ["--loss", "madry"], "fe2dd503d67e"), (train_trades, ["--loss", "mart"], "7c92396e0cae"),
+    (train_trades, ["--self-adaptive"], "f1c291c78301"), (train_fire, ["--dataset", "mnist"], "229fddc8ff8e"),
+    (train_fire, ["--dataset", "cifar10"], "18cf6f5ac353"), (train_trades, ["--dataset", "cifar10"], "fd9ea5f2abf5"),
+    (train_trades, ["--dataset", "cifar10", "--loss", "madry"], "6033f161299a"),
+    (train_trades, ["--dataset", "cifar10", "--loss", "mart"], "d24d920ec861"),
+    (train_trades, ["--dataset", "cifar10", "--self-adaptive"], "a72733d86234"),
+    (train_fire, ["--dataset", "cifar10", "--self-adaptive"], "5341d49e3e33"),
+    (train_fire, ["--dataset", "cifar10", "--distance", "hellinger"], "9d5e42f88519"),
+    # settings that do change the run keep their hashes too
+    (train_fire, ["--awp-gamma", "0.005"], "a2e0b56ed9d3"),
+    (train_fire, ["--awp-gamma", "0.005", "--awp-warmup", "3"], "047acd10e390"),
+    (train_fire, ["--ema", "0.999"], "7ee548df983a"), (train_fire, ["--ema", "0.999", "--ema-start", "3"], "4879ea0bab38"),
+    (train_trades, ["--self-adaptive", "--sa-start", "5", "--sa-alpha", "0.8"], "8b89a132979f"),
+    (train_fire, ["--schedule", "cosine"], "ad46902a2a4a"),
+]
+
+
+@pytest.mark.parametrize("script,flags,expected", FOLDER_HASHES)
+def test_existing_run_folders_keep_their_identity(script, flags, expected, capsys):
+    assert identity(script, flags, capsys) == expected
+
+
+@pytest.mark.parametrize("script,inert,base", [
+    (train_fire, ["--awp-warmup", "3"], []),                      # AWP is off
+    (train_fire, ["--ema-start", "3"], []),                       # no average
+    (train_trades, ["--sa-alpha", "0.5", "--sa-start", "2"], []),  # no self-adaptive targets
+    (train_fire, ["--unsup-fraction", "0.3"], []),                # no extra data
+    (train_fire, ["--lr-milestones", "0.5"], ["--schedule", "cosine"]),  # cosine has no milestones
+    (train_fire, ["--trust-pickle"], []),                         # how a file is read, not what the run computes
+])
+def test_a_setting_that_changes_nothing_leaves_the_identity_alone(script, inert, base, capsys):
+    """A setting with no effect without another is the run without it (same identity, so the same
+    folder and table row), and training says so in one warning line; with the other setting on,
+    it is a different run."""
+    assert identity(script, [*base, *inert], capsys) == identity(script, base, capsys)
+    script.get_args([*base, *inert])
+    warnings = capsys.readouterr().err.strip().splitlines()
+    flags = [f for f in inert if f.startswith("--") and f != "--trust-pickle"]
+    assert len(warnings) == len(flags) and all(f in w for f, w in zip(flags, warnings)), warnings
+    assert all("warning" in w and "changes nothing" in w for w in warnings)
+    enable = {"--awp-warmup": ["--awp-gamma", "0.005"], "--ema-start": ["--ema", "0.99"],
+              "--sa-alpha": ["--self-adaptive"], "--lr-milestones": ["--schedule", "step"]}.get(inert[0])
+    if enable:
+        assert identity(script, [*base, *enable, *inert], capsys) != identity(script, [*base, *enable], capsys)
+
+
+@pytest.mark.parametrize("flags,what", [
+    (["--awp-gamma", "0.005", "--awp-warmup", "5", "--epochs", "2"], "AWP"),
+    (["--ema", "0.99", "--ema-start", "3", "--epochs", "2"], "the average"),
+    (["--self-adaptive", "--epochs", "15"], "self-adaptive"),  # --sa-start 70 of the paper's 100 epochs
+])
+def test_a_start_past_the_last_epoch_is_a_warning(flags, what, capsys):
+    """Checked with the other settings before anything is created: one warning line (not an error:
+    --resume with a larger --epochs reaches the start), and the table row does not name what never ran."""
+    import tables
+    args = train_fire.get_args(flags)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "warning" in lines[0] and "past --epochs" in lines[0] and what in lines[0], lines
+    name = tables.row_name(vars(args), "best.pt")
+    assert "AWP" not in name and "EMA" not in name
+    args.epochs = 100
+    assert ("+ AWP" in tables.row_name(vars(args), "best.pt")) == ("--awp-gamma" in flags)
+
+
+def test_print_identity_checks_input_files_but_a_planned_one(tmp_path, capsys):
+    """--print-identity checks --init-from and --aux-data as a training does; a file that a planned
+    run will write is named with --planned, and only that one may be missing."""
+    source = str(tmp_path / "pre" / "best.pt")
+    for flags in (["--init-from", source], ["--aux-data", str(tmp_path / "aux.npz")],
+                  ["--init-from", source, "--aux-data", str(tmp_path / "aux.npz"), "--planned", source]):
+        code, lines = cli_error(train_trades.main, [*flags, "--print-identity"], capsys)
+        assert code == 2 and len(lines) == 1 and "does not exist" in lines[0], lines
+    planned = identity(train_trades, ["--init-from", source, "--planned", str(tmp_path / "pre" / ".." / "pre" / "best.pt")], capsys)
+    assert planned == identity(train_trades, ["--init-from", source, "--planned", source], capsys)
+    for flags, needle in ((["--planned", source], "not an input"), (["--init-from", source, "--planned", source, "--epochs", "1"], "--print-identity")):
+        argv = flags + ["--print-identity"] * ("not an input" in needle)
+        code, lines = cli_error(train_trades.main, argv, capsys)
+        assert code == 2 and len(lines) == 1 and needle in lines[0], lines

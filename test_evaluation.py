@@ -144,7 +144,7 @@ def test_eval_per_sample_npz_matches_the_json(eval_reference):
 
 def test_eval_is_tied_to_its_checkpoint(fire_run, tmp_path, capsys):
     """--overwrite retrains beside an old result: the result names the checkpoint's SHA-256, so
-    --summarize ignores it with a warning and a new evaluation replaces it; the same checkpoint
+    --summarize leaves it out with a warning and a new evaluation replaces it; the same checkpoint
     and settings are not evaluated twice."""
     import eval_autoattack as ea
     run = tmp_path / "run"
@@ -159,9 +159,12 @@ def test_eval_is_tied_to_its_checkpoint(fire_run, tmp_path, capsys):
     ckpt["epoch"] += 1  # "retrained": other bytes
     torch.save(ckpt, run / "best.pt")
     write_result(tmp_path / "other", "aa", np.arange(10) < 5)
-    table = ea.main(["--summarize", str(tmp_path)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "ignoring" in err[0] and "autoattack.json" in err[0] and "changed" in err[0]
+    with pytest.raises(SystemExit) as status:  # the table is written, a result was left out
+        ea.main(["--summarize", str(tmp_path)])
+    table, err = capsys.readouterr()
+    err = err.strip().splitlines()
+    assert status.value.code == 3 and "1 result file left out" in table
+    assert len(err) == 1 and "left out" in err[0] and "autoattack.json" in err[0] and "changed" in err[0]
     assert "| 1 (0) |" in table and table.count("| FIRE") == 1
     redone, = ea.main([str(run / "best.pt"), *small])
     out = capsys.readouterr().out
@@ -169,7 +172,7 @@ def test_eval_is_tied_to_its_checkpoint(fire_run, tmp_path, capsys):
     assert redone["checkpoint_sha256"] != first["checkpoint_sha256"] and redone["epoch"] == first["epoch"] + 1
     (run / "best.pt").unlink()
     tables.find_results([str(tmp_path)])
-    assert "no longer exists" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_eval_default_names_keep_splits_and_radii_apart(fire_run, tmp_path):
@@ -337,7 +340,7 @@ def test_eval_damaged_chunk_or_per_image_file_is_computed_again(fire_run, tmp_pa
     npz.write_bytes(npz.read_bytes()[:100])
     again, = ea.main(argv)
     out = capsys.readouterr().out
-    assert "already evaluated" not in out and "per-image .npz is missing or damaged" in out
+    assert "already evaluated" not in out and "per-image file" in out and "is damaged; evaluate again" in out
     assert results.read_per_image(again, str(ckpt.parent / "autoattack.json")) is not None
     assert {k: v for k, v in again.items() if k not in VOLATILE} == {k: v for k, v in result.items() if k not in VOLATILE}
 

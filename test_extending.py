@@ -24,7 +24,7 @@ def symmetric_kl(logits_a, logits_b):
 
 
 def table_rows(folder):
-    table = tables.summarize(tables.find_results([str(folder)]))
+    table = tables.summarize(tables.find_results([str(folder)])[0])
     return {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
             for line in table.splitlines() if line.startswith("| ") and "---" not in line}
 

@@ -286,3 +286,28 @@ def test_modern_table_quotes_robustbench():
     awp = rows["TRADES + AWP, Wu et al. 2020 (quoted from RobustBench)"]
     assert (trades["natural"], trades["autoattack"], awp["natural"], awp["autoattack"]) == (0.8492, 0.5308, 0.8536, 0.5617)
     assert all(r["quoted"] and r["model"] == "wrn-34-10" and r["eps"] == 8 / 255 for r in rows.values())
+
+
+def test_an_average_longer_than_the_run_is_a_warning(few_digits, tmp_path):
+    """--ema whose horizon, 1 / (1 - decay) steps, is more than a fifth of the steps it averages:
+    one warning line at the start (console and log.txt) with the steps and a decay whose horizon is
+    a tenth of them; that decay, or a long enough run, gives no warning."""
+    args = train_fire.get_args(["--ema", "0.99", "--epochs", "2", "--batch-size", "16"])
+    train_set = data.get_datasets(args)[0]
+    steps = len(data.train_loader(train_set, args, 0, torch.device("cpu")))  # 1,257 images / 16
+    line = harness.ema_horizon_warning(args, steps)
+    assert f"about 100 steps, 63% of the {2 * steps} steps" in line, line
+    suggested = 1 - 1 / (0.1 * 2 * steps)
+    assert f"--ema {suggested:.3g} averages over 10%" in line
+    args.ema = float(f"{suggested:.3g}")
+    assert harness.ema_horizon_warning(args, steps) is None
+    args.ema, args.epochs = 0.99, 20  # 1,580 steps: 6%
+    assert harness.ema_horizon_warning(args, steps) is None
+    args.ema_start = 15  # averages the last 6 epochs only: 474 steps, 21%
+    assert "21% of the 474 steps" in harness.ema_horizon_warning(args, steps)
+    # a real run says it once, at the start (192 images, batch 64: 3 steps)
+    out = tmp_path / "run"
+    train_fire.main(["--ema", "0.9", "--epochs", "1", "--attack-steps", "1", "--eval-steps", "1",
+                     "--out-dir", str(out)])
+    warnings = [line for line in (out / "log.txt").read_text().splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "--ema 0.9 averages over about 10 steps" in warnings[0], warnings

@@ -334,3 +334,28 @@ def test_incomplete_checkpoints_are_one_line_for_every_reader(two_epoch_run, tmp
     for main, argv in readers:
         code, lines = cli_error(main, argv, capsys)
         assert code == 2 and len(lines) == 1 and needle in lines[0], (argv, lines)
+
+
+def test_a_folder_being_replaced_is_named_so(two_epoch_run, tmp_path, capsys):
+    """While an --overwrite run has not committed its first epoch, the old run's files are in
+    .replaced/: evaluating the folder's checkpoint, or summarising a result of it, says the run is
+    being replaced and since when (was: "does not exist")."""
+    import eval_autoattack
+    import tables
+    from conftest import write_result
+    out = tmp_path / "run"
+    shutil.copytree(two_epoch_run[0], out)
+    write_result(out, "autoattack", [True, False], checkpoint=str(out / "best.pt"),
+                 checkpoint_sha256=common.sha256_file(str(out / "best.pt")))
+    run_folder.set_old_run_aside(str(out))  # as a killed or running --overwrite leaves the folder
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime((out / run_folder.REPLACED).stat().st_mtime))
+    code, lines = cli_error(eval_autoattack.main, [str(out / "best.pt"), "--device", "cpu"], capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert f"is being replaced by a run started at {started}" in lines[0] and "does not exist" not in lines[0]
+    with pytest.raises(common.UserError, match="no usable"):
+        tables.find_results([str(out)])
+    warning, = capsys.readouterr().err.strip().splitlines()
+    assert "autoattack.json" in warning and f"being replaced by a run started at {started}" in warning
+    run_folder.settle_replaced_run(str(out))  # no new commit: the old run is back
+    code, lines = cli_error(eval_autoattack.main, [str(tmp_path / "none" / "best.pt"), "--device", "cpu"], capsys)
+    assert code == 2 and lines[0].endswith("does not exist"), lines

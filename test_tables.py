@@ -7,6 +7,7 @@ import pytest
 
 import results
 import tables
+from common import cli
 from conftest import METHODS, write_result
 
 
@@ -73,6 +74,20 @@ def table_rows(table):
                               for line in table.splitlines() if line.startswith("| ") and "---" not in line)}
 
 
+def summarize(capsys, *argv):
+    """`eval_autoattack.py --summarize argv` in this process: (the table, the exit status, the
+    warning lines)."""
+    import eval_autoattack as ea
+    capsys.readouterr()
+    try:
+        cli(ea.main, ["--summarize", *argv])  # the command line's one error path
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    out, err = capsys.readouterr()
+    return out, status, err.strip().splitlines()
+
+
 def test_summarize_pairs_each_row_with_fire_on_the_same_images(tmp_path):
     import eval_autoattack as ea
     base = np.arange(100) < 50
@@ -102,7 +117,7 @@ def test_summarize_keys_rows_by_every_setting_and_says_so(tmp_path):
     table = ea.main(["--summarize", str(tmp_path)])
     assert "| Images |" in table and "evaluation ε, number of images" in table
     assert len([line for line in table.splitlines() if line.startswith("| FIRE")]) == 3
-    curves = tables.plot_sweep(tables.find_results([str(tmp_path)]), str(tmp_path / "f.png"))
+    curves = tables.plot_sweep(tables.find_results([str(tmp_path)])[0], str(tmp_path / "f.png"))
     assert len(curves) == 3  # eps 0.05 and 8/255, 10 and 20 images: never averaged into one point
     # a single setting: no extra columns, no note; a fine-tuned run shows its pre-training time
     write_result(tmp_path / "d" / "x", "aa", robust, pretrain_time_s=40 * 3600.0, train_time_s=1200.0)
@@ -131,9 +146,8 @@ def test_summarize_never_averages_runs_trained_with_other_settings(tmp_path, cap
     old = write_result(tmp_path / "old", "aa", robust, seed=2)
     del old["train_identity"]
     (tmp_path / "old" / "aa.json").write_text(json.dumps(old))
-    table = ea.main(["--summarize", str(tmp_path)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "'train_identity' missing" in err[0] and "old" in err[0]
+    table, status, err = summarize(capsys, str(tmp_path))
+    assert status == 3 and len(err) == 1 and "'train_identity' missing" in err[0] and "old" in err[0]
     assert "| 1 (2) |" not in table
 
 
@@ -148,8 +162,8 @@ def test_an_attack_run_on_some_seeds_only_says_which(tmp_path):
 
 def test_damaged_result_files_are_named_and_left_out(tmp_path, capsys):
     """A truncated per-image .npz or result JSON: one warning line naming the file, the rest
-    of the table as it would be without it (no zipfile.BadZipFile)."""
-    import eval_autoattack as ea
+    of the table as it would be without it (no zipfile.BadZipFile), and the table and exit status
+    3 say so."""
     robust = np.arange(10) < 5
     write_result(tmp_path / "good", "aa", robust)
     write_result(tmp_path / "npz", "aa", robust, seed=1)
@@ -157,9 +171,74 @@ def test_damaged_result_files_are_named_and_left_out(tmp_path, capsys):
     npz = tmp_path / "npz" / "aa.npz"
     npz.write_bytes(npz.read_bytes()[:100])
     (tmp_path / "json" / "aa.json").write_text((tmp_path / "json" / "aa.json").read_text()[:50])
-    table = ea.main(["--summarize", str(tmp_path)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.count("ignoring") == 1 for line in err), err
+    table, status, err = summarize(capsys, str(tmp_path))
+    assert status == 3 and len(err) == 2 and all(line.count("left out") == 1 for line in err), err
     assert any(str(npz) in line and "damaged" in line for line in err)
     assert any("json" in line and "not whole JSON" in line for line in err)
     assert table_rows(table)["FIRE"][-2] == "1 (0)"
+
+
+@pytest.mark.parametrize("edit", [dict(natural=7.5), dict(autoattack=float("nan")), dict(avg_acc=-3),
+                                  dict(n_examples=0), dict(eps=2.0), dict(seed=1.5), dict(seed=True),
+                                  dict(pgd20=float("inf")), dict(train_time_s=-1.0), dict(defense=None)])
+def test_a_result_is_validated_before_it_counts(edit, tmp_path, capsys):
+    """An impossible value of the right type (an accuracy of 7.5, NaN, n_examples 0, a seed of
+    1.5) is not a result for any reader: in a folder it is left out with one warning line, the
+    table says so and the exit status is 3; named on the command line it is an error (one line,
+    exit 2, no table written); results.finished (the plan's question) does not take it."""
+    import eval_autoattack as ea
+    write_result(tmp_path / "good", "aa", np.arange(10) < 5)
+    bad = write_result(tmp_path / "bad", "aa", np.arange(10) < 5, **{"seed": 1, **edit})
+    path = str(tmp_path / "bad" / "aa.json")
+    table, status, err = summarize(capsys, str(tmp_path))
+    assert status == 3 and len(err) == 1 and "left out" in err[0] and path in err[0], err
+    assert table_rows(table)["FIRE"][-2] == "1 (0)"
+    assert f"**Note: 1 result file left out (damaged or not valid; see the warnings): {path}.**" in table
+    _, status, err = summarize(capsys, str(tmp_path / "good" / "aa.json"), path, "--table-out", str(tmp_path / "t.md"))
+    assert status == 2 and len(err) == 1 and err[0].startswith("eval_autoattack.py: error: ") and path in err[0]
+    assert not (tmp_path / "t.md").exists()
+    bad.update(checkpoint_sha256="0" * 64, settings={})
+    (tmp_path / "bad" / "aa.json").write_text(json.dumps(bad))
+    assert results.finished(path, "0" * 64, {}) == (None, results.value_problem(bad))
+    with pytest.raises(SystemExit) as e:  # a figure too
+        ea.main(["--plot-sweep", str(tmp_path), "--plot-out", str(tmp_path / "f.png")])
+    assert e.value.code == 3 and (tmp_path / "f.png").exists() and "1 result file left out" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '"str"', '{"x": 1}', "7", "null", '{"format": "fire-repro-autoattack/1"'])
+def test_a_named_file_that_is_not_a_result_is_an_error(text, tmp_path, capsys):
+    """run_all.sh names the result files of a table: one that is not a result (any JSON value, or
+    no whole JSON) stops the table with one line and exit 2 instead of a table without it."""
+    write_result(tmp_path, "good", np.arange(10) < 5)
+    (tmp_path / "x.json").write_text(text)
+    _, status, err = summarize(capsys, str(tmp_path / "good.json"), str(tmp_path / "x.json"))
+    assert status == 2 and len(err) == 1 and "x.json" in err[0] and "error" in err[0], err
+
+
+def test_summarize_names_the_runs_not_evaluated_yet(tmp_path, capsys):
+    """A run folder (best.pt or summary.json) without a result JSON: named in one warning line;
+    the table is whole for what exists (exit 0)."""
+    write_result(tmp_path / "done", "autoattack", np.arange(10) < 5)
+    (tmp_path / "done" / "summary.json").write_text("{}")
+    for run in ("fire-s1", "fire-s2"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "summary.json").write_text(json.dumps({"epochs": 1}))
+    (tmp_path / "fire-s2" / "best.pt").write_bytes(b"")
+    table, status, err = summarize(capsys, str(tmp_path))
+    assert status == 0 and table_rows(table)["FIRE"][-2] == "1 (0)"
+    assert len(err) == 1 and err[0].endswith(f"warning: not evaluated yet (a run without a result JSON): "
+                                             f"{tmp_path / 'fire-s1'}, {tmp_path / 'fire-s2'}")
+
+
+def test_results_of_runs_that_differ_in_inert_settings_are_one_row(tmp_path, capsys):
+    """A result recorded with a setting that changes nothing (--awp-warmup without AWP, --ema-start
+    without an average: a run trained before identities left them out) is averaged with the run
+    without it: one row of two seeds, no Training column; a setting that does something stays apart."""
+    robust = np.arange(10) < 5
+    write_result(tmp_path / "s0", "aa", robust, seed=0, training=dict(awp_gamma=0.0, awp_warmup=10, ema=None, ema_start=1))
+    write_result(tmp_path / "s1", "aa", robust, seed=1, training=dict(awp_gamma=0.0, awp_warmup=3, ema=None, ema_start=4))
+    table, status, err = summarize(capsys, str(tmp_path))
+    assert status == 0 and not err and table_rows(table)["FIRE"][-2] == "2 (0,1)" and "Training" not in table
+    write_result(tmp_path / "s2", "aa", robust, seed=2, training=dict(awp_gamma=0.005, awp_warmup=3, ema=None, ema_start=1))
+    table, status, err = summarize(capsys, str(tmp_path))
+    assert len([line for line in table.splitlines() if line.startswith("| FIRE")]) == 2 and "--awp-gamma" in table
