@@ -355,7 +355,8 @@ def accuracies(per_sample, smoke):
 def split_dataset(saved, split, data_dir=None):
     """The test or validation split of the checkpoint's data set (images in [0, 1])."""
     spec = argparse.Namespace(dataset=saved["dataset"], val_size=saved["val_size"],
-                              data_dir=data_dir or saved.get("data_dir") or "data")
+                              data_dir=data_dir or saved.get("data_dir") or "data",
+                              rehearsal=saved.get("rehearsal", False))
     _, val_set, test_set = get_datasets(spec)
     return test_set if split == "test" else val_set
 
