@@ -30,12 +30,13 @@ The exit status is 0 when every table and figure was written whole, 1 when a ste
 table left results out (the blocks are named), 2 for bad settings.
 """
 import contextlib
+import getpass
 import hashlib
 import io
 import math
 import os
 import re
-import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -299,6 +300,34 @@ def check_slurm():
     if limit is not None and signal >= limit:
         raise UserError(f"SIGNAL_SECONDS={signal} must be shorter than TIME_LIMIT={env('TIME_LIMIT')} "
                         f"({limit} s): the stop signal would come at the start of every job")
+    if shutil.which("sbatch") is None:
+        raise UserError("LAUNCHER=slurm needs sbatch on PATH (run this on a SLURM login node)")
+    # One test submission per kind of job (nothing is queued): SLURM itself checks the partition,
+    # account, GPUs, CPUs, time limit and extra arguments.
+    for kind, what in (("train", "training"), ("evaluate", "evaluation")):
+        command = ["sbatch", "--test-only", *sbatch_common(), *request(kind), "--wrap=true"]
+        r = subprocess.run(command, capture_output=True, text=True)
+        if r.returncode:
+            answer = ([line for line in r.stderr.splitlines() if line.strip()] or ["?"])[-1]
+            for prefix in ("sbatch: error: ", "Batch job submission failed: ", "allocation failure: "):
+                answer = answer.removeprefix(prefix)
+            raise UserError(f"SLURM refuses the {what} jobs ({' '.join(command[2:-1])}): {answer}")
+
+
+def sbatch_common():
+    return [f"--time={env('TIME_LIMIT')}", *(f"--partition={env('PARTITION')}",) * bool(env("PARTITION")),
+            *(f"--account={env('ACCOUNT')}",) * bool(env("ACCOUNT")), *env("SBATCH_ARGS").split()]
+
+
+def request(kind):
+    """sbatch's resources for a training, an evaluation or a table."""
+    if kind == "train":
+        gpus, cpus = env("GPUS_PER_TRAINING"), env("CPUS_PER_TRAINING")
+    elif kind == "evaluate":
+        gpus, cpus = env("GPUS_PER_EVAL"), env("CPUS_PER_EVAL")
+    else:
+        gpus, cpus = "0", "1"
+    return [f"--cpus-per-task={cpus}", *(f"--gres=gpu:{gpus}",) * (int(gpus) > 0)]
 
 
 # ---- launchers ---------------------------------------------------------------------------------
@@ -389,10 +418,9 @@ class Slurm:
 
     def __init__(self, plan):
         self.plan, self.dir = plan, os.path.join(plan.out_dir, "slurm")
-        self.common = [f"--time={env('TIME_LIMIT')}", *(f"--partition={env('PARTITION')}",) * bool(env("PARTITION")),
-                       *(f"--account={env('ACCOUNT')}",) * bool(env("ACCOUNT")), *env("SBATCH_ARGS").split()]
+        self.common = sbatch_common()
         self.queue, self.submitted = {}, 0
-        r = subprocess.run(["squeue", "-h", "-u", env("USER") or str(os.getuid()), "-o", "%i|%j|%T"],
+        r = subprocess.run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%j|%T"],
                            capture_output=True, text=True)
         if r.returncode:
             raise UserError(f"squeue failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -400,15 +428,6 @@ class Slurm:
             job, name, state = line.split("|")
             if state in self.ACTIVE:
                 self.queue[job] = name
-
-    def request(self, kind):
-        if kind == "train":
-            gpus, cpus = env("GPUS_PER_TRAINING"), env("CPUS_PER_TRAINING")
-        elif kind == "evaluate":
-            gpus, cpus = env("GPUS_PER_EVAL"), env("CPUS_PER_EVAL")
-        else:
-            gpus, cpus = "0", "1"
-        return [f"--cpus-per-task={cpus}", *(f"--gres=gpu:{gpus}",) * (int(gpus) > 0)]
 
     def active(self, step):
         """The job id of this step's job if SLURM still runs or queues it, else ''. A damaged id
@@ -434,7 +453,7 @@ class Slurm:
         log = os.path.abspath(step.log)
         os.makedirs(os.path.dirname(log), exist_ok=True)
         opts = ["--parsable", f"--job-name={step.job}", f"--chdir={os.getcwd()}", f"--output={log}",
-                "--open-mode=append", *self.common, *self.request(step.kind)]
+                "--open-mode=append", *self.common, *request(step.kind)]
         if step.kind in ("train", "evaluate"):
             opts += ["--requeue", f"--signal=B:USR1@{env('SIGNAL_SECONDS')}"]
         if after:
@@ -555,7 +574,7 @@ def steps_per_epoch_of(step):
 PLAN_ARGS = {}
 COST_NOTE = ("GPU-hours: 4 V100s x the images a run trains x the paper's time per image of its network "
              "(WRN-34-10: CIFAR's 11h-14h for 100 epochs; WRN-28-10: FIRE + 500K's 18h30-22h12 for 200 "
-             "epochs of 196 steps; SmallCNN: MNIST's 2h06-2h22), x (attack steps + 1) / the measured run's; "
+             "epochs of 192 steps; SmallCNN: MNIST's 2h06-2h22), x (attack steps + 1) / the measured run's; "
              "ResNet-18 by its FLOPs (1/12 of WRN-34-10's).\n  AutoAttack is not included (time one with "
              "eval_autoattack.py --time-images). docs/cluster.md#the-dry-run")
 
@@ -577,7 +596,7 @@ def main():
             print(f"== {block}")
         mine = []
         for step in steps:
-            if id(step) in seen and step.kind == "train":
+            if id(step) in seen and step.kind in ("train", "evaluate"):
                 continue
             seen.add(id(step))
             mine.append(step)
@@ -602,7 +621,7 @@ def main():
     if slurm is not None:
         with lock(os.path.join(out_dir, "slurm", ".lock")):
             n = slurm.run()
-        print(f"== submitted {n} job(s) in {time.time() - start:.0f}s: squeue -u {env('USER')} shows them; "
+        print(f"== submitted {n} job(s) in {time.time() - start:.0f}s: squeue -u {getpass.getuser()} shows them; "
               f"tables appear in {out_dir}/tables, figures in {out_dir}/figures")
     else:
         Local(plan).run()

@@ -191,11 +191,11 @@ fi
 if [[ $REHEARSAL == 1 ]]; then
     # The rehearsal: every name, preset, radius and table of the full scale above, on generated
     # images of each data set's shape and classes (--rehearsal, data.load_rehearsal; part of a run's
-    # identity), a tiny network, 2 epochs of 2 steps and a reduced AutoAttack on 16 images. It
+    # identity), a tiny network, 2 epochs of 2 steps with PGD-2 and a reduced AutoAttack on 16 images. It
     # checks the plan, the launchers and every table; its numbers mean nothing.
     export CUDA_VISIBLE_DEVICES=""
     export OMP_NUM_THREADS=1
-    TRAIN_COMMON=(--rehearsal --model wrn-10-1 --epochs 2 --batch-size 32 --val-size 16 --eval-steps 2
+    TRAIN_COMMON=(--rehearsal --model wrn-10-1 --epochs 2 --batch-size 32 --val-size 16 --attack-steps 2 --eval-steps 2
                   --workers 0 --device cpu)
     EVAL_COMMON=(--n-examples 16 --batch-size 16 --smoke-aa --device cpu)
     GAUSSIAN_FLAGS=(--quick)
