@@ -31,6 +31,7 @@ table left results out (the blocks are named), 2 for bad settings.
 """
 import contextlib
 import getpass
+import glob
 import hashlib
 import io
 import math
@@ -230,8 +231,7 @@ class Plan:
         step = Step("evaluate", block, ckpt, [sys.executable, "eval_autoattack.py", ckpt, *flags],
                     log=os.path.splitext(ckpt)[0] + "-eval.out", needs=[train], done=done, output=out,
                     job=f"eval-{os.path.basename(folder)}-{stem}",
-                    note=(f" at eps {eps_fraction(eps)}" if eps != saved.eps else "")
-                    + (f" (again: {why})" if why else ""))
+                    note=f" at eps {eps_fraction(eps)}" + (f" (again: {why})" if why else ""))
         self.evals[ckpt] = step
         self.steps.append(step)
         return step
@@ -428,25 +428,31 @@ class Slurm:
             job, name, state = line.split("|")
             if state in self.ACTIVE:
                 self.queue[job] = name
+        self.ids = self.read_ids()
+
+    def read_ids(self):
+        """{job name: id} from the .jobid files. A damaged one (empty, not a number: a kill or a
+        full disk while an older run_all.sh wrote it) is reported and its job looked up in the
+        queue by its name; repaired (or, not in the queue, removed) when the plan is launched."""
+        ids, self.repairs = {}, {}
+        for path in sorted(glob.glob(os.path.join(glob.escape(self.dir), "*.jobid"))):
+            name = os.path.basename(path)[:-len(".jobid")]
+            with open(path, errors="replace") as f:
+                job = f.read().strip()
+            if not job.isdigit():
+                found = [j for j, n in self.queue.items() if n == name]
+                print(f"warning: {path} is damaged ({job[:20]!r}): " + (
+                    f"job {found[0]} found in the queue by its name" if found else
+                    "its job is not in the queue (finished, or to be submitted again)"), file=sys.stderr)
+                job = found[0] if found else ""
+                self.repairs[path] = job
+            if job:
+                ids[name] = job
+        return ids
 
     def active(self, step):
-        """The job id of this step's job if SLURM still runs or queues it, else ''. A damaged id
-        file is reported and the job looked up in the queue by its name."""
-        path = os.path.join(self.dir, step.job + ".jobid")
-        if not os.path.exists(path):
-            return ""
-        with open(path) as f:
-            job = f.read().strip()
-        if not job.isdigit():
-            found = [j for j, name in self.queue.items() if name == step.job]
-            print(f"warning: {path} is damaged ({job[:20]!r}): "
-                  + (f"job {found[0]} found in the queue by its name" if found else "not in the queue: submitted again"),
-                  file=sys.stderr)
-            if not found:
-                os.remove(path)
-                return ""
-            job = found[0]
-            write_atomic(path, lambda f: f.write(job + "\n"))
+        """The job id of this step's job if SLURM still runs or queues it, else ''."""
+        job = self.ids.get(step.job, "")
         return job if self.queue.get(job) == step.job else ""
 
     def submit(self, step, after):
@@ -465,10 +471,16 @@ class Slurm:
         step.jobid = r.stdout.strip().split(";")[0]
         write_atomic(os.path.join(self.dir, step.job + ".jobid"), lambda f: f.write(step.jobid + "\n"))
         self.queue[step.jobid] = step.job
+        self.ids[step.job] = step.jobid
         self.submitted += 1
 
     def run(self):
         os.makedirs(self.dir, exist_ok=True)
+        for path, job in self.repairs.items():
+            if job:
+                write_atomic(path, lambda f, job=job: f.write(job + "\n"))
+            else:
+                os.remove(path)
         write_atomic(os.path.join(self.dir, "job.sh"), lambda f: f.write(JOB_SCRIPT))
         os.chmod(os.path.join(self.dir, "job.sh"), 0o755)
         local = Local(self.plan)
