@@ -595,6 +595,8 @@ def main():
     out_dir, launcher, dry = env("OUT_DIR"), env("LAUNCHER", "local"), env("DRY_RUN", "0") == "1"
     if launcher == "slurm":
         check_slurm()
+    if env("REHEARSAL") == "1":
+        refuse_real_runs(out_dir)
     plan = Plan([line for line in sys.stdin.read().split("\0") if line], out_dir)
     PLAN_ARGS.update(plan.args)
     slurm = Slurm(plan) if launcher == "slurm" else None
@@ -644,6 +646,15 @@ def main():
               f"see the lines above)", file=sys.stderr)
         return 1
     return 0
+
+
+def refuse_real_runs(out_dir):
+    """A rehearsal never writes into a folder of real runs (one whose command.txt lacks --rehearsal)."""
+    for path in sorted(glob.glob(os.path.join(glob.escape(out_dir), "runs", "*", "command.txt"))):
+        with open(path, errors="replace") as f:
+            if "--rehearsal" not in f.read().split():
+                raise UserError(f"REHEARSAL=1 would write into {out_dir!r}, which holds real runs "
+                                f"({os.path.dirname(path)}): choose another OUT_DIR")
 
 
 @contextlib.contextmanager

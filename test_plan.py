@@ -148,3 +148,15 @@ def test_plan_refuses_owned_flags_directly():
         assert plan.train_flags() == ["--dtype", "bfloat16", "--workers", "8", "--step-size", "0.01"]
     finally:
         del os.environ["TRAIN_FLAGS"]
+
+
+def test_rehearsal_refuses_a_folder_of_real_runs(tmp_path):
+    """REHEARSAL=1 into an OUT_DIR that holds a real run (its command.txt without --rehearsal): one
+    line, exit 2, the folder left as it was."""
+    run = tmp_path / "runs" / "fire-mnist-lam12-s0-0123456789ab"
+    run.mkdir(parents=True)
+    (run / "command.txt").write_text("train_fire.py --dataset mnist --seed 0 --lam 12\n")
+    r = run_all("table3", timeout=300, REHEARSAL="1", DATASETS="mnist", OUT_DIR=str(tmp_path))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "holds real runs" in r.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["command.txt", run.name, "runs"]
