@@ -2,25 +2,28 @@
 # Reproduce the paper's tables and figures: train, evaluate with AutoAttack, summarise.
 #
 #   ./run_all.sh                     # every block, at the paper's scale (GPUs, weeks of GPU time)
-#   ./run_all.sh table1 fig7         # only these blocks: table1 table2 table3 fig6 fig7 fig8 mnist5k
+#   ./run_all.sh table1 fig7         # only these blocks: table1 table2 table3 fig6 fig7 fig8 mnist5k modern
 #   DRY_RUN=1 ./run_all.sh           # the plan: what would be trained and evaluated, GPU-hours
 #   GPUS=0 JOBS=12 SEEDS="0 1 2" ./run_all.sh mnist5k   # real-MNIST stability table, one GPU
 #   SEEDS="0 1" GPUS=0,1 ./run_all.sh table1
 #   LAUNCHER=slurm PARTITION=gpu ./run_all.sh table1   # every training and evaluation a SLURM job
 #   SMOKE=1 ./run_all.sh             # every block at toy scale on the CPU, a few minutes
+#   REHEARSAL=1 ./run_all.sh         # the full-scale plan on generated stand-in data, on the CPU
 #
 # Every setting is an environment variable, checked before anything is created (docs/reproducing.md
-# lists them; docs/cluster.md the SLURM ones). The script first plans (each block names its
-# trainings, evaluations and tables), then launches the plan: here, JOBS at a time (LAUNCHER=local),
-# or as SLURM jobs chained by dependencies (LAUNCHER=slurm, docs/cluster.md).
+# lists them; docs/cluster.md the SLURM ones). Each block below names its trainings, evaluations,
+# tables and figures, one line each; plan.py answers the rest from the code the scripts run (a run's
+# folder, whether it is finished, its result file and radius, its cost) and launches the plan: here,
+# JOBS at a time (LAUNCHER=local), or as SLURM jobs chained by dependencies (LAUNCHER=slurm). A block
+# whose step fails is named at the end, after the other blocks, and the exit code is 1.
 #
 # Runs live in $OUT_DIR/runs/<name>-<identity>, the identity being the hash that
 # `train_*.py ... --print-identity` prints: every setting that changes what the run computes, and
 # nothing else (not --data-dir). The same experiment always maps to the same folder, so a run shared
 # by several blocks (FIRE lam=12 is in Tables 1, 2, 3 and Fig. 7) is trained once. A finished run
-# (summary.json) is skipped and an interrupted training resumes (--resume auto); eval_autoattack.py
-# skips an evaluation of the same checkpoint and settings and continues an interrupted one: after a
-# crash or preemption, run the same command again. Tables go to $OUT_DIR/tables/*.md, figures to
+# (summary.json) is skipped and an interrupted training resumes (--resume auto); a finished and whole
+# result (results.finished) is kept, a damaged one evaluated again, and an interrupted evaluation
+# continues: after a crash or preemption, run the same command again. Tables go to $OUT_DIR/tables/*.md, figures to
 # $OUT_DIR/figures/*.png, and each run's console output to <run>/train.out. Relative paths (OUT_DIR,
 # DATA_DIR, AUX_DATA, PYTHON) are relative to this script's folder, wherever it is started from.
 set -euo pipefail
@@ -203,7 +206,6 @@ if [[ $REHEARSAL == 1 ]]; then
     REHEARSAL_AUX_PY='import sys, data; data.write_rehearsal_aux(sys.argv[1], sys.argv[2])'
 fi
 IMAGENET32="$PT_DATA_DIR/imagenet32"  # where train_*.py --dataset imagenet32 read it
-declare -A EVAL_EPS=([cifar10]="8/255" [cifar100]="8/255")  # AutoAttack's eps (training: 0.031)
 EVAL_EXTRA=()  # a block's own evaluation flags (mnist5k: --pgd20)
 QUOTED=""     # a block's quoted rows in its table (modern: RobustBench's), see report
 
