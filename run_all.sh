@@ -195,12 +195,13 @@ if [[ $REHEARSAL == 1 ]]; then
     # The rehearsal: every name, preset, radius and table of the full scale above, on generated
     # images of each data set's shape and classes (--rehearsal, data.load_rehearsal; part of a run's
     # identity), a tiny network, 2 epochs of 2 steps with PGD-2 and a reduced AutoAttack on 16 images. It
-    # checks the plan, the launchers and every table; its numbers mean nothing.
-    export CUDA_VISIBLE_DEVICES=""
+    # checks the plan, the launchers and every table; its numbers mean nothing. Here on the CPU;
+    # under SLURM on what the jobs get (the GPUs of GPUS_PER_TRAINING, if any).
+    if [[ $LAUNCHER == local ]]; then export CUDA_VISIBLE_DEVICES=""; fi
     export OMP_NUM_THREADS=1
-    TRAIN_COMMON=(--rehearsal --model wrn-10-1 --epochs 2 --batch-size 32 --val-size 16 --attack-steps 2 --eval-steps 2
-                  --workers 0 --device cpu)
-    EVAL_COMMON=(--n-examples 16 --batch-size 16 --smoke-aa --device cpu)
+    TRAIN_COMMON=(--rehearsal --model wrn-10-1 --epochs 2 --batch-size 32 --val-size 16 --attack-steps 2
+                  --eval-steps 2 --workers 0)
+    EVAL_COMMON=(--n-examples 16 --batch-size 16 --smoke-aa)
     GAUSSIAN_FLAGS=(--quick)
     AUX_DATA="$OUT_DIR/rehearsal_aux.npz"
     REHEARSAL_AUX_PY='import sys, data; data.write_rehearsal_aux(sys.argv[1], sys.argv[2])'
