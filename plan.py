@@ -91,12 +91,10 @@ def hours_per_image(model):
 
 
 def cost_of(args):
-    """(low, high) V100 GPU-hours of a training (0, 0 on the CPU, the digits or a rehearsal)."""
-    if args.device == "cpu" or args.rehearsal or DATASETS[args.dataset].paper_hours is None and \
-            args.dataset not in ("mnist5k", "imagenet32"):
-        return 0.0, 0.0
+    """(low, high) V100 GPU-hours of a training; (0, 0) on the CPU, for a rehearsal, or for a
+    network the paper timed no run of."""
     per = hours_per_image(args.model)
-    if per is None:
+    if args.device == "cpu" or args.rehearsal or per is None:
         return 0.0, 0.0
     passes = images_per_epoch(args.dataset, args.batch_size) * args.epochs * (args.attack_steps + 1)
     return tuple(GPUS_PER_RUN * p * passes for p in per)
