@@ -226,8 +226,11 @@ class Plan:
             record, why = results.finished(out, sha256_file(ckpt), eval_autoattack.settings_of(eargs, eps, n))
             done = record is not None
         stem = os.path.splitext(os.path.basename(out))[0]
+        # one evaluation of a run folder at a time (eval_autoattack.py locks the folder): Table 2
+        # evaluates the Madry runs' last.pt and best.pt, the second after the first
+        before = [s for s in self.evals.values() if os.path.dirname(s.name) == folder and not s.done][-1:]
         step = Step("evaluate", block, ckpt, [sys.executable, "eval_autoattack.py", ckpt, *flags],
-                    log=os.path.splitext(ckpt)[0] + "-eval.out", needs=[train], done=done, output=out,
+                    log=os.path.splitext(ckpt)[0] + "-eval.out", needs=[train, *before], done=done, output=out,
                     job=f"eval-{os.path.basename(folder)}-{stem}",
                     note=f" at eps {eps_fraction(eps)}" + (f" (again: {why})" if why else ""))
         self.evals[ckpt] = step
