@@ -118,6 +118,10 @@ def base_parser(description):
                    help="checkpoint to resume from, or 'auto' = <out-dir>/last.pt if it exists")
     p.add_argument("--overwrite", action="store_true", help="allow replacing a finished run's files")
     p.add_argument("--log-every", type=int, default=50, help=f"batches between progress/NaN checks, {allowed('log_every')}")
+    p.add_argument("--rehearsal", action="store_true",
+                   help="train on generated images of the data set's shape and classes instead of its "
+                        "data (data.load_rehearsal): checks a plan's names, presets and radii on a CPU. "
+                        "Part of the run's identity: a rehearsal never shares a folder or a row with a real run")
     p.add_argument("--print-identity", action="store_true",
                    help="print the hash of the run's identity (every setting that changes what it "
                         "computes, presets applied) and exit; run_all.sh names run folders by it")
@@ -199,7 +203,7 @@ def finish_args(parser, argv, method):
         parser.error(str(e))
     if args.print_identity:
         print(identity_hash(vars(args)))
-        sys.exit(0)
+        raise IdentityPrinted(args)
     for line in settings_warnings(vars(args)):
         print(f"{parser.prog}: warning: {line}", file=sys.stderr, flush=True)
     return args
@@ -228,6 +232,15 @@ def settings_warnings(saved):
     lines += [f"{flag(k)} {saved[k]} is past --epochs {saved['epochs']}: {what} never starts in this run "
               f"(its table row does not name it)" for k, what in never_starts(saved)]
     return lines
+
+
+class IdentityPrinted(SystemExit):
+    """--print-identity printed the run's identity hash: exit 0, carrying the arguments as the
+    script resolved them (presets applied), for the plan of run_all.sh (plan.py)."""
+
+    def __init__(self, args):
+        super().__init__(0)
+        self.resolved = args
 
 
 def add_self_adaptive_flags(parser, row):

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import UserError, check_input_file
+from common import UserError, check_input_file, write_atomic
 
 # The fixed seed of every split (test images of the bundled sets, the validation images), so every
 # run of every method selects its checkpoint on the same images whatever its --seed.
@@ -36,11 +36,13 @@ class DataSet:
     mean: tuple                     # per-channel normalisation, applied inside the model
     std: tuple
     train_size: int                 # training images before the validation split
+    test_size: int                  # images of the test split (what an evaluation of all of it sees)
     preset: dict                    # the paper's training settings: train_*.py flags
     load: Callable
     val_size: int = 1000            # training images held out for choosing best.pt
     eval_eps: Optional[float] = None  # AutoAttack's radius, where the paper evaluates at another than training's
     paper_hours: Optional[tuple] = None  # the paper's wall-clock for one preset run on 4 V100s (low, high)
+    aux_paper_hours: Optional[tuple] = None  # the same for one run of aux_preset (with --aux-data)
     in_memory: bool = False         # tensors already in memory: no loader worker processes
     authors_augment: bool = False   # FIRE's public code trains it with --augment authors
     aux_preset: dict = field(default_factory=dict)  # preset changes with --aux-data (Carmon et al.)
@@ -230,23 +232,33 @@ def load_aux_data(args, train_set):
     return AuxData(images, labels, train_set.transform)
 
 
+def steps_per_epoch(n_train, batch_size):
+    """Batches in one training epoch: as many images as the (labelled) training set, with or
+    without --aux-data. With it, each batch is half labelled, half extra: Carmon et al. count an
+    epoch as 50,000 data points (ceil(50000 / batch_size) batches), not one pass over the labels."""
+    return math.ceil(n_train / batch_size)
+
+
 class MixedBatches(torch.utils.data.Sampler):
-    """Batches of indices into ConcatDataset([train, aux]): each epoch passes once over the training
-    set, and a share `fraction` of every batch is drawn at random from the aux set (Carmon et al.).
+    """Batches of indices into ConcatDataset([train, aux]), steps_per_epoch of them: a share
+    `fraction` of every batch is drawn at random from the aux set, the rest from the training set
+    in a random order that carries over from one epoch to the next (Carmon et al.).
     Under torchrun every rank builds the same batches and keeps its slice of each."""
 
     def __init__(self, n_train, n_aux, batch_size, fraction, generator):
-        self.n_train, self.n_aux, self.gen = n_train, n_aux, generator
+        self.n_train, self.n_aux, self.batch_size, self.gen = n_train, n_aux, batch_size, generator
         self.n_lab = max(1, round(batch_size * (1 - fraction)))
         self.n_unl = batch_size - self.n_lab
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
     def __len__(self):
-        return math.ceil(self.n_train / self.n_lab)
+        return steps_per_epoch(self.n_train, self.batch_size)
 
     def __iter__(self):
-        order = torch.randperm(self.n_train, generator=self.gen)
-        for lab in order.split(self.n_lab):
+        # enough shuffled passes over the labelled images for this epoch's batches
+        passes = math.ceil(len(self) * self.n_lab / self.n_train)
+        order = torch.cat([torch.randperm(self.n_train, generator=self.gen) for _ in range(passes)])
+        for lab in order[:len(self) * self.n_lab].split(self.n_lab):
             unl = self.n_train + torch.randint(self.n_aux, (self.n_unl,), generator=self.gen)
             yield torch.cat([lab, unl])[self.rank::self.world].tolist()
 
@@ -365,12 +377,12 @@ DATASETS = {
     # the MNIST network. Its blurry strokes do not survive MNIST's eps = 0.3 (the model collapses
     # to chance), so its preset uses eps = 0.1.
     "digits": DataSet(
-        title="digits", classes=10, shape=(1, 28, 28), mean=(0.5,), std=(0.5,), train_size=1437,
+        title="digits", classes=10, shape=(1, 28, 28), mean=(0.5,), std=(0.5,), train_size=1437, test_size=360,
         val_size=180, in_memory=True, load=load_digits,
         preset=dict(model="smallcnn", epochs=15, batch_size=64, lr=0.05, schedule="step",
                     eps=0.1, step_size=0.02, attack_steps=10, eval_steps=20)),
     "mnist": DataSet(
-        title="MNIST", classes=10, shape=(1, 28, 28), mean=(0.1307,), std=(0.3081,), train_size=60000,
+        title="MNIST", classes=10, shape=(1, 28, 28), mean=(0.1307,), std=(0.3081,), train_size=60000, test_size=10000,
         paper_hours=(2.1, 2.37), load=partial(load_torchvision, "MNIST"),
         preset=dict(model="smallcnn", epochs=100, batch_size=256, lr=0.01, schedule="step",
                     eps=0.3, step_size=0.01, attack_steps=40, eval_steps=20)),
@@ -380,32 +392,75 @@ DATASETS = {
     # which FIRE can collapse (docs/mnist5k-stability.md: measured on 26 GPU runs).
     "mnist5k": DataSet(
         title="MNIST (5k)", classes=10, shape=(1, 28, 28), mean=(0.1307,), std=(0.3081,),
-        train_size=4000, val_size=500, in_memory=True, load=load_mnist5k_splits,
+        train_size=4000, test_size=1000, val_size=500, in_memory=True, load=load_mnist5k_splits,
         preset=dict(model="smallcnn", epochs=40, batch_size=128, lr=0.05, schedule="step",
                     eps=0.3, step_size=0.01, attack_steps=40, eval_steps=20)),
     "cifar10": DataSet(
         title="CIFAR-10", classes=10, shape=(3, 32, 32), mean=(0.4914, 0.4822, 0.4465),
-        std=(0.2471, 0.2435, 0.2616), train_size=50000, eval_eps=8 / 255, paper_hours=(11.0, 14.0),
-        authors_augment=True, load=partial(load_torchvision, "CIFAR10"), preset=CIFAR_PRESET,
+        std=(0.2471, 0.2435, 0.2616), train_size=50000, test_size=10000, eval_eps=8 / 255, paper_hours=(11.0, 14.0),
+        aux_paper_hours=(18.5, 22.2), authors_augment=True, load=partial(load_torchvision, "CIFAR10"),
+        preset=CIFAR_PRESET,
         aux_preset=dict(model="wrn-28-10", schedule="cosine", epochs=200)),  # Carmon et al.'s protocol
     "cifar100": DataSet(
         title="CIFAR-100", classes=100, shape=(3, 32, 32), mean=(0.5071, 0.4865, 0.4409),
-        std=(0.2673, 0.2564, 0.2762), train_size=50000, eval_eps=8 / 255, paper_hours=(11.0, 14.0),
+        std=(0.2673, 0.2564, 0.2762), train_size=50000, test_size=10000, eval_eps=8 / 255, paper_hours=(11.0, 14.0),
         authors_augment=True, load=partial(load_torchvision, "CIFAR100"), preset=CIFAR_PRESET),
     # Hendrycks, Lee & Mazeika (2019)'s adversarial pre-training (hendrycks/pre-training,
     # robustness/adversarial/train_imagenet.py): Madry's loss, PGD-10 of 2/255 at 8/255. The
     # usual full-resolution ImageNet statistics (not computed on the 32x32 release).
     "imagenet32": DataSet(
         title="ImageNet32", classes=1000, shape=(3, 32, 32), mean=(0.485, 0.456, 0.406),
-        std=(0.229, 0.224, 0.225), train_size=1281167, val_size=10000, load=load_imagenet32_splits,
+        std=(0.229, 0.224, 0.225), train_size=1281167, test_size=50000, val_size=10000, load=load_imagenet32_splits,
         preset=dict(model="wrn-28-10", epochs=100, batch_size=256, lr=0.1, schedule="cosine",
                     eps=8 / 255, step_size=2 / 255, attack_steps=10, eval_steps=20)),
 }
 
 
+# The rehearsal's stand-in (--rehearsal): generated images of the data set's shape and classes,
+# val_size + REHEARSAL_TRAIN training images and REHEARSAL_TEST test images. It checks a plan's
+# names, presets, radii and tables on a CPU, like the --dummy flag of PyTorch's ImageNet example.
+REHEARSAL_TRAIN, REHEARSAL_TEST = 64, 64
+
+
+def rehearsal_images(name, n, seed):
+    """n generated uint8 images (N, H, W, C) of data set `name` and labels in [0, classes): noise
+    around a grey level that gives the label, so that a few steps can learn something."""
+    d = DATASETS[name]
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, d.classes, n)
+    level = (labels * 255 // max(1, d.classes - 1))[:, None, None, None]
+    noise = rng.integers(-40, 41, (n, d.shape[1], d.shape[2], d.shape[0]))
+    return np.clip(level + noise, 0, 255).astype(np.uint8), labels
+
+
+def write_rehearsal_aux(path, name, n=256):
+    """A stand-in for --aux-data (Carmon et al.'s 500K images) in its .npz layout, for data set `name`."""
+    images, labels = rehearsal_images(name, n, seed=2)
+    write_atomic(path, lambda f: np.savez(f, images=images, labels=labels), binary=True)
+
+
+def load_rehearsal(args):
+    """(train, val, test) of generated images (rehearsal_images) for --rehearsal."""
+    def tensors(n, seed):
+        images, labels = rehearsal_images(args.dataset, n, seed)
+        return torch.utils.data.TensorDataset(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255,
+                                              torch.from_numpy(labels))
+    train, test = tensors(args.val_size + REHEARSAL_TRAIN, 0), tensors(REHEARSAL_TEST, 1)
+    return (Indexed(train, range(args.val_size, len(train))), Indexed(train, range(args.val_size)),
+            Indexed(test))
+
+
+def test_size(args):
+    """Images in the test split of args.dataset (args.rehearsal: the stand-in's)."""
+    return REHEARSAL_TEST if getattr(args, "rehearsal", False) else DATASETS[args.dataset].test_size
+
+
 def get_datasets(args):
     """(train, val, test) splits of --dataset (args.dataset, args.val_size, args.data_dir, and
-    args.augment for the training augmentation). Raises UserError when the data are missing."""
+    args.augment for the training augmentation; args.rehearsal: generated stand-ins of its shape
+    and classes). Raises UserError when the data are missing."""
+    if getattr(args, "rehearsal", False):
+        return load_rehearsal(args)
     return DATASETS[args.dataset].load(args)
 
 

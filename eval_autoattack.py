@@ -64,6 +64,7 @@ from tables import QUOTED, fmt_hours
 
 TIMING_FORMAT = "fire-repro-autoattack-timing/1"
 LEFT_OUT = 3  # exit status of --summarize / --plot-sweep: written, but results under a folder were left out
+REHEARSAL_NOTE = "REHEARSAL: a run on generated stand-in data (--rehearsal); not a result"
 TEST_SET_SIZE = 10_000  # AutoAttack's papers evaluate the first 10,000 test images
 # The ranges of the numeric flags, the one place they are written (the help texts quote them).
 EVAL_RANGES = {"n_examples": Range(1, 10**7), "batch_size": Range(1, 65_536),
@@ -360,7 +361,8 @@ def accuracies(per_sample, smoke):
 def split_dataset(saved, split, data_dir=None):
     """The test or validation split of the checkpoint's data set (images in [0, 1])."""
     spec = argparse.Namespace(dataset=saved["dataset"], val_size=saved["val_size"],
-                              data_dir=data_dir or saved.get("data_dir") or "data")
+                              data_dir=data_dir or saved.get("data_dir") or "data",
+                              rehearsal=saved.get("rehearsal", False))
     _, val_set, test_set = get_datasets(spec)
     return test_set if split == "test" else val_set
 
@@ -567,7 +569,8 @@ def merge_chunks(plan, args, ckpt, chunk_dir, n_chunks, device):
         per_sample=os.path.basename(plan.stem + ".npz"),
         eval_time_s=sum(meta["time_s"] for _, meta in chunks),  # compute time, all processes
         device=device.type, torch=torch.__version__,
-        pyautoattack=pyautoattack.__version__)
+        pyautoattack=pyautoattack.__version__,
+        **({"rehearsal": REHEARSAL_NOTE} if saved.get("rehearsal") else {}))
     write_npz(plan.stem + ".npz", arrays)
     logs = []
     for k in range(n_chunks):
@@ -580,7 +583,8 @@ def merge_chunks(plan, args, ckpt, chunk_dir, n_chunks, device):
     shutil.rmtree(chunk_dir, ignore_errors=True)
     steps = " | ".join(f"{a} {result['robust_after'][a]:.4f}" for a in STANDARD_ATTACKS)
     extra = "".join(f" | {k} {result[k]:.4f}" for k in ("pgd20", "cw") if k in result)
-    print(f"natural {result['natural']:.4f} | {steps} | AutoAttack {result['autoattack']:.4f} | "
+    print(("REHEARSAL (generated data, not a result): " if saved.get("rehearsal") else "")
+          + f"natural {result['natural']:.4f} | {steps} | AutoAttack {result['autoattack']:.4f} | "
           f"Avg. Acc. {result['avg_acc']:.4f}{extra} | {result['eval_time_s']:.0f}s -> {plan.out}",
           flush=True)
     return result

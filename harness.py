@@ -423,6 +423,8 @@ def train_and_test(args, train_step, device, ckpt, signals):
                             f"{state.best_epoch}, for 2 epochs; best.pt is kept (at high lr this is usually "
                             f"an optimisation blow-up: try --clip-grad-norm 5 or a lower --lr; docs/modern-recipe.md)")
     summary = final_test(state, args, eval_model, test_set, device)
+    if getattr(args, "rehearsal", False):
+        summary["rehearsal"] = "REHEARSAL: generated stand-in data (--rehearsal); these numbers are not results"
     if is_main():
         write_atomic(os.path.join(args.out_dir, "summary.json"), lambda f: json.dump(summary, f, indent=1))
         log(json.dumps(summary))

@@ -32,12 +32,24 @@ QUOTED = {"table2": [
          natural=0.9935, autoattack=0.9085, avg_acc=0.9510),
     dict(defense="UAT", dataset="cifar10", model="wrn-106-8", eps=8 / 255, aux_data=True,
          natural=0.8646, autoattack=0.5603, avg_acc=0.7124),
+    dict(defense="Overfitting", dataset="cifar100", model="resnet18", eps=8 / 255, aux_data=False,
+         natural=0.5383, autoattack=0.1895, avg_acc=0.3639),
 ], "modern": [  # RobustBench's CIFAR-10 Linf 8/255 leaderboard, WRN-34-10 without extra data
     dict(defense="TRADES (beta=6), Zhang et al. 2019", dataset="cifar10", model="wrn-34-10", eps=8 / 255,
          aux_data=False, natural=0.8492, autoattack=0.5308, avg_acc=0.6900, source="RobustBench"),
     dict(defense="TRADES + AWP, Wu et al. 2020", dataset="cifar10", model="wrn-34-10", eps=8 / 255,
          aux_data=False, natural=0.8536, autoattack=0.5617, avg_acc=0.70765, source="RobustBench"),
 ]}
+
+REHEARSAL_MARK = "REHEARSAL (generated data, not results): "
+REHEARSAL_NOTE = ("**REHEARSAL: these runs trained on generated stand-in images (--rehearsal) with a "
+                  "tiny network and a few steps; the numbers check the plan, they are not results.**")
+
+
+def rehearsal(results):
+    """Whether any of the results comes from a --rehearsal run (generated data)."""
+    return any((r.get("train_identity") or {}).get("rehearsal") for r in results)
+
 
 def dataset_title(name):
     return DATASETS[name].title if name in DATASETS else name
@@ -390,7 +402,9 @@ def summarize(results, title=None, quoted=(), left_out=()):
               *["Training"] * bool(training_keys),
               "Natural", "AutoAttack", "Avg. Acc.", *[{"pgd20": "PGD-20", "cw": "CW-20"}[k] for k in extra],
               "RunTime", "Seeds", "ΔAA vs FIRE [95% CI]"]
-    lines = [] if title is None else [f"### {title}", ""]
+    lines = [] if title is None else [f"### {REHEARSAL_MARK if rehearsal(results) else ''}{title}", ""]
+    if rehearsal(results):
+        lines += [REHEARSAL_NOTE, ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     sections = len({extra_data(r) for r in [*results, *quoted]}) > 1
     current = None
@@ -506,14 +520,15 @@ def plot_sweep(results, path, kind="lambda"):
             ax.plot(nat, adv, "o-", color=color, label=name)
             for w, a, b in zip(weights, nat, adv):
                 ax.annotate(f"{w:g}", (a, b), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    mark = REHEARSAL_MARK if rehearsal(results) else ""
     if kind == "lambda":
         ax.set_xlabel("λ (FIRE, Hellinger) / β (TRADES, MART)")
         ax.set_ylabel("accuracy (%)")
-        ax.set_title("Natural and AutoAttack accuracy against λ")
+        ax.set_title(mark + "Natural and AutoAttack accuracy against λ", fontsize=9 if mark else None)
     else:
         ax.set_xlabel("natural accuracy (%)")
         ax.set_ylabel("AutoAttack accuracy (%)")
-        ax.set_title("Natural / adversarial accuracy plane (labels: λ or β)")
+        ax.set_title(mark + "Natural / adversarial accuracy plane (labels: λ or β)", fontsize=9 if mark else None)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -130,16 +130,37 @@ def digits_npz(path, n=200):
 
 
 def test_aux_data_mixes_into_every_batch(tmp_path):
+    """An epoch with --aux-data is as many images as the training set, as Carmon et al. count it
+    (ceil(100 / 16) = 7 batches of 16, not one pass over the labelled images at 8 a batch), half
+    of each batch extra data; the labelled halves are distinct training images."""
     gen = torch.Generator().manual_seed(0)
-    batches = list(data.MixedBatches(100, 30, 16, 0.5, gen))
-    assert len(batches) == 13
-    lab = torch.cat([torch.tensor([i for i in b if i < 100]) for b in batches])
-    assert sorted(lab.tolist()) == list(range(100))  # one pass over the training set
-    assert all(sum(i >= 100 for i in b) == 8 for b in batches)  # half of each batch is aux
+    sampler = data.MixedBatches(100, 30, 16, 0.5, gen)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == data.steps_per_epoch(100, 16) == 7
+    assert all(len(b) == 16 and sum(i >= 100 for i in b) == 8 for b in batches)  # half of each batch is aux
+    lab = [i for b in batches for i in b if i < 100]
+    assert len(lab) == 56 and len(set(lab)) == 56
+    small = list(data.MixedBatches(10, 30, 16, 0.5, gen))  # a set smaller than a batch: one batch
+    assert len(small) == 1 and len({i for i in small[0] if i < 10}) == 8
     r = run_script("train_fire.py", "--epochs", "1", "--attack-steps", "1", "--eval-steps", "1",
                    "--aux-data", str(digits_npz(tmp_path / "aux.npz")), "--out-dir", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["aux_data"].endswith("aux.npz")
+
+
+def test_rehearsal_stand_in_has_the_data_sets_shape_classes_and_test_size():
+    """--rehearsal: generated images of each data set's shape and classes, as many test images as
+    data.test_size says (what the plan expects of a finished evaluation); the real test sizes of the
+    bundled sets too."""
+    for name in ("mnist", "cifar100", "imagenet32"):
+        args = train_fire.get_args(["--dataset", name, "--rehearsal", "--val-size", "8"])
+        train, val, test = data.get_datasets(args)
+        x, y, _ = train[0]
+        assert x.shape == data.DATASETS[name].shape and 0 <= y < data.DATASETS[name].classes
+        assert (len(train), len(val), len(test)) == (data.REHEARSAL_TRAIN, 8, data.test_size(args))
+    for name in ("digits", "mnist5k"):
+        args = train_fire.get_args(["--dataset", name])
+        assert len(data.get_datasets(args)[2]) == data.test_size(args) == data.DATASETS[name].test_size
 
 
 def test_aux_data_pickle_needs_trust(tmp_path):

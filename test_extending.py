@@ -68,7 +68,7 @@ def bars(args):
 
 def test_a_new_data_set_is_one_entry(tmp_path, monkeypatch):
     entry = data.DataSet(title="Bars", classes=10, shape=(1, 28, 28), mean=(0.5,), std=(0.5,),
-                         train_size=96, val_size=16, in_memory=True, load=bars,
+                         train_size=96, test_size=32, val_size=16, in_memory=True, load=bars,
                          preset=dict(model="smallcnn", epochs=1, batch_size=16, lr=0.05, schedule="step",
                                      eps=0.1, step_size=0.05, attack_steps=1, eval_steps=1))
     monkeypatch.setitem(data.DATASETS, "bars", entry)

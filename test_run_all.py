@@ -21,8 +21,8 @@ def run_all(*blocks, timeout=120, **env):
 def test_run_all_smoke_block_trains_evaluates_summarises_and_skips(tmp_path):
     """`SMOKE=1 ./run_all.sh table3`: Hellinger and FIRE (the paper's lam 12 and the authors' code's
     lam 5) on digits, one seed each, AutoAttack, the table. Run again, it finds every run and result
-    finished and only rebuilds the table.
-    (CI runs every block: `SMOKE=1 ./run_all.sh` in .ci/run.)"""
+    finished and whole, starts nothing and only rebuilds the table.
+    (CI rehearses every block: `REHEARSAL=1 ./run_all.sh` in .ci/run.)"""
     env = dict(os.environ, SMOKE="1", SEEDS="0", OUT_DIR=str(tmp_path), PYTHON=PY)
     dry = subprocess.run(["bash", RUN_ALL, "table3"], capture_output=True, text=True, timeout=300,
                          cwd=HERE, env=dict(env, DRY_RUN="1"))
@@ -40,10 +40,9 @@ def test_run_all_smoke_block_trains_evaluates_summarises_and_skips(tmp_path):
     assert len(list(tmp_path.glob("runs/*/autoattack.json"))) == 3
     again = subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), "table3"], capture_output=True,
                            text=True, timeout=300, cwd=HERE, env=env)
-    assert again.returncode == 0 and again.stdout.count("  done ") == 3, again.stdout
-    # eval_autoattack.py is called again and finds every result tied to its unchanged checkpoint
-    assert "train " not in again.stdout and again.stdout.count("already evaluated") == 3, again.stdout
-    assert "AutoAttack Linf eps" not in again.stdout
+    # every run and every result is finished and whole (results.finished): nothing is started
+    assert again.returncode == 0 and again.stdout.count("  done ") == 3 + 3, again.stdout
+    assert "train " not in again.stdout and "  evaluate " not in again.stdout, again.stdout
     assert (tmp_path / "tables" / "table3.md").read_text() == table
     bad = subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), "table9"], capture_output=True,
                          text=True, timeout=60, cwd=HERE, env=env)

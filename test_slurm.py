@@ -202,3 +202,47 @@ def test_stop_signal_during_a_commit_waits_for_last_pt(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "epoch   1 |" not in r.stdout + r.stderr and "epoch   2 |" in (tmp_path / "log.txt").read_text()
     assert [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def wait_for(out_dir, seconds=900):
+    deadline = time.time() + seconds
+    while our_jobs(out_dir):
+        assert time.time() < deadline, subprocess.run(["squeue"], capture_output=True, text=True).stdout
+        time.sleep(2)
+
+
+def test_damaged_result_and_job_id_files_are_recovered(tmp_path):
+    """Under SLURM a result cut short is evaluated again as a job and the table waits for it
+    (never rebuilt without it); an empty or garbled .jobid file is reported in one warning line
+    and recovered (the queue is asked by job name; a finished job's file is dropped), never a
+    bash error."""
+    slurm_or_skip()
+    out = tmp_path / "out"
+    run_all(out, "table3", LAUNCHER="slurm")
+    wait_for(out)
+    whole = run_all(out, "table3", LAUNCHER="slurm")
+    assert "submitted 0 job(s)" in whole and whole.count("  done   ") == 6, whole
+    table = (out / "tables" / "table3.md").read_text()
+    results = sorted(out.glob("runs/*/autoattack.json"))
+    with open(results[0], "r+") as f:
+        f.truncate(100)
+    ids = sorted((out / "slurm").glob("eval-*.jobid"))
+    ids[0].write_text("")
+    ids[1].write_text("12ab\n")
+    r = subprocess.run(["bash", RUN_ALL, "table3"], capture_output=True, text=True, timeout=600, cwd=HERE,
+                       env=dict(os.environ, OUT_DIR=str(out), LAUNCHER="slurm", **BLOCK))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert listed(r.stdout, "submit evaluate") == [str(results[0].parent / "best.pt")], r.stdout
+    assert "submit " + str(out / "tables" / "table3.md") in r.stdout, r.stdout
+    assert sum("is damaged" in line for line in r.stderr.splitlines()) == 2, r.stderr
+    wait_for(out)
+    again = run_all(out, "table3", LAUNCHER="slurm")
+    assert "submitted 0 job(s)" in again and again.count("  done   ") == 6, again
+    assert json.loads(results[0].read_text())["format"]
+    assert table_numbers(out / "tables" / "table3.md") == [
+        row for row in table_numbers_of(table)], (out / "tables" / "table3.md").read_text()
+
+
+def table_numbers_of(text):
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| ")]
+    return [[cell for i, cell in enumerate(row) if i != 8] for row in rows]

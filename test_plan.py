@@ -1,0 +1,161 @@
+"""plan.py, the plan of run_all.sh: the rehearsal of a block on generated stand-in data of the real
+data sets (every planned result file is the one eval_autoattack.py writes, a run that trains at
+its evaluation radius included; a second invocation starts nothing; a damaged result is evaluated
+again), the full-scale dry run's step counts and costs, settings checked against each other,
+TRAIN_FLAGS that would override run_all.sh's own flags, and a failing table step.
+(CI rehearses every block: `REHEARSAL=1 ./run_all.sh` in .ci/run.)"""
+import json
+import math
+import os
+import re
+import subprocess
+
+import pytest
+
+import plan
+from common import UserError
+from conftest import HERE, PY
+from data import DATASETS, IMAGENET32_FILES, steps_per_epoch
+
+RUN_ALL = os.path.join(HERE, "run_all.sh")
+
+
+def run_all(*blocks, timeout=600, **env):
+    return subprocess.run(["bash", RUN_ALL, *blocks], capture_output=True, text=True, timeout=timeout,
+                          cwd=HERE, env=dict(os.environ, PYTHON=PY, **env))
+
+
+def test_rehearsal_of_a_block_writes_what_the_plan_waits_for_and_runs_once(tmp_path):
+    """REHEARSAL=1 ./run_all.sh modern: FIRE and TRADES on CIFAR-10's stand-in with the recipe,
+    trained at 8/255, their evaluation radius: each result is autoattack.json (the name
+    eval_autoattack.py gives it), not autoattack-eps8-255.json, and the table is written. Every
+    result the dry run names is written, the table says it is a rehearsal, a second invocation
+    starts nothing, and a damaged result is evaluated again. (CI rehearses every block.)"""
+    env = dict(REHEARSAL="1", SEEDS="0", OUT_DIR=str(tmp_path))
+    dry = run_all("modern", DRY_RUN="1", **env)
+    assert dry.returncode == 0 and not any(tmp_path.iterdir()), dry.stdout + dry.stderr
+    r = run_all("modern", timeout=1200, **env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    trained = re.findall(r"^  train  (\S+)", r.stdout, re.M)
+    assert re.findall(r"^  would train  (\S+)", dry.stdout, re.M) == trained and len(trained) == 3
+    planned = [line.split()[2] for line in dry.stdout.splitlines() if line.startswith("  would evaluate")]
+    written = sorted(str(p) for p in tmp_path.glob("runs/*/autoattack*.json"))
+    # the plan's result files (results.default_out at the data set's radius) are eval_autoattack.py's
+    expected = []
+    for ckpt in planned:
+        record = json.loads(open(os.path.join(os.path.dirname(ckpt), "autoattack.json")).read())
+        assert record["eps"] == record["train_eps"] == DATASETS["cifar10"].eval_eps == 8 / 255
+        expected.append(plan.results.default_out(ckpt, record["eps"], record["train_eps"]))
+    assert sorted(expected) == written and len(written) == 3, (expected, written)
+    table = (tmp_path / "tables" / "modern.md").read_text()
+    assert "REHEARSAL" in table and table.count("| FIRE (lam=12) + AWP + EMA") == 1, table
+    again = run_all("modern", **env)
+    assert again.returncode == 0 and "  train  " not in again.stdout and "  evaluate " not in again.stdout
+    assert again.stdout.count("  done   ") == 3 + 3, again.stdout
+    with open(written[0], "r+") as f:  # a damaged result: evaluated again, the table whole
+        f.truncate(100)
+    redo = run_all("modern", **env)
+    assert redo.returncode == 0 and redo.stdout.count("  evaluate ") == 1, redo.stdout + redo.stderr
+    assert "  train  " not in redo.stdout and json.loads(open(written[0]).read())["format"]
+    assert (tmp_path / "tables" / "modern.md").read_text() == table
+
+
+def test_full_scale_dry_run_counts_the_extra_data_epoch_as_carmon_and_prices_it(tmp_path):
+    """DRY_RUN=1 at the paper's scale: an extra-data row trains steps_per_epoch(49,000, 256) steps
+    per epoch for 200 epochs (half of each batch extra data), and its GPU-hours are 4 V100s x the
+    paper's 18h30-22h12 for that protocol; ImageNet32's pre-training is priced by its images."""
+    aux = tmp_path / "aux.npz"
+    aux.write_bytes(b"")
+    imagenet = tmp_path / "data" / "imagenet32"
+    imagenet.mkdir(parents=True)
+    for name in IMAGENET32_FILES:
+        (imagenet / name).write_bytes(b"")
+    r = run_all("table2", DRY_RUN="1", SEEDS="0", DATASETS="cifar10", AUX_DATA=str(aux),
+                DATA_DIR=str(tmp_path / "data"), OUT_DIR=str(tmp_path / "out"), timeout=300)
+    assert r.returncode == 0, r.stderr
+    d = DATASETS["cifar10"]
+    steps = steps_per_epoch(d.train_images, 256)
+    assert steps == math.ceil(49000 / 256)
+    lo, hi = (4 * h for h in d.aux_paper_hours)
+    rows = re.findall(r"would train  \S+/(\S+?)-s0-\w+  \(.*--aux-data.*\)\n    (.*)", r.stdout)
+    assert len(rows) == 3, r.stdout
+    for _, line in rows:
+        assert line == (f"{steps} steps/epoch x 200 epochs of 256 images (half labelled, half extra data), "
+                        f"{plan.hours(lo)}-{plan.hours(hi)} GPU-hours"), line
+    pre = re.search(r"pretrain-imagenet32-s0-\w+  .*\n    (\d+) steps/epoch x 100 epochs of 256 images, ([\d,]+)-", r.stdout)
+    images = DATASETS["imagenet32"].train_images
+    assert int(pre.group(1)) == math.ceil(images / 256)
+    per_image = lo / (steps * 256 * 200)  # the same network (WRN-28-10), the same attack
+    assert int(pre.group(2).replace(",", "")) == round(per_image * math.ceil(images / 256) * 256 * 100)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("limit, seconds", [("10", 600), ("5:30", 330), ("1:00:00", 3600), ("2-3", 183600),
+                                            ("1-0:10", 87000), ("1-00:00:05", 86405), ("UNLIMITED", None)])
+def test_slurm_time_formats(limit, seconds):
+    """SLURM's time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, UNLIMITED."""
+    assert plan.slurm_seconds(limit) == seconds
+
+
+@pytest.mark.parametrize("env, message", [
+    (dict(LAUNCHER="slurm", TIME_LIMIT="1", SIGNAL_SECONDS="300"), "SIGNAL_SECONDS=300 must be shorter than TIME_LIMIT=1 (60 s)"),
+    (dict(LAUNCHER="slurm", TIME_LIMIT="0:05:00"), "SIGNAL_SECONDS=300 must be shorter than TIME_LIMIT=0:05:00 (300 s)"),
+    (dict(LAUNCHER="slurm", TIME_LIMIT="ten hours"), "TIME_LIMIT must be a SLURM time"),
+    (dict(TRAIN_FLAGS="--dtype bfloat16 --seed 5"), "TRAIN_FLAGS may not set --seed"),
+    (dict(TRAIN_FLAGS="--lam=3"), "TRAIN_FLAGS may not set --lam"),
+    (dict(TRAIN_FLAGS="--out 3"), "TRAIN_FLAGS may not set --out-dir"),
+    (dict(REHEARSAL="1", OUT_DIR="runs/paper"), "REHEARSAL=1 would write its rehearsal into runs/paper"),
+    (dict(REHEARSAL="1", SMOKE="1"), "choose one"),
+])
+def test_settings_checked_against_each_other_in_one_line(tmp_path, env, message):
+    """A stop signal at or past the time limit (every job would be stopped at its start), a flag
+    that run_all.sh sets itself in TRAIN_FLAGS, a rehearsal into the folder of real runs: one line,
+    exit 2, nothing created."""
+    env = dict(dict(OUT_DIR=str(tmp_path / "out"), DATASETS="mnist", SEEDS="0"), **env)
+    r = run_all("table1", timeout=120, **env)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert message in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failing_table_fails_its_block_and_the_others_carry_on(tmp_path):
+    """A table step that exits non-zero (eval_autoattack.py --summarize: 3 when it left results
+    out) fails its block; the next block still runs, and the exit status (1) and the last line
+    name the incomplete block."""
+    out = tmp_path / "out"
+    text = "\0".join(["block\x1ffirst", "\x1f".join(["table", "broken", "a title", str(tmp_path / "missing.json")]),
+                      "block\x1fsecond", "\x1f".join(["step", str(tmp_path / "ok.txt"), "bash", "-c",
+                                                      f"echo ok > {tmp_path}/ok.txt"])]) + "\0"
+    r = subprocess.run([PY, "plan.py"], input=text, capture_output=True, text=True, cwd=HERE, timeout=120,
+                       env=dict(os.environ, OUT_DIR=str(out), LAUNCHER="local", JOBS="1"))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert (tmp_path / "ok.txt").read_text() == "ok\n"
+    assert r.stderr.strip().splitlines()[-1].startswith("run_all.sh: incomplete: first ("), r.stderr
+
+
+def test_plan_refuses_owned_flags_directly():
+    """train_flags: the flag's own name, an abbreviation argparse would accept, or --flag=value."""
+    for flags in ("--seed 1", "--se 1", "--aux-data=x.npz", "--init 3"):
+        os.environ["TRAIN_FLAGS"] = flags
+        try:
+            with pytest.raises(UserError, match="TRAIN_FLAGS may not set"):
+                plan.train_flags()
+        finally:
+            del os.environ["TRAIN_FLAGS"]
+    os.environ["TRAIN_FLAGS"] = "--dtype bfloat16 --workers 8 --step-size 0.01"
+    try:
+        assert plan.train_flags() == ["--dtype", "bfloat16", "--workers", "8", "--step-size", "0.01"]
+    finally:
+        del os.environ["TRAIN_FLAGS"]
+
+
+def test_rehearsal_refuses_a_folder_of_real_runs(tmp_path):
+    """REHEARSAL=1 into an OUT_DIR that holds a real run (its command.txt without --rehearsal): one
+    line, exit 2, the folder left as it was."""
+    run = tmp_path / "runs" / "fire-mnist-lam12-s0-0123456789ab"
+    run.mkdir(parents=True)
+    (run / "command.txt").write_text("train_fire.py --dataset mnist --seed 0 --lam 12\n")
+    r = run_all("table3", timeout=300, REHEARSAL="1", DATASETS="mnist", OUT_DIR=str(tmp_path))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "holds real runs" in r.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["command.txt", run.name, "runs"]
