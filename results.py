@@ -2,7 +2,7 @@
 where it goes, what it must hold, and whether an evaluation is finished and whole. Read by
 eval_autoattack.py, tables.py and the plan of run_all.sh.
 
-    <run>/autoattack[-<checkpoint>][-eps<eps>][-val].json   default_out()
+    <run>/autoattack[-<checkpoint>][-l2][-eps<eps>][-val].json   default_out()
     <run>/<same stem>.npz     per image: index, label, natural, apgd-ce ... square [, pgd20, cw]
 """
 import os
@@ -17,11 +17,11 @@ RESULT_FIELDS = {"defense": str, "method": str, "method_title": str, "method_ord
                  "train_identity": dict}
 
 
-def default_out(checkpoint, eps=None, train_eps=None, split="test"):
-    """<run>/autoattack[-<name>][-eps<eps>][-val].json: different checkpoints, radii and splits
-    never share a file."""
+def default_out(checkpoint, eps=None, train_eps=None, split="test", norm="linf"):
+    """<run>/autoattack[-<name>][-l2][-eps<eps>][-val].json: different checkpoints, threat models,
+    radii and splits never share a file (an Linf result's name has no norm, as before --norm)."""
     stem = os.path.splitext(os.path.basename(checkpoint))[0]
-    name = "autoattack" + ("" if stem == "best" else f"-{stem}")
+    name = "autoattack" + ("" if stem == "best" else f"-{stem}") + ("" if norm == "linf" else f"-{norm}")
     if eps is not None and train_eps is not None and abs(eps - train_eps) > 1e-9:
         name += f"-eps{eps_text(eps, sep='-')}"
     if split != "test":
