@@ -37,6 +37,16 @@ QUOTED = {"table2": [
          aux_data=False, natural=0.8536, autoattack=0.5617, avg_acc=0.70765, source="RobustBench"),
 ]}
 
+def norm_of(r):
+    """A result's threat model: its `norm`, linf for results and quoted rows from before --norm."""
+    return r.get("norm") or "linf"
+
+
+def threat_text(r):
+    """The ε cell: '8/255' for Linf (the paper's tables), 'L2 0.5' for L2."""
+    return eps_text(r["eps"]) if norm_of(r) == "linf" else f"L2 {r['eps']:g}"
+
+
 def dataset_title(name):
     return DATASETS[name].title if name in DATASETS else name
 
@@ -141,10 +151,11 @@ def training_settings(r):
 def group_key(r):
     """Rows of a table: results are averaged over seeds only when they agree in everything else:
     the row name, the training identity bar the seed (every setting that changes what a run
-    computes: a new flag too), the checkpoint, and the evaluation eps, images, split and AutoAttack
-    version."""
+    computes: a new flag too), the checkpoint, and the evaluation norm, eps, images, split and
+    AutoAttack version."""
     training = json.dumps(training_settings(r), sort_keys=True)
-    return (r["defense"], training, r.get("checkpoint_kind"), r["dataset"], r["model"], rounded(r["eps"]),
+    return (r["defense"], training, r.get("checkpoint_kind"), r["dataset"], r["model"], norm_of(r),
+            rounded(r["eps"]),
             r.get("n_examples"), r.get("split"), r.get("aa_version"), bool(r.get("quoted")))
 
 
@@ -258,7 +269,7 @@ def row_order(r):
         method = 5
     datasets = list(DATASETS)
     order = datasets.index(r["dataset"]) if r["dataset"] in datasets else len(datasets)
-    return (extra_data(r), order, r["eps"], r["model"],
+    return (extra_data(r), order, norm_of(r), r["eps"], r["model"],
             method, r.get("lam") or 0, r.get("beta") or 0, r["defense"], r.get("n_examples") or 0,
             r.get("split") or "", r.get("train_eps") or 0)
 
@@ -308,7 +319,7 @@ def shared_settings(a, b):
 
 def paired_cells(groups):
     """For each row, its paired AutoAttack difference to FIRE (lam 12) in points with the 95%
-    interval: the FIRE row of the same data set, split and evaluation eps, preferring the same
+    interval: the FIRE row of the same data set, split and evaluation norm and eps, preferring the same
     extra data, architecture and other training settings, with the most matched seeds; '-' when
     nothing can be paired. A FIRE (lam 12) row is its own reference."""
     cells = {}
@@ -324,7 +335,8 @@ def paired_cells(groups):
             continue
         for ref in fire:
             f = ref[0]
-            if (f["dataset"], f["split"], rounded(f["eps"])) != (r["dataset"], r["split"], rounded(r["eps"])):
+            if ((f["dataset"], f["split"], norm_of(f), rounded(f["eps"]))
+                    != (r["dataset"], r["split"], norm_of(r), rounded(r["eps"]))):
                 continue
             pairs = matched_seeds(rows, ref)
             score = (len(pairs) > 0, extra_data(f) == extra_data(r), f["model"] == r["model"],
@@ -375,7 +387,7 @@ def summarize(results, title=None, quoted=()):
             seeds_text = f"{len(rows)} results, seeds {','.join(map(str, seeds))}"
         else:
             seeds_text = f"{len(rows)} ({','.join(map(str, seeds))})"
-        cells = [r["defense"], dataset_title(r["dataset"]), eps_text(r["eps"]),
+        cells = [r["defense"], dataset_title(r["dataset"]), threat_text(r),
                  fmt_model(r["model"]), *[fmt(r.get(field)) if not r.get("quoted") else "-"
                                           for field, _, fmt in settings],
                  *[settings_text(training_settings(r), training.get(r["dataset"], []))
@@ -393,7 +405,8 @@ def summarize(results, title=None, quoted=()):
     smoke = any(r.get("aa_version") != "standard" for r in results)
     lines += ["", f"Accuracies in %, mean ± sample standard deviation (ddof = 1) over seeds (one "
                   f"seed: the value alone); AutoAttack = "
-                  f"{'reduced smoke version' if smoke else 'standard version'}, Linf, on "
+                  f"{'reduced smoke version' if smoke else 'standard version'}, "
+                  f"{' and '.join(sorted({'L2' if norm_of(r) == 'l2' else 'Linf' for r in [*results, *quoted]}))}, on "
                   f"{'/'.join(map(str, sorted(n)))} {'/'.join(sorted({r['split'] for r in results}))} "
                   f"images; Avg. Acc. = (Natural + AutoAttack) / 2; RunTime = mean wall-clock "
                   f"training time (pre-training + fine-tuning for runs initialised from another). "
