@@ -53,6 +53,15 @@ def random_start(x, eps, norm):
     return (x + noise).clamp(0, 1)
 
 
+def cw_margin(logits, y):
+    """Carlini-Wagner margin, max_{j != y} z_j - z_y, per sample: > 0 iff misclassified (PGD on
+    it is the CW-20 of older papers' tables)."""
+    logits = upcast_half(logits)
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    z_other = logits.scatter(1, y[:, None], float("-inf")).max(dim=1).values
+    return z_other - z_y
+
+
 def attack_pgd_ce(model, x, y, eps, step_size, steps, start="uniform", objective=None, norm="linf"):
     """PGD maximising the cross-entropy in the `norm` eps-ball; returns x'. Caller sets eval mode.
 

@@ -46,8 +46,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import results
+import robustbench_io
 import tables
-from attacks import NORMS, attack_pgd_ce, perturbation_norm, upcast_half
+from attacks import NORMS, attack_pgd_ce, cw_margin, perturbation_norm
 from checkpoints import load_checkpoint, load_model_state, model_from_args, run_training_time
 from common import (ArgumentParser, Range, UserError, check_output, check_ranges, cli,
                     lock_folder, read_arrays, read_json, sha256_file, write_atomic, write_json)
@@ -80,7 +81,11 @@ def parse_eps(text):
 def get_args(argv=None):
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT",
-                   help="best.pt / last.pt files of train_fire.py or train_trades.py")
+                   help="best.pt / last.pt files of train_fire.py or train_trades.py, or a RobustBench "
+                        "entry robustbench:<cifar10|cifar100>/<Linf|L2>/<name> (docs/robustbench.md)")
+    p.add_argument("--robustbench-dir", type=str, default="models",
+                   help="RobustBench's model folder: its entries' weights are read from (or downloaded to) "
+                        "<dir>/<dataset>/<Linf|L2>/<name>.pt")
     g = p.add_argument_group("evaluation")
     g.add_argument("--norm", type=str, default=None, choices=list(NORMS),
                    help="threat model of AutoAttack and PGD-20/CW-20: linf or l2 (default: the "
@@ -112,7 +117,7 @@ def get_args(argv=None):
     g.add_argument("--pgd20", action="store_true",
                    help="also PGD-20 on the cross-entropy (step 2.5 eps / 20, uniform start)")
     g.add_argument("--cw", action="store_true",
-                   help="also CW-Linf: PGD-20 on the Carlini-Wagner margin loss (older papers' table)")
+                   help="also CW-20: PGD-20 on the Carlini-Wagner margin loss in --norm (older papers' table)")
     g.add_argument("--smoke-aa", action="store_true",
                    help="for smoke tests only: the standard attacks, order and target classes with "
                         "10 instead of 100 iterations (APGD, FAB) and 100 instead of 5000 Square "
@@ -196,18 +201,6 @@ def get_args(argv=None):
 
 def write_npz(path, arrays):
     write_atomic(path, lambda f: np.savez(f, **arrays), binary=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# The CW-Linf objective (PGD on it, for comparison with older papers)
-
-
-def cw_margin(logits, y):
-    """Carlini-Wagner margin, max_{j != y} z_j - z_y, per sample: > 0 iff misclassified."""
-    logits = upcast_half(logits)
-    z_y = logits.gather(1, y[:, None]).squeeze(1)
-    z_other = logits.scatter(1, y[:, None], float("-inf")).max(dim=1).values
-    return z_other - z_y
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,8 +376,9 @@ class Plan:
     """One checkpoint to evaluate, with everything checked before the work starts."""
 
     def __init__(self, path, args, out_flag):
-        ckpt = load_checkpoint(path)  # whole, with arguments that rebuild its model and data
-        self.path, self.saved = path, ckpt["args"]
+        zoo = robustbench_io.is_zoo(path)  # a RobustBench entry: its weights file is the checkpoint
+        ckpt = robustbench_io.zoo_checkpoint(path, args.robustbench_dir) if zoo else load_checkpoint(path)
+        self.path, self.saved, self.zoo = ckpt["path"] if zoo else path, ckpt["args"], zoo and args.robustbench_dir
         self.train_identity = run_identity(self.saved)  # the run's settings, for table rows
         train_norm = self.saved.get("norm", "linf")  # checkpoints from before --norm are Linf
         self.norm = args.norm or train_norm
@@ -477,6 +471,10 @@ def lock_folders(plans, outs):
 def load_network(plan, device):
     """The checkpoint's model in float32 and eval mode, wrapped in DataParallel when several GPUs
     are visible to one process (not under torchrun: there each process has its own GPU)."""
+    if plan.zoo:
+        s = plan.saved
+        model = robustbench_io.load_zoo_model(s["dataset"], s["norm"], s["robustbench"], plan.zoo)
+        return over_all_gpus(model.to(device).float().eval(), device), {}
     ckpt = load_checkpoint(plan.path)
     try:
         model = model_from_args(plan.saved)

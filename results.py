@@ -12,9 +12,9 @@ from common import eps_text, read_arrays, read_json, sha256_file
 RESULT_FORMAT = "fire-repro-autoattack/1"  # the `format` of a result JSON
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")  # AutoAttack's standard order
 RESULT_FIELDS = {"defense": str, "method": str, "method_title": str, "method_order": int, "dataset": str,
-                 "model": str, "eps": (int, float), "seed": int, "natural": (int, float),
+                 "model": str, "eps": (int, float), "seed": (int, type(None)), "natural": (int, float),
                  "autoattack": (int, float), "avg_acc": (int, float), "n_examples": int, "split": str,
-                 "train_identity": dict}
+                 "train_identity": dict}  # seed None: a model without one (a RobustBench entry)
 
 
 def default_out(checkpoint, eps=None, train_eps=None, split="test", norm="linf"):

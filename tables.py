@@ -37,6 +37,7 @@ QUOTED = {"table2": [
          aux_data=False, natural=0.8536, autoattack=0.5617, avg_acc=0.70765, source="RobustBench"),
 ]}
 
+
 def norm_of(r):
     """A result's threat model: its `norm`, linf for results and quoted rows from before --norm."""
     return r.get("norm") or "linf"
@@ -61,6 +62,8 @@ def row_name(saved, checkpoint):
     Rice et al. 2020). TRADES on extra data is Carmon et al.'s 'RST-adv'; a run fine-tuned from
     another (--init-from) is Hendrycks et al.'s 'Pre-training'.
     """
+    if saved.get("robustbench"):  # an entry of RobustBench's model zoo (robustbench_io.py)
+        return f"{saved['robustbench']} (RobustBench)"
     stem = os.path.splitext(os.path.basename(checkpoint))[0]
     # today's recipe (docs/modern-recipe.md): its runs are other rows than the method's
     recipe = ((" + AWP" if saved.get("awp_gamma") else "") + (" + EMA" if saved.get("ema") else "")
@@ -300,9 +303,12 @@ def paired_difference(a, b, n_boot=N_BOOTSTRAP, seed=0):
 
 def matched_seeds(rows, ref):
     """Per-image AutoAttack results of the seeds both rows have, on the same images:
-    [(row's, reference's)] for each seed whose .npz files exist and whose image indices agree."""
-    mine = {r["seed"]: r for r in reversed(rows)}  # the first result of a seed
+    [(row's, reference's)] for each seed whose .npz files exist and whose image indices agree.
+    A model without a seed (a RobustBench entry) is paired with every seed of the reference."""
     theirs = {r["seed"]: r for r in reversed(ref)}
+    mine = {r["seed"]: r for r in reversed(rows)}  # the first result of a seed
+    if None in mine:
+        mine = {seed: mine[None] for seed in theirs}
     pairs = []
     for seed in sorted(set(mine) & set(theirs)):
         a, b = per_sample_aa(mine[seed]), per_sample_aa(theirs[seed])
@@ -381,7 +387,7 @@ def summarize(results, title=None, quoted=()):
             label = "**With additional data**" if current else "**Without additional data**"
             lines.append("| " + label + " |" + " |" * (len(header) - 1))
         seeds = sorted({x["seed"] for x in rows if x["seed"] is not None})
-        if r.get("quoted"):
+        if r.get("quoted") or not seeds:  # quoted, or a model without a seed (RobustBench)
             seeds_text = "-"
         elif len(seeds) != len(rows):  # the same seed twice (e.g. copied folders): say so
             seeds_text = f"{len(rows)} results, seeds {','.join(map(str, seeds))}"
