@@ -383,13 +383,13 @@ class Plan:
         train_norm = self.saved.get("norm", "linf")  # checkpoints from before --norm are Linf
         self.norm = args.norm or train_norm
         if self.norm != train_norm and args.eps is None:
-            raise UserError(f"{path}: trained in {train_norm}, evaluated in {self.norm}: give its radius with --eps")
+            raise UserError(f"{self.path}: trained in {train_norm}, evaluated in {self.norm}: give its radius with --eps")
         self.eps = self.saved["eps"] if args.eps is None else args.eps
         n_split = len(split_dataset(self.saved, args.split, args.data_dir))  # data present offline?
         self.n = n_split if args.n_examples is None else min(args.n_examples, n_split)
-        self.out = out_flag or default_out(path, self.eps, self.saved["eps"], args.split, self.norm)
+        self.out = out_flag or default_out(self.path, self.eps, self.saved["eps"], args.split, self.norm)
         self.what = "--out" if out_flag else "result file"
-        self.identity = dict(checkpoint_sha256=sha256_file(path),
+        self.identity = dict(checkpoint_sha256=sha256_file(self.path),
                              settings=settings_of(args, self.eps, self.n, self.norm))
         self.stem = os.path.splitext(self.out)[0]
 
