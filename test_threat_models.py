@@ -15,7 +15,7 @@ import results
 import train_fire
 import train_trades
 from attacks import attack_pgd_ce, perturbation_norm, pgd_step, random_start
-from conftest import run_script
+from conftest import cli_error, run_script
 from models import get_model
 
 TOL = 1e-5  # float32 rounding of a projection onto a radius of about 1
@@ -95,16 +95,18 @@ def test_l2_random_start_fills_the_ball():
 # ---- presets and identity
 
 
-def identity(*argv):
-    r = run_script("train_fire.py", "--print-identity", *argv)
-    assert r.returncode == 0, r.stderr
-    return r.stdout.strip()
+def identity(capsys, *argv):
+    """`train_fire.py --print-identity ARGV`'s output, run in this process."""
+    with pytest.raises(SystemExit) as e:
+        train_fire.get_args(["--print-identity", *argv])
+    assert e.value.code == 0
+    return capsys.readouterr().out.strip()
 
 
-def test_linf_identity_unchanged_and_l2_its_own():
+def test_linf_identity_unchanged_and_l2_its_own(capsys):
     # the hash that names a default FIRE digits run folder, computed before --norm existed
-    assert identity() == identity("--norm", "linf") == "5c3a5dac0066"
-    assert identity("--norm", "l2") != identity()
+    assert identity(capsys) == identity(capsys, "--norm", "linf") == "5c3a5dac0066"
+    assert identity(capsys, "--norm", "l2") != identity(capsys)
 
 
 def test_l2_preset_from_the_data_set_and_flags_override_it():
@@ -121,9 +123,9 @@ def test_l2_preset_from_the_data_set_and_flags_override_it():
     (["--eps", "2"], "--eps must be in [0, 1]"),  # an Linf radius above 1 covers the whole box
     (["--norm", "l2", "--eps", "200"], "--eps must be in [0, 100]"),
 ])
-def test_bad_norm_settings_are_one_line(argv, message):
-    r = run_script("train_fire.py", *argv, "--print-identity")
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr
+def test_bad_norm_settings_are_one_line(argv, message, capsys):
+    code, lines = cli_error(train_fire.main, [*argv, "--print-identity"], capsys)
+    assert code == 2 and len(lines) == 1 and message in lines[0], lines
 
 
 def test_result_files_of_two_norms_never_collide():
