@@ -3,8 +3,8 @@
 
 Evaluates a checkpoint written by train_fire.py or train_trades.py the way Section 5.1 does:
 natural accuracy and the standard AutoAttack (Croce & Hein 2020; APGD-CE, APGD-T, FAB-T, Square;
-Linf, or L2 with --norm l2) at the training eps, in float32 (TF32 off) and eval mode, with the robust accuracy after
-each attack and Avg. Acc. = (Natural + AutoAttack) / 2. The model is rebuilt from the arguments
+Linf, or L2 with --norm l2) at the training eps, in float32 (TF32 off) and eval mode, with the
+robust accuracy after each attack and Avg. Acc. = (Natural + AutoAttack) / 2. The model is rebuilt from the arguments
 stored in the checkpoint; the result goes to a JSON file next to it that holds everything a table
 row needs, tied to the checkpoint by its SHA-256, and per-image results go to an .npz beside it.
 
@@ -257,7 +257,8 @@ def chunk_seed(seed, chunk):
 def evaluate_autoattack(model, x, y, eps, batch_size=500, seed=0, device="cpu", pgd20=False,
                         cw=False, smoke=False, log_path=None, progress=True, norm="linf"):
     """Natural correctness, robustness after each attack of the standard AutoAttack, and
-    optionally under PGD-20 and CW-20, per image, in the `norm` eps-ball, for images x in [0, 1] (on the CPU) and labels y.
+    optionally under PGD-20 and CW-20, per image, in the `norm` eps-ball, for images x in [0, 1]
+    (on the CPU) and labels y.
     smoke=True cuts AutoAttack's iterations and queries (see --smoke-aa): only for smoke tests.
 
     `seed` drives everything random: AutoAttack re-seeds torch from its `seed` before each attack
@@ -368,8 +369,8 @@ def settings_of(args, eps, n, norm="linf"):
     size change the random starts; the number of processes does not (chunks are seeded alone).
     The norm is there when it is l2 (an Linf evaluation's settings are as before --norm)."""
     attacks = [*STANDARD_ATTACKS] + ["pgd20"] * args.pgd20 + ["cw"] * args.cw
-    return dict(**({"norm": norm} if norm != "linf" else {}), eps=eps, split=args.split, n_examples=n, seed=args.seed, smoke_aa=args.smoke_aa,
-                attacks=attacks, batch_size=args.batch_size, chunk_size=args.chunk_size)
+    return dict(**({"norm": norm} if norm != "linf" else {}), eps=eps, split=args.split, n_examples=n,
+                seed=args.seed, smoke_aa=args.smoke_aa, attacks=attacks, batch_size=args.batch_size, chunk_size=args.chunk_size)
 
 
 class Plan:
