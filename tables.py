@@ -164,9 +164,9 @@ def group_key(r):
 
 # Training settings that a row already shows: in its name (method, weight, loss, regulariser,
 # self-adaptive targets, augmentation, extra data, pre-training) or a column (data set,
-# architecture, training eps).
+# architecture, training eps, the threat model in the ε column).
 SHOWN_IN_ROW = frozenset({"method", "lam", "beta", "loss", "distance", "self_adaptive", "augment",
-                          "aux_data", "init_from", "dataset", "model", "eps"})
+                          "aux_data", "init_from", "dataset", "model", "eps", "norm"})
 
 
 def varies(settings, key):
