@@ -56,13 +56,14 @@ def fake_cifar_module():
 def l2_cifar(fake_cifar_module, tmp_path_factory):
     """(folder, result) of a 1-epoch FIRE wrn-10-1 run in L2 on 10 stand-in CIFAR-10 images (the
     other 1,000 are the validation split a zoo entry's evaluation also holds out), evaluated with the
-    reduced AutoAttack at RobustBench's radius 0.5 on the first 16 test images."""
+    reduced AutoAttack at RobustBench's radius 0.5 on the first 4 test images (few: every image a
+    model gets right is attacked, and a zoo WideResNet's FAB-T is slow on the CPU)."""
     root = tmp_path_factory.mktemp("rb")
     train_fire.main(["--dataset", "cifar10", "--norm", "l2", "--model", "wrn-10-1", "--epochs", "1",
                      "--val-size", "1000", "--batch-size", "10", "--attack-steps", "1", "--eval-steps", "1",
                      "--workers", "0", "--device", "cpu", "--out-dir", str(root / "fire")])
     result = eval_autoattack.main([str(root / "fire" / "best.pt"), "--eps", "0.5", "--smoke-aa",
-                                   "--n-examples", "16", "--device", "cpu"])[0]
+                                   "--n-examples", "4", "--device", "cpu"])[0]
     return root, result
 
 
@@ -116,14 +117,14 @@ def test_zoo_entry_evaluated_offline_and_summarised_beside_fire(l2_cifar):
     torch.manual_seed(0)
     torch.save(Ding2020MMANet().state_dict(), folder / "Ding2020MMA.pt")  # random weights
     zoo = eval_autoattack.main(["robustbench:cifar10/L2/Ding2020MMA", "--robustbench-dir", str(root / "models"),
-                                "--smoke-aa", "--n-examples", "16", "--device", "cpu"])[0]
+                                "--smoke-aa", "--n-examples", "4", "--device", "cpu"])[0]
     assert zoo["defense"] == "Ding2020MMA (RobustBench)" and zoo["norm"] == "l2" and zoo["eps"] == 0.5
     assert (folder / "autoattack-Ding2020MMA-l2.json").is_file() and (folder / "autoattack-Ding2020MMA-l2.npz").is_file()
     table = eval_autoattack.main(["--summarize", str(root / "fire"), str(root / "models")])
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if "L2 0.5" in line}
     assert set(rows) == {fire["defense"], "Ding2020MMA (RobustBench)"}, table
     paired = rows["Ding2020MMA (RobustBench)"].split(" | ")[-1]
-    assert "[" in paired, table  # a paired difference to FIRE on the same 16 images
+    assert "[" in paired, table  # a paired difference to FIRE on the same 4 images
     # a name outside the zoo, and an entry whose weights are not there offline: one line each
     for spec, needle in (("robustbench:cifar10/L2/NoSuchModel", "not in robustbench"),
                          ("robustbench:cifar10/Linf/Ding2020MMA", "could not download")):
