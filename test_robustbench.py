@@ -3,6 +3,7 @@ robustbench:<dataset>/<threat>/<name>), offline: our WideResNet's weights in Rob
 our logits, the model_info JSON has every field, an evaluation off the protocol is refused, and a
 zoo entry in RobustBench's model-folder layout (random weights written here) is evaluated and
 summarised beside a FIRE run on the same images."""
+import argparse
 import json
 
 import pytest
@@ -115,10 +116,19 @@ def test_zoo_entry_evaluated_offline_and_summarised_beside_fire(l2_cifar):
     folder = root / "models" / "cifar10" / "L2"
     folder.mkdir(parents=True)
     torch.manual_seed(0)
-    torch.save(Ding2020MMANet().state_dict(), folder / "Ding2020MMA.pt")  # random weights
+    net = Ding2020MMANet()  # random weights, and a classifier that answers one class the first 4
+    # test images do not hold: AutoAttack has nothing to attack (a WRN-28-4's FAB-T takes minutes
+    # on this CPU; the attacks' path is the checkpoints', tested in test_evaluation.py)
+    labels = [int(data.get_datasets(argparse.Namespace(dataset="cifar10", val_size=1000, data_dir="data"))[2][i][1])
+              for i in range(4)]
+    with torch.no_grad():
+        net.fc.weight.zero_()
+        net.fc.bias.copy_(torch.nn.functional.one_hot(torch.tensor(min(set(range(10)) - set(labels))), 10))
+    torch.save(net.state_dict(), folder / "Ding2020MMA.pt")
     zoo = eval_autoattack.main(["robustbench:cifar10/L2/Ding2020MMA", "--robustbench-dir", str(root / "models"),
                                 "--smoke-aa", "--n-examples", "4", "--device", "cpu"])[0]
     assert zoo["defense"] == "Ding2020MMA (RobustBench)" and zoo["norm"] == "l2" and zoo["eps"] == 0.5
+    assert zoo["natural"] == 0 and zoo["n_examples"] == 4 and zoo["seed"] is None
     assert (folder / "autoattack-Ding2020MMA-l2.json").is_file() and (folder / "autoattack-Ding2020MMA-l2.npz").is_file()
     table = eval_autoattack.main(["--summarize", str(root / "fire"), str(root / "models")])
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if "L2 0.5" in line}
