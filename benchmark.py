@@ -4,6 +4,7 @@ Commands:
     python benchmark.py                                   # SmallCNN, 1x28x28, batch 128, 10 attack steps, CPU
     python benchmark.py --sweep                           # + step cost over attack steps and batch sizes
     python benchmark.py --model resnet18 --shape 3 32 32 --batch-size 32 --reps 10
+    python benchmark.py --norm l2                         # L2 steps, and FIRE / FIRE-Linf in the same rounds
     python benchmark.py --dataset cifar10 --device cuda --batch-size 256 --dtype bfloat16 \
         --channels-last --json-out bench-bf16.json        # the paper's WRN-34-10 on one GPU
     python benchmark.py --dataset cifar10 --device cuda --batch-size 256 --dtype bfloat16 \
@@ -49,7 +50,8 @@ from models import check_model_name, get_model
 import train_fire
 import train_trades
 from common import ArgumentParser, Range, UserError, check_output, check_ranges, cli, write_atomic
-from config import TRAIN_RANGES
+from attacks import NORMS
+from config import L2_RANGES, TRAIN_RANGES
 from data import DATASETS, dataset_shape
 from harness import EpochStats, TrainState
 from parallel import Networks
@@ -89,8 +91,12 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=128, help=f"images per training step, {RANGES['batch_size']}")
     p.add_argument("--attack-steps", type=int, default=10,
                    help=f"PGD steps K per training step, {RANGES['attack_steps']}")
+    p.add_argument("--norm", type=str, default="linf", choices=list(NORMS),
+                   help="threat model of the FIRE and TRADES steps (--norm l2: the data set's L2 preset, "
+                        "and the Linf FIRE step, FIRE-Linf, timed in the same rounds)")
     p.add_argument("--eps", type=float, default=None,
-                   help=f"Linf radius in pixel units, {RANGES['eps']} (default: preset)")
+                   help=f"radius in --norm in pixel units, {RANGES['eps']} ({L2_RANGES['eps']} with --norm l2; "
+                        f"default: preset)")
     p.add_argument("--step-size", type=float, default=None,
                    help=f"PGD step size, {RANGES['step_size']} (default: preset)")
     p.add_argument("--lr", type=float, default=None,
@@ -140,7 +146,9 @@ def get_args(argv=None):
                    help="also write every figure to this JSON file (its folder must exist and be writable)")
     args = p.parse_args(argv)
 
-    preset = DATASETS[args.dataset].preset
+    linf_preset = DATASETS[args.dataset].preset
+    preset = dict(linf_preset, **(DATASETS[args.dataset].l2_preset if args.norm == "l2" else {}))
+    args.linf_eps, args.linf_step_size = linf_preset["eps"], linf_preset["step_size"]  # FIRE-Linf's
     num_classes, channels, mean, std = dataset_shape(args.dataset)
     args.model = args.model or preset["model"]
     args.shape = args.shape or list(DATASETS[args.dataset].shape)
@@ -151,7 +159,9 @@ def get_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
 
-    check_ranges(p, args, RANGES)
+    if args.norm == "l2" and "eps" not in DATASETS[args.dataset].l2_preset and (args.eps is None or args.step_size is None):
+        p.error(f"--norm l2 has no preset for {args.dataset}: give --eps and --step-size")
+    check_ranges(p, args, dict(RANGES, **(L2_RANGES if args.norm == "l2" else {})))
     if args.compile_mode != "default" and not args.compile:
         p.error(f"--compile-mode {args.compile_mode} needs --compile")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -202,7 +212,7 @@ class Bench:
         self.amp = (torch.autocast(device.type, dtype=getattr(torch, args.dtype))
                     if args.dtype != "float32" else nullcontext())
         # the training loop's per-step statistics, on the device
-        self.stats = EpochStats(device, args.eps, args.step_size)
+        self.stats = EpochStats(device, args.eps, args.step_size, norm=args.norm)
 
     def training_run(self, awp_gamma=0.0, ema=None):
         """A harness.TrainState on the shared model: training's SGD (Nesterov, momentum 0.9, weight decay
@@ -256,8 +266,10 @@ class Bench:
         a = self.args
         # with the harness's settings of TrainState.step: AWP and the average from the first step, no clipping
         common = dict(eps=a.eps, step_size=a.step_size, attack_steps=k, dtype=a.dtype, clip_grad_norm=None,
-                      awp_warmup=1, ema_start=1)
+                      awp_warmup=1, ema_start=1, norm=a.norm)
         fire = argparse.Namespace(**common, lam=a.lam, distance="fisher-rao")
+        fire_linf = argparse.Namespace(**dict(common, norm="linf", eps=a.linf_eps, step_size=a.linf_step_size),
+                                       lam=a.lam, distance="fisher-rao")
         trades = argparse.Namespace(**common, loss="trades", beta=a.beta)
         public = RecomputeNatural(self.fwd, self.x)
         return {"floor": lambda: self.floor_step(k),
@@ -265,7 +277,8 @@ class Bench:
                 "TRADES": lambda: self.train_step(train_trades, trades),
                 "TRADES-public": lambda: self.train_step(train_trades, trades, public),
                 "FIRE+AWP": lambda: self.train_step(train_fire, fire, run="FIRE+AWP"),
-                "FIRE+EMA": lambda: self.train_step(train_fire, fire, run="FIRE+EMA")}
+                "FIRE+EMA": lambda: self.train_step(train_fire, fire, run="FIRE+EMA"),
+                "FIRE-Linf": lambda: self.train_step(train_fire, fire_linf)}
 
 
 def check_shape(model, args, device):
@@ -373,7 +386,7 @@ def measure(args, batch_size, k, reps, warmup, device, recipe=True):
     (batch size, K); returns a dict of figures."""
     bench = Bench(args, batch_size, device)
     flops = bench.floor_flops(k)
-    names = STEPS + RECIPE_STEPS if recipe else STEPS
+    names = (STEPS + RECIPE_STEPS if recipe else STEPS) + ("FIRE-Linf",) * (args.norm == "l2")
     steps = {name: step for name, step in bench.steps(k).items() if name in names}
     times = time_interleaved(steps, reps, warmup, device, args.clock)
     peaks = peak_memory(steps, device)
@@ -393,6 +406,8 @@ def measure(args, batch_size, k, reps, warmup, device, recipe=True):
     pairs = {"FIRE/TRADES": ("FIRE", "TRADES"), "FIRE/floor": ("FIRE", "floor"),
              "TRADES/floor": ("TRADES", "floor"), "TRADES-public/floor": ("TRADES-public", "floor"),
              "FIRE/TRADES-public": ("FIRE", "TRADES-public")}
+    if args.norm == "l2":  # the L2 step against the Linf step, in the same rounds
+        pairs.update({"FIRE/FIRE-Linf": ("FIRE", "FIRE-Linf"), "FIRE-Linf/floor": ("FIRE-Linf", "floor")})
     if recipe:  # what AWP and the average add to a FIRE step
         for name in RECIPE_STEPS:
             pairs.update({f"{name}/FIRE": (name, "FIRE"), f"{name}/floor": (name, "floor")})
@@ -418,7 +433,7 @@ def describe(args, device):
                 fused_sgd=device.type == "cuda" and args.fused_sgd,
                 cudnn_benchmark=device.type == "cuda" and args.cudnn_benchmark,
                 device=str(device), device_name=where, torch=torch.__version__,
-                python=platform.python_version(), lam=args.lam, beta=args.beta, eps=args.eps,
+                python=platform.python_version(), lam=args.lam, beta=args.beta, norm=args.norm, eps=args.eps,
                 step_size=args.step_size, lr=args.lr, clock=args.clock, threads=torch.get_num_threads())
 
 
@@ -448,6 +463,10 @@ def main_table(result):
         lines.append(f"FIRE+AWP / FIRE = {r['FIRE+AWP/FIRE']:.3f} (AWP, gamma 0.005: one more training forward "
                      f"and backward per step)   FIRE+EMA / FIRE = {r['FIRE+EMA/FIRE']:.3f} (the average's "
                      f"update, decay 0.999, after every step)")
+    if "FIRE/FIRE-Linf" in r:
+        lines.append(f"FIRE (L2) / FIRE-Linf = {r['FIRE/FIRE-Linf']:.3f} (ratio of the medians "
+                     f"{m['FIRE/FIRE-Linf']:.3f}): the L2 step's normalisation and projection against the "
+                     f"sign step and clamp")
     us, calls = result["loss_us"], result["attack_steps"] + 1
     lines.append(f"The losses alone (forward + backward on {b} x classes logits, {calls} per step): fire_loss "
                  f"{us['FIRE']:.0f} us, trades_loss {us['TRADES']:.0f} us, a difference of "
@@ -502,7 +521,7 @@ def main(argv=None):
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     c, h, w = args.shape
     print(f"{args.model}, {c}x{h}x{w} synthetic images, {args.num_classes} classes, batch {args.batch_size}, "
-          f"{args.attack_steps} attack steps, {args.dtype}{', channels-last' if args.channels_last else ''}"
+          f"{args.attack_steps} attack steps ({args.norm} eps {args.eps:g}), {args.dtype}{', channels-last' if args.channels_last else ''}"
           f"{f', compiled ({args.compile_mode})' if args.compile else ''}"
           f"{', fused SGD' if config['fused_sgd'] else ''}{', cudnn.benchmark' if config['cudnn_benchmark'] else ''}"
           f"; {config['device_name']}; torch {torch.__version__}; "

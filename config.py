@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
+from attacks import NORMS
 from common import ArgumentParser, Range, UserError, check_input_file, check_ranges
 from data import DATASETS
 from models import check_model_name
@@ -45,6 +46,9 @@ TRAIN_RANGES = {
     "awp_gamma": Range(0, 1, high_open=True), "awp_warmup": Range(1, 10_000),
     "ema": Range(0, 1, low_open=True, high_open=True), "ema_start": Range(1, 10_000),
 }
+# --norm l2: an L2 radius and step may exceed 1 (MNIST's radius is 2.0; the [0, 1] box's diagonal
+# is sqrt(pixels), 55 for CIFAR)
+L2_RANGES = {"eps": Range(0, 100), "step_size": Range(0, 100, low_open=True)}
 
 
 # Defaults of the settings that only matter when another setting is on (INERT_UNLESS); run_identity
@@ -55,7 +59,7 @@ DEFAULTS = {"awp_warmup": 10, "ema_start": 1, "sa_alpha": 0.9, "sa_start": 70, "
 
 def allowed(name):
     """A training flag's range as its help text gives it, e.g. 'in [1, 10000]'."""
-    return str(TRAIN_RANGES[name])
+    return str(TRAIN_RANGES[name]) + (f" ({L2_RANGES[name]} with --norm l2)" if name in L2_RANGES else "")
 
 
 def base_parser(description):
@@ -84,7 +88,12 @@ def base_parser(description):
                    help="CIFAR training augmentation: crop-flip = random crop of the 4-pixel-padded "
                         "image + horizontal flip (TRADES); authors = + ColorJitter(0.25, 0.25, 0.25) "
                         "+ RandomRotation(15), as FIRE's public code trains")
-    p.add_argument("--eps", type=float, default=None, help=f"Linf radius in pixel units of [0, 1], {allowed('eps')} (default: preset)")
+    p.add_argument("--norm", type=str, default="linf", choices=list(NORMS),
+                   help="threat model of the training attack and the validation/test PGD: linf = "
+                        "max-pixel radius, sign steps (the paper); l2 = L2 radius per image, "
+                        "normalised-gradient steps, with the data set's L2 preset (docs/threat-models.md)")
+    p.add_argument("--eps", type=float, default=None,
+                   help=f"radius in --norm in pixel units of [0, 1], {allowed('eps')} (default: preset)")
     p.add_argument("--step-size", type=float, default=None, help=f"PGD step size during training, {allowed('step_size')} (default: preset)")
     p.add_argument("--attack-steps", type=int, default=None, help=f"PGD steps during training, {allowed('attack_steps')} (default: preset)")
     p.add_argument("--eval-steps", type=int, default=None,
@@ -162,7 +171,11 @@ def finish_args(parser, argv, method):
     m = method(args)
     args.method, args.method_title, args.method_weight, args.method_order = m.name, m.title, m.weight, m.order
     dataset = DATASETS[args.dataset]
-    preset = dict(dataset.preset, **(dataset.aux_preset if args.aux_data else {}))
+    if args.norm == "l2" and not dataset.l2_preset and (args.eps is None or args.step_size is None):
+        parser.error(f"--norm l2 has no preset for {args.dataset}: give --eps and --step-size (L2 "
+                     f"radius and step), or add an l2_preset to its entry in data.py")
+    preset = dict(dataset.preset, **(dataset.aux_preset if args.aux_data else {}),
+                  **(dataset.l2_preset if args.norm == "l2" else {}))
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -170,7 +183,7 @@ def finish_args(parser, argv, method):
         args.val_size = dataset.val_size
     if args.out_dir is None:
         args.out_dir = os.path.join("runs", f"{args.method}-{args.dataset}-s{args.seed}")
-    check_ranges(parser, args, TRAIN_RANGES)
+    check_ranges(parser, args, dict(TRAIN_RANGES, **(L2_RANGES if args.norm == "l2" else {})))
     checks = [
         (args.augment == "crop-flip" or dataset.authors_augment,
          f"--augment authors is for {', '.join(k for k, d in DATASETS.items() if d.authors_augment)} "
@@ -261,6 +274,9 @@ NOT_IDENTITY = frozenset({"out_dir", "resume", "overwrite", "data_dir", "device"
                           "log_every", "compile", "channels_last", "trust_pickle", "stop_on_collapse",
                           "print_identity", "planned", "init_from_sha256", "pretrain_time_s",
                           "method_title", "method_weight", "method_order"})  # the last three: of `method`
+# A flag added after runs were named keeps their names: at its old behaviour it is left out of the
+# identity (DEFAULT_IDENTITY), so --norm linf, the only threat model before --norm, hashes as before.
+DEFAULT_IDENTITY = {"norm": "linf"}
 IDENTITY_PATHS = ("aux_data", "init_from")  # compared as normalised paths: ./x and x are one file
 
 
@@ -285,9 +301,10 @@ def inert_settings(saved):
 
 
 def run_identity(saved):
-    """The settings that define what a run computes: its arguments (a dict) minus NOT_IDENTITY,
-    with each inert setting (INERT_UNLESS) at its default."""
-    identity = {k: v for k, v in sorted(saved.items()) if k not in NOT_IDENTITY}
+    """The settings that define what a run computes: its arguments (a dict) minus NOT_IDENTITY
+    and minus the DEFAULT_IDENTITY values, with each inert setting (INERT_UNLESS) at its default."""
+    identity = {k: v for k, v in sorted(saved.items())
+                if k not in NOT_IDENTITY and not (k in DEFAULT_IDENTITY and v == DEFAULT_IDENTITY[k])}
     for key, _ in inert_settings(identity):
         identity[key] = DEFAULTS[key]
     for key in IDENTITY_PATHS:

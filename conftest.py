@@ -54,6 +54,23 @@ def few_digits(monkeypatch):
     monkeypatch.setattr(harness, "get_datasets", first_images)
 
 
+class FakeCIFAR(torch.utils.data.Dataset):
+    """What torchvision's CIFAR10 yields (PIL images, integer labels): the real cifar10 code path
+    of data.get_datasets without the download."""
+
+    def __init__(self, n, seed):
+        rng = np.random.default_rng(seed)
+        self.data = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        self.targets = rng.integers(0, 10, n).tolist()
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        return Image.fromarray(self.data[i]), self.targets[i]
+
+
 def cli_error(main, argv, capsys):
     """Run a script's main() as its command line does: (exit code, stderr lines)."""
     with pytest.raises(SystemExit) as e:

@@ -2,9 +2,9 @@
 (built by tables.py).
 
 Evaluates a checkpoint written by train_fire.py or train_trades.py the way Section 5.1 does:
-natural accuracy and the standard AutoAttack (Croce & Hein 2020; Linf, APGD-CE, APGD-T, FAB-T,
-Square) at the training eps, in float32 (TF32 off) and eval mode, with the robust accuracy after
-each attack and Avg. Acc. = (Natural + AutoAttack) / 2. The model is rebuilt from the arguments
+natural accuracy and the standard AutoAttack (Croce & Hein 2020; APGD-CE, APGD-T, FAB-T, Square;
+Linf, or L2 with --norm l2) at the training eps, in float32 (TF32 off) and eval mode, with the
+robust accuracy after each attack and Avg. Acc. = (Natural + AutoAttack) / 2. The model is rebuilt from the arguments
 stored in the checkpoint; the result goes to a JSON file next to it that holds everything a table
 row needs, tied to the checkpoint by its SHA-256, and per-image results go to an .npz beside it.
 
@@ -49,8 +49,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import results
+import robustbench_io
 import tables
-from attacks import attack_pgd_ce, upcast_half
+from attacks import NORMS, attack_pgd_ce, cw_margin, perturbation_norm
 from checkpoints import load_checkpoint, load_model_state, model_from_args, run_training_time
 from common import (ArgumentParser, Range, UserError, check_output, check_ranges, cli,
                     lock_folder, read_arrays, read_json, sha256_file, write_atomic, write_json)
@@ -86,10 +87,17 @@ def parse_eps(text):
 def get_args(argv=None):
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT",
-                   help="best.pt / last.pt files of train_fire.py or train_trades.py")
+                   help="best.pt / last.pt files of train_fire.py or train_trades.py, or a RobustBench "
+                        "entry robustbench:<cifar10|cifar100>/<Linf|L2>/<name> (docs/robustbench.md)")
+    p.add_argument("--robustbench-dir", type=str, default="models",
+                   help="RobustBench's model folder: its entries' weights are read from (or downloaded to) "
+                        "<dir>/<dataset>/<Linf|L2>/<name>.pt")
     g = p.add_argument_group("evaluation")
+    g.add_argument("--norm", type=str, default=None, choices=list(NORMS),
+                   help="threat model of AutoAttack and PGD-20/CW-20: linf or l2 (default: the "
+                        "checkpoint's training norm; another one needs --eps)")
     g.add_argument("--eps", type=parse_eps, default=None,
-                   help="Linf radius in [0, 1] pixel units, e.g. 0.3 or 8/255 (default: the "
+                   help="radius in --norm in [0, 1] pixel units, e.g. 0.3, 8/255 or 0.5 (default: the "
                         "checkpoint's training eps)")
     g.add_argument("--n-examples", type=int, default=None,
                    help=f"first N images of the split, {EVAL_RANGES['n_examples']} (default: all; "
@@ -115,7 +123,7 @@ def get_args(argv=None):
     g.add_argument("--pgd20", action="store_true",
                    help="also PGD-20 on the cross-entropy (step 2.5 eps / 20, uniform start)")
     g.add_argument("--cw", action="store_true",
-                   help="also CW-Linf: PGD-20 on the Carlini-Wagner margin loss (older papers' table)")
+                   help="also CW-20: PGD-20 on the Carlini-Wagner margin loss in --norm (older papers' table)")
     g.add_argument("--smoke-aa", action="store_true",
                    help="for smoke tests only: the standard attacks, order and target classes with "
                         "10 instead of 100 iterations (APGD, FAB) and 100 instead of 5000 Square "
@@ -202,18 +210,6 @@ def write_npz(path, arrays):
 
 
 # ----------------------------------------------------------------------------------------------
-# The CW-Linf objective (PGD on it, for comparison with older papers)
-
-
-def cw_margin(logits, y):
-    """Carlini-Wagner margin, max_{j != y} z_j - z_y, per sample: > 0 iff misclassified."""
-    logits = upcast_half(logits)
-    z_y = logits.gather(1, y[:, None]).squeeze(1)
-    z_other = logits.scatter(1, y[:, None], float("-inf")).max(dim=1).values
-    return z_other - z_y
-
-
-# ----------------------------------------------------------------------------------------------
 # Evaluation
 
 
@@ -265,9 +261,10 @@ def chunk_seed(seed, chunk):
 
 
 def evaluate_autoattack(model, x, y, eps, batch_size=500, seed=0, device="cpu", pgd20=False,
-                        cw=False, smoke=False, log_path=None, progress=True):
+                        cw=False, smoke=False, log_path=None, progress=True, norm="linf"):
     """Natural correctness, robustness after each attack of the standard AutoAttack, and
-    optionally under PGD-20 and CW-20, per image, for images x in [0, 1] (on the CPU) and labels y.
+    optionally under PGD-20 and CW-20, per image, in the `norm` eps-ball, for images x in [0, 1]
+    (on the CPU) and labels y.
     smoke=True cuts AutoAttack's iterations and queries (see --smoke-aa): only for smoke tests.
 
     `seed` drives everything random: AutoAttack re-seeds torch from its `seed` before each attack
@@ -292,8 +289,8 @@ def evaluate_autoattack(model, x, y, eps, batch_size=500, seed=0, device="cpu", 
     for h in handlers:
         logger.addHandler(h)
     try:
-        adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", device=device,
-                               seed=seed)
+        adversary = AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps,
+                               version="standard", device=device, seed=seed)
         if smoke:  # same attacks, order and targets; a tenth of the iterations, 1/50 of the queries
             adversary.apgd.n_iter = adversary.apgd_targeted.n_iter = adversary.fab.n_iter = 10
             adversary.square.n_queries = 100
@@ -309,9 +306,9 @@ def evaluate_autoattack(model, x, y, eps, batch_size=500, seed=0, device="cpu", 
             per_sample["natural"].append(correct.cpu())
             for attack in STANDARD_ATTACKS:
                 per_sample[attack].append(after[attack].cpu())
-            max_pert = max(max_pert, (x_adv - xb).abs().max().item())
+            max_pert = max(max_pert, perturbation_norm(x_adv - xb, norm).max().item())
             if x_adv.min() < 0 or x_adv.max() > 1 or max_pert > eps + 1e-5:
-                raise RuntimeError(f"AutoAttack left the eps-ball or [0, 1] (max |x' - x| = {max_pert})")
+                raise RuntimeError(f"AutoAttack left the {norm} eps-ball or [0, 1] (max ||x' - x|| = {max_pert})")
             with torch.no_grad():  # sanity check: the final x' really fools the model
                 again = (model(x_adv).argmax(1) == yb).sum().item()
             if again != after["square"].sum().item():
@@ -320,11 +317,11 @@ def evaluate_autoattack(model, x, y, eps, batch_size=500, seed=0, device="cpu", 
             if pgd20 or cw:  # each batch's random start, independent of the batches before it
                 torch.manual_seed(chunk_seed(seed, batch) % 2 ** 64)
             if pgd20:
-                x_pgd = attack_pgd_ce(model, xb, yb, eps, 2.5 * eps / 20, 20)
+                x_pgd = attack_pgd_ce(model, xb, yb, eps, 2.5 * eps / 20, 20, norm=norm)
                 with torch.no_grad():
                     per_sample["pgd20"].append((model(x_pgd).argmax(1) == yb).cpu())
             if cw:
-                x_cw = attack_pgd_ce(model, xb, yb, eps, 2.5 * eps / 20, 20, objective=cw_margin)
+                x_cw = attack_pgd_ce(model, xb, yb, eps, 2.5 * eps / 20, 20, objective=cw_margin, norm=norm)
                 with torch.no_grad():
                     per_sample["cw"].append((model(x_cw).argmax(1) == yb).cpu())
             n += len(yb)
@@ -374,30 +371,36 @@ def first_images(dataset, n):
     return torch.cat(xs), torch.cat(ys)
 
 
-def settings_of(args, eps, n):
+def settings_of(args, eps, n, norm="linf"):
     """Everything besides the checkpoint that changes an evaluation's numbers. Batch and chunk
-    size change the random starts; the number of processes does not (chunks are seeded alone)."""
+    size change the random starts; the number of processes does not (chunks are seeded alone).
+    The norm is there when it is l2 (an Linf evaluation's settings are as before --norm)."""
     attacks = [*STANDARD_ATTACKS] + ["pgd20"] * args.pgd20 + ["cw"] * args.cw
-    return dict(eps=eps, split=args.split, n_examples=n, seed=args.seed, smoke_aa=args.smoke_aa,
-                attacks=attacks, batch_size=args.batch_size, chunk_size=args.chunk_size)
+    return dict(**({"norm": norm} if norm != "linf" else {}), eps=eps, split=args.split, n_examples=n,
+                seed=args.seed, smoke_aa=args.smoke_aa, attacks=attacks, batch_size=args.batch_size, chunk_size=args.chunk_size)
 
 
 class Plan:
     """One checkpoint to evaluate, with everything checked before the work starts."""
 
     def __init__(self, path, args, out_flag):
-        if not os.path.lexists(path):
+        zoo = robustbench_io.is_zoo(path)  # a RobustBench entry: its weights file is the checkpoint
+        if not zoo and not os.path.lexists(path):
             raise UserError(f"checkpoint {path!r} {missing_run_file(path)}")
-        ckpt = load_checkpoint(path)  # whole, with arguments that rebuild its model and data
-        self.path, self.saved = path, ckpt["args"]
+        ckpt = robustbench_io.zoo_checkpoint(path, args.robustbench_dir) if zoo else load_checkpoint(path)
+        self.path, self.saved, self.zoo = ckpt["path"] if zoo else path, ckpt["args"], zoo and args.robustbench_dir
         self.train_identity = run_identity(self.saved)  # the run's settings, for table rows
+        train_norm = self.saved.get("norm", "linf")  # checkpoints from before --norm are Linf
+        self.norm = args.norm or train_norm
+        if self.norm != train_norm and args.eps is None:
+            raise UserError(f"{self.path}: trained in {train_norm}, evaluated in {self.norm}: give its radius with --eps")
         self.eps = self.saved["eps"] if args.eps is None else args.eps
         n_split = len(split_dataset(self.saved, args.split, args.data_dir))  # data present offline?
         self.n = n_split if args.n_examples is None else min(args.n_examples, n_split)
-        self.out = out_flag or default_out(path, self.eps, self.saved["eps"], args.split)
+        self.out = out_flag or default_out(self.path, self.eps, self.saved["eps"], args.split, self.norm)
         self.what = "--out" if out_flag else "result file"
-        self.identity = dict(checkpoint_sha256=sha256_file(path),
-                             settings=settings_of(args, self.eps, self.n))
+        self.identity = dict(checkpoint_sha256=sha256_file(self.path),
+                             settings=settings_of(args, self.eps, self.n, self.norm))
         self.stem = os.path.splitext(self.out)[0]
 
 
@@ -478,6 +481,10 @@ def lock_folders(plans, outs):
 def load_network(plan, device):
     """The checkpoint's model in float32 and eval mode, wrapped in DataParallel when several GPUs
     are visible to one process (not under torchrun: there each process has its own GPU)."""
+    if plan.zoo:
+        s = plan.saved
+        model = robustbench_io.load_zoo_model(s["dataset"], s["norm"], s["robustbench"], plan.zoo)
+        return over_all_gpus(model.to(device).float().eval(), device), {}
     ckpt = load_checkpoint(plan.path)
     try:
         model = model_from_args(plan.saved)
@@ -512,7 +519,7 @@ def evaluate_checkpoint(plan, args, device):
     n_chunks = math.ceil(plan.n / args.chunk_size)
     if rank == 0:
         print(f"{plan.path}: {saved['method']} {saved['dataset']} {saved['model']} seed {saved['seed']}, "
-              f"AutoAttack Linf eps {eps:g} on {plan.n} {args.split} images in {n_chunks} chunk(s)"
+              f"AutoAttack {plan.norm} eps {eps:g} on {plan.n} {args.split} images in {n_chunks} chunk(s)"
               + (f" over {world} processes" if world > 1 else ""), flush=True)
     for k in range(rank, n_chunks, world):
         path = os.path.join(chunk_dir, f"chunk-{k:05d}.npz")
@@ -522,7 +529,8 @@ def evaluate_checkpoint(plan, args, device):
         t0 = time.time()
         per_sample, info = evaluate_autoattack(
             net, x[lo:hi], y[lo:hi], eps, args.batch_size, chunk_seed(args.seed, k), device,
-            args.pgd20, args.cw, args.smoke_aa, log_path=os.path.join(chunk_dir, f"chunk-{k:05d}.log"))
+            args.pgd20, args.cw, args.smoke_aa, log_path=os.path.join(chunk_dir, f"chunk-{k:05d}.log"),
+            norm=plan.norm)
         meta = dict(identity=plan.identity, chunk=k, time_s=time.time() - t0, **info)
         write_npz(path, dict(index=np.arange(lo, hi), label=y[lo:hi].numpy(), **per_sample,
                              meta=np.array(json.dumps(meta))))
@@ -556,7 +564,7 @@ def merge_chunks(plan, args, ckpt, chunk_dir, n_chunks, device):
     result = dict(
         format=RESULT_FORMAT, defense=args.defense or tables.row_name(saved, plan.path),
         method=saved["method"], method_title=saved["method_title"], method_weight=saved["method_weight"],
-        method_order=saved["method_order"], distance=saved.get("distance"), dataset=saved["dataset"], model=saved["model"], eps=plan.eps,
+        method_order=saved["method_order"], distance=saved.get("distance"), dataset=saved["dataset"], model=saved["model"], norm=plan.norm, eps=plan.eps,
         train_eps=saved["eps"], lam=saved.get("lam"), beta=saved.get("beta"),
         aux_data=saved.get("aux_data"), init_from=saved.get("init_from"), seed=saved["seed"],
         epochs=saved.get("epochs"), ema=saved.get("ema"),  # with --ema the weights are the average
@@ -590,7 +598,7 @@ def merge_chunks(plan, args, ckpt, chunk_dir, n_chunks, device):
     return result
 
 
-def time_autoattack(net, x, y, eps, args, device):
+def time_autoattack(net, x, y, eps, args, device, norm="linf"):
     """Images per second of the standard AutoAttack (or --smoke-aa) on x, and the projected time
     for the 10,000 test images. The time grows with the share of images still robust after each
     attack, so a model's own first images are the honest sample."""
@@ -598,13 +606,13 @@ def time_autoattack(net, x, y, eps, args, device):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     per_sample, _ = evaluate_autoattack(net, x, y, eps, args.batch_size, chunk_seed(args.seed, 0),
-                                        device, smoke=args.smoke_aa)
+                                        device, smoke=args.smoke_aa, norm=norm)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     rate = len(y) / seconds
     return dict(format=TIMING_FORMAT, images=len(y), seconds=seconds, images_per_s=rate,
-                projected_test_set_s=TEST_SET_SIZE / rate, eps=eps, batch_size=args.batch_size,
+                projected_test_set_s=TEST_SET_SIZE / rate, norm=norm, eps=eps, batch_size=args.batch_size,
                 natural=per_sample["natural"].mean().item(), autoattack=per_sample["square"].mean().item(),
                 aa_version="smoke" if args.smoke_aa else "standard", device=str(device),
                 gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -683,8 +691,12 @@ def run_plans(plans, outs, args):
             x = torch.rand(args.time_images, *DATASETS[args.time_dataset].shape)
             with torch.no_grad():  # labels = the model's own predictions: every image is attacked
                 y = torch.cat([model(b.to(device)).argmax(1).cpu() for b in x.split(args.batch_size)])
-            eps = args.eps if args.eps is not None else DATASETS[args.time_dataset].eval_eps or DATASETS[args.time_dataset].preset["eps"]
-            timing = time_autoattack(model, x, y, eps, args, device)
+            d, norm = DATASETS[args.time_dataset], args.norm or "linf"
+            eps = args.eps if args.eps is not None else (
+                d.eval_eps or d.preset["eps"] if norm == "linf" else d.l2_eval_eps or d.l2_preset.get("eps"))
+            if eps is None:
+                raise UserError(f"--norm l2 has no radius for {args.time_dataset}: give --eps")
+            timing = time_autoattack(model, x, y, eps, args, device, norm)
             report_timing(timing, args.out, f"random {args.time_model} on {args.time_dataset}-shaped images")
             return [timing]
         if args.time_images is not None:
@@ -693,7 +705,7 @@ def run_plans(plans, outs, args):
                 net, _ = load_network(plan, device)
                 x, y = first_images(split_dataset(plan.saved, args.split, args.data_dir),
                                     min(args.time_images, plan.n))
-                timings.append(time_autoattack(net, x, y, plan.eps, args, device))
+                timings.append(time_autoattack(net, x, y, plan.eps, args, device, plan.norm))
                 report_timing(timings[-1], out, plan.path)
             return timings
         return [evaluate_checkpoint(plan, args, device) for plan in plans]

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from attacks import attack_pgd_ce, evaluate, upcast_half  # noqa: F401  (attack_pgd_ce: for the scripts)
+from attacks import attack_pgd_ce, evaluate, perturbation_norm, pgd_step, upcast_half  # noqa: F401  (attack_pgd_ce, pgd_step: for the scripts)
 from checkpoints import checkpoint_state, load_checkpoint, model_from_args, init_from, restore, save_checkpoint
 from common import UserError, cli, write_atomic  # noqa: F401  (cli: the scripts' command line)
 from config import Method, add_self_adaptive_flags, allowed, base_parser, finish_args  # noqa: F401  (re-exported: the scripts import harness alone)
@@ -143,14 +143,14 @@ STAT_KEYS = ("loss", "ce", "train_nat", "images", "grad_norm", "attack_dist", "a
 class EpochStats:
     """Per-epoch sums (STAT_KEYS) of the loss, the cross-entropy of the returned logits (natural,
     except Madry's adversarial ones), correct predictions, images, the gradient norm, the training
-    attack's Linf displacement ||x' - x|| / eps, the samples it left stuck (displacement under one
+    attack's displacement ||x' - x|| / eps in --norm, the samples it left stuck (displacement under one
     step: every step had a zero gradient, bar the 0.001 N(0, 1) start), the logit margin (top-1
     minus top-2: softmax saturates in float32 beyond ~17); the largest gradient norm; the first
     non-finite batch and what was non-finite in it (BAD_QUANTITY); with --clip-grad-norm, the
     steps it clipped. Kept on the device: the loop syncs with the host every --log-every batches."""
 
-    def __init__(self, device, eps, step_size, check_grad=True, clip=None):
-        self.eps, self.step_size = eps, step_size  # the training attack's, for its displacement
+    def __init__(self, device, eps, step_size, check_grad=True, clip=None, norm="linf"):
+        self.eps, self.step_size, self.norm = eps, step_size, norm  # the training attack's, for its displacement
         self.clip = clip  # --clip-grad-norm: count the steps whose gradient norm was above it
         self.clipped = torch.zeros((), device=device)
         self.sums = torch.zeros(len(STAT_KEYS), device=device)
@@ -170,7 +170,7 @@ class EpochStats:
         self.bad_kind = torch.where(new_bad, kind, self.bad_kind)
         n = len(y)
         correct = (logits.argmax(1) == y).sum().float()
-        moved = (x_adv.detach() - x).flatten(1).abs().amax(dim=1).float()
+        moved = perturbation_norm(x_adv.detach() - x, self.norm).float()
         top2 = logits.topk(min(2, logits.shape[1]), dim=1).values
         self.sums += torch.stack([loss * n, F.cross_entropy(logits, y) * n, correct,
                                   torch.ones_like(loss) * n, grad_norm.detach() * n,
@@ -412,7 +412,7 @@ def train_and_test(args, train_step, device, ckpt, signals):
         lr = state.optimizer.param_groups[0]["lr"]  # this epoch's learning rate
         stats = train_epoch(state, args, train_step, nets, train_set, epoch, device)
         epoch_time = time.time() - t0
-        val_nat, val_pgd = evaluate(eval_model, val_loader, args.eps, args.eval_steps, device)
+        val_nat, val_pgd = evaluate(eval_model, val_loader, args.eps, args.eval_steps, device, args.norm)
         record = epoch_record(state, stats, epoch, lr, val_nat, val_pgd, epoch_time)
         log(epoch_line(record, args, state))
         with signals.held():
@@ -477,7 +477,7 @@ def train_epoch(state, args, train_step, nets, train_set, epoch, device):
     if state.soft_targets is not None:
         state.soft_targets.set_epoch(epoch)
     stats = EpochStats(device, args.eps, args.step_size, check_grad=args.dtype != "float16",
-                       clip=args.clip_grad_norm)
+                       clip=args.clip_grad_norm, norm=args.norm)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                disable=None if is_main() else True)
     for i, (x, y, idx) in enumerate(bar):
@@ -553,9 +553,9 @@ def final_test(state, args, eval_model, test_set, device):
     best_ckpt = load_checkpoint(os.path.join(args.out_dir, "best.pt"), resuming=True)
     state.evaluated_model().load_state_dict(best_ckpt["model"])  # with --ema, the average
     test_nat, test_pgd = evaluate(eval_model, eval_loader(test_set, args, device), args.eps,
-                                  args.eval_steps, device)
+                                  args.eval_steps, device, args.norm)
     return dict(method=args.method, method_title=args.method_title, distance=getattr(args, "distance", None),
-                dataset=args.dataset, model=args.model, eps=args.eps,
+                dataset=args.dataset, model=args.model, norm=args.norm, eps=args.eps,
                 lam=getattr(args, "lam", None), beta=getattr(args, "beta", None),
                 aux_data=args.aux_data, seed=args.seed, epochs=args.epochs, best_epoch=best_ckpt["epoch"],
                 val_nat=best_ckpt["history"][-1]["val_nat"], val_pgd=best_ckpt["best_val_pgd"],

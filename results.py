@@ -2,7 +2,7 @@
 where it goes, what it must hold, and whether an evaluation is finished and whole. Read by
 eval_autoattack.py, tables.py and the plan of run_all.sh.
 
-    <run>/autoattack[-<checkpoint>][-eps<eps>][-val].json   default_out()
+    <run>/autoattack[-<checkpoint>][-l2][-eps<eps>][-val].json   default_out()
     <run>/<same stem>.npz     per image: index, label, natural, apgd-ce ... square [, pgd20, cw]
 """
 import math
@@ -14,22 +14,24 @@ from run_folder import missing_run_file
 RESULT_FORMAT = "fire-repro-autoattack/1"  # the `format` of a result JSON
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")  # AutoAttack's standard order
 RESULT_FIELDS = {"defense": str, "method": str, "method_title": str, "method_order": int, "dataset": str,
-                 "model": str, "eps": (int, float), "seed": int, "natural": (int, float),
+                 "model": str, "eps": (int, float), "seed": (int, type(None)), "natural": (int, float),
                  "autoattack": (int, float), "avg_acc": (int, float), "n_examples": int, "split": str,
-                 "train_identity": dict}
-# Values a result's numbers may take: accuracies are shares of images, radii are in pixel units of [0, 1].
+                 "train_identity": dict}  # seed None: a model without one (a RobustBench entry)
+# Values a result's numbers may take: accuracies are shares of images; radii are in pixel units,
+# in [0, 1] for Linf and up to the box's diagonal (L2_EPS) in L2.
 UNIT = (0.0, 1.0)
+L2_EPS = (0.0, 100.0)
 RESULT_RANGES = {"natural": UNIT, "autoattack": UNIT, "avg_acc": UNIT, "pgd20": UNIT, "cw": UNIT,
                  "eps": UNIT, "train_eps": UNIT, "n_examples": (1, math.inf), "seed": (0, math.inf),
                  "train_time_s": (0.0, math.inf), "pretrain_time_s": (0.0, math.inf)}
-OPTIONAL = ("pgd20", "cw", "train_eps", "train_time_s", "pretrain_time_s")  # may be absent or null
+OPTIONAL = ("pgd20", "cw", "train_eps", "train_time_s", "pretrain_time_s", "seed")  # may be absent or null
 
 
-def default_out(checkpoint, eps=None, train_eps=None, split="test"):
-    """<run>/autoattack[-<name>][-eps<eps>][-val].json: different checkpoints, radii and splits
-    never share a file."""
+def default_out(checkpoint, eps=None, train_eps=None, split="test", norm="linf"):
+    """<run>/autoattack[-<name>][-l2][-eps<eps>][-val].json: different checkpoints, threat models,
+    radii and splits never share a file (an Linf result's name has no norm, as before --norm)."""
     stem = os.path.splitext(os.path.basename(checkpoint))[0]
-    name = "autoattack" + ("" if stem == "best" else f"-{stem}")
+    name = "autoattack" + ("" if stem == "best" else f"-{stem}") + ("" if norm == "linf" else f"-{norm}")
     if eps is not None and train_eps is not None and abs(eps - train_eps) > 1e-9:
         name += f"-eps{eps_text(eps, sep='-')}"
     if split != "test":
@@ -88,7 +90,10 @@ def value_problem(record):
     for key, kind in RESULT_FIELDS.items():
         if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
             return f"not a complete result ({key!r} missing or of the wrong type)"
+    l2 = record.get("norm") == "l2"
     for key, (low, high) in RESULT_RANGES.items():
+        if l2 and key in ("eps", "train_eps"):
+            low, high = L2_EPS
         value = record.get(key)
         if value is None and key in OPTIONAL:
             continue

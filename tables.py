@@ -50,6 +50,15 @@ def rehearsal(results):
     """Whether any of the results comes from a --rehearsal run (generated data)."""
     return any((r.get("train_identity") or {}).get("rehearsal") for r in results)
 
+def norm_of(r):
+    """A result's threat model: its `norm`, linf for results and quoted rows from before --norm."""
+    return r.get("norm") or "linf"
+
+
+def threat_text(r):
+    """The ε cell: '8/255' for Linf (the paper's tables), 'L2 0.5' for L2."""
+    return eps_text(r["eps"]) if norm_of(r) == "linf" else f"L2 {r['eps']:g}"
+
 
 def dataset_title(name):
     return DATASETS[name].title if name in DATASETS else name
@@ -65,6 +74,8 @@ def row_name(saved, checkpoint):
     Rice et al. 2020). TRADES on extra data is Carmon et al.'s 'RST-adv'; a run fine-tuned from
     another (--init-from) is Hendrycks et al.'s 'Pre-training'.
     """
+    if saved.get("robustbench"):  # an entry of RobustBench's model zoo (robustbench_io.py)
+        return f"{saved['robustbench']} (RobustBench)"
     stem = os.path.splitext(os.path.basename(checkpoint))[0]
     # today's recipe (docs/modern-recipe.md): its runs are other rows than the method's
     # (a part that starts after the last epoch was never done: no " + AWP" for it)
@@ -184,18 +195,19 @@ def training_settings(r):
 def group_key(r):
     """Rows of a table: results are averaged over seeds only when they agree in everything else:
     the row name, the training identity bar the seed (every setting that changes what a run
-    computes: a new flag too), the checkpoint, and the evaluation eps, images, split and AutoAttack
-    version."""
+    computes: a new flag too), the checkpoint, and the evaluation norm, eps, images, split and
+    AutoAttack version."""
     training = json.dumps(training_settings(r), sort_keys=True)
-    return (r["defense"], training, r.get("checkpoint_kind"), r["dataset"], r["model"], rounded(r["eps"]),
+    return (r["defense"], training, r.get("checkpoint_kind"), r["dataset"], r["model"], norm_of(r),
+            rounded(r["eps"]),
             r.get("n_examples"), r.get("split"), r.get("aa_version"), bool(r.get("quoted")))
 
 
 # Training settings that a row already shows: in its name (method, weight, loss, regulariser,
 # self-adaptive targets, augmentation, extra data, pre-training) or a column (data set,
-# architecture, training eps).
+# architecture, training eps, the threat model in the ε column).
 SHOWN_IN_ROW = frozenset({"method", "lam", "beta", "loss", "distance", "self_adaptive", "augment",
-                          "aux_data", "init_from", "dataset", "model", "eps"})
+                          "aux_data", "init_from", "dataset", "model", "eps", "norm"})
 
 
 def varies(settings, key):
@@ -301,7 +313,7 @@ def row_order(r):
         method = 5
     datasets = list(DATASETS)
     order = datasets.index(r["dataset"]) if r["dataset"] in datasets else len(datasets)
-    return (extra_data(r), order, r["eps"], r["model"],
+    return (extra_data(r), order, norm_of(r), r["eps"], r["model"],
             method, r.get("lam") or 0, r.get("beta") or 0, r["defense"], r.get("n_examples") or 0,
             r.get("split") or "", r.get("train_eps") or 0)
 
@@ -332,9 +344,12 @@ def paired_difference(a, b, n_boot=N_BOOTSTRAP, seed=0):
 
 def matched_seeds(rows, ref):
     """Per-image AutoAttack results of the seeds both rows have, on the same images:
-    [(row's, reference's)] for each seed whose .npz files exist and whose image indices agree."""
-    mine = {r["seed"]: r for r in reversed(rows)}  # the first result of a seed
+    [(row's, reference's)] for each seed whose .npz files exist and whose image indices agree.
+    A model without a seed (a RobustBench entry) is paired with every seed of the reference."""
     theirs = {r["seed"]: r for r in reversed(ref)}
+    mine = {r["seed"]: r for r in reversed(rows)}  # the first result of a seed
+    if None in mine:
+        mine = {seed: mine[None] for seed in theirs}
     pairs = []
     for seed in sorted(set(mine) & set(theirs)):
         a, b = per_sample_aa(mine[seed]), per_sample_aa(theirs[seed])
@@ -351,7 +366,7 @@ def shared_settings(a, b):
 
 def paired_cells(groups):
     """For each row, its paired AutoAttack difference to FIRE (lam 12) in points with the 95%
-    interval: the FIRE row of the same data set, split and evaluation eps, preferring the same
+    interval: the FIRE row of the same data set, split and evaluation norm and eps, preferring the same
     extra data, architecture and other training settings, with the most matched seeds; '-' when
     nothing can be paired. A FIRE (lam 12) row is its own reference."""
     cells = {}
@@ -367,7 +382,8 @@ def paired_cells(groups):
             continue
         for ref in fire:
             f = ref[0]
-            if (f["dataset"], f["split"], rounded(f["eps"])) != (r["dataset"], r["split"], rounded(r["eps"])):
+            if ((f["dataset"], f["split"], norm_of(f), rounded(f["eps"]))
+                    != (r["dataset"], r["split"], norm_of(r), rounded(r["eps"]))):
                 continue
             pairs = matched_seeds(rows, ref)
             score = (len(pairs) > 0, extra_data(f) == extra_data(r), f["model"] == r["model"],
@@ -415,13 +431,13 @@ def summarize(results, title=None, quoted=(), left_out=()):
             label = "**With additional data**" if current else "**Without additional data**"
             lines.append("| " + label + " |" + " |" * (len(header) - 1))
         seeds = sorted({x["seed"] for x in rows if x["seed"] is not None})
-        if r.get("quoted"):
+        if r.get("quoted") or not seeds:  # quoted, or a model without a seed (RobustBench)
             seeds_text = "-"
         elif len(seeds) != len(rows):  # the same seed twice (e.g. copied folders): say so
             seeds_text = f"{len(rows)} results, seeds {','.join(map(str, seeds))}"
         else:
             seeds_text = f"{len(rows)} ({','.join(map(str, seeds))})"
-        cells = [r["defense"], dataset_title(r["dataset"]), eps_text(r["eps"]),
+        cells = [r["defense"], dataset_title(r["dataset"]), threat_text(r),
                  fmt_model(r["model"]), *[fmt(r.get(field)) if not r.get("quoted") else "-"
                                           for field, _, fmt in settings],
                  *[settings_text(training_settings(r), training.get(r["dataset"], []))
@@ -439,7 +455,8 @@ def summarize(results, title=None, quoted=(), left_out=()):
     smoke = any(r.get("aa_version") != "standard" for r in results)
     lines += ["", f"Accuracies in %, mean ± sample standard deviation (ddof = 1) over seeds (one "
                   f"seed: the value alone); AutoAttack = "
-                  f"{'reduced smoke version' if smoke else 'standard version'}, Linf, on "
+                  f"{'reduced smoke version' if smoke else 'standard version'}, "
+                  f"{' and '.join(sorted({'L2' if norm_of(r) == 'l2' else 'Linf' for r in [*results, *quoted]}))}, on "
                   f"{'/'.join(map(str, sorted(n)))} {'/'.join(sorted({r['split'] for r in results}))} "
                   f"images; Avg. Acc. = (Natural + AutoAttack) / 2; RunTime = mean wall-clock "
                   f"training time (pre-training + fine-tuning for runs initialised from another). "

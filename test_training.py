@@ -6,7 +6,6 @@ import os
 import subprocess
 import time
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -19,7 +18,7 @@ import harness
 import tables
 import train_fire
 import train_trades
-from conftest import HERE, PY, QUICK, cli_error, imagenet32_folder, make_bench, run_script
+from conftest import HERE, PY, QUICK, FakeCIFAR, cli_error, imagenet32_folder, make_bench, run_script
 from models import get_model
 from train_fire import fisher_rao_distance
 from train_trades import kl_per_sample
@@ -432,23 +431,6 @@ def test_the_pinned_comparison_catches_a_changed_setting(change, tmp_path):
 # ---- --init-from: pre-training on imagenet32, fine-tuning on CIFAR -----------------------------
 TINY = ["--model", "wrn-10-1", "--epochs", "1", "--batch-size", "16", "--attack-steps", "1",
         "--eval-steps", "1", "--workers", "0", "--device", "cpu"]
-
-
-class FakeCIFAR(torch.utils.data.Dataset):
-    """What torchvision's CIFAR10 yields (PIL images, integer labels): the real cifar10 code path
-    of data.get_datasets without the download."""
-
-    def __init__(self, n, seed):
-        rng = np.random.default_rng(seed)
-        self.data = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-        self.targets = rng.integers(0, 10, n).tolist()
-
-    def __len__(self):
-        return len(self.targets)
-
-    def __getitem__(self, i):
-        from PIL import Image
-        return Image.fromarray(self.data[i]), self.targets[i]
 
 
 @pytest.fixture

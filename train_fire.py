@@ -1,6 +1,6 @@
 """FIRE: adversarial training with the Fisher-Rao regulariser (Picot et al., Eq. 7).
 
-    loss = CE(f(x), y) + lam * d^2(q(.|x), q(.|x')),   x' = PGD maximising d^2 in the Linf eps-ball,
+    loss = CE(f(x), y) + lam * d^2(q(.|x), q(.|x')),   x' = PGD maximising d^2 in the eps-ball (--norm),
     d(q, q') = 2 arccos(sum_y sqrt(q(y) q'(y)))  (Eq. 15, the Fisher-Rao distance of two softmaxes).
 
 Commands:
@@ -10,6 +10,7 @@ Commands:
     python train_fire.py --dataset cifar10                # WRN-34-10, lam 12; all visible GPUs
     torchrun --nproc_per_node=4 train_fire.py --dataset cifar10    # the same with DDP
     python train_fire.py --dataset cifar10 --out-dir runs/c10 --resume auto   # resume if preempted
+    python train_fire.py --dataset cifar10 --norm l2      # L2 threat model (eps 128/255; docs/threat-models.md)
 
 To try another regulariser, edit `fire_loss` (or add an entry to REGULARISERS): the attack and
 the training step call it, and nothing else in the repository changes. Data, evaluation,
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import harness
-from harness import Method, natural_ce, upcast_half
+from harness import Method, natural_ce, pgd_step, upcast_half
 
 
 def get_args(argv=None):
@@ -92,8 +93,9 @@ def fire_loss(logits_nat, logits_adv, targets, lam, regulariser=fisher_rao_sq):
 # The attack and the training step
 
 
-def attack_fire(model, x, eps, step_size, steps, regulariser=fisher_rao_sq):
-    """Linf PGD maximising d^2(q(.|x), q(.|x')) (or another regulariser) from x + 0.001 N(0, 1).
+def attack_fire(model, x, eps, step_size, steps, regulariser=fisher_rao_sq, norm="linf"):
+    """PGD in the `norm` eps-ball (attacks.pgd_step) maximising d^2(q(.|x), q(.|x')) (or another
+    regulariser) from x + 0.001 N(0, 1): at x' = x the gradient of d^2 is zero, so the start is off x.
 
     The natural logits are computed once. Gradients are taken with respect to the input only.
     The caller puts the model in eval mode (no dropout, frozen BatchNorm statistics).
@@ -105,8 +107,7 @@ def attack_fire(model, x, eps, step_size, steps, regulariser=fisher_rao_sq):
         x_adv.requires_grad_(True)
         objective = regulariser(logits_nat, model(x_adv)).sum()
         grad, = torch.autograd.grad(objective, x_adv)
-        x_adv = x_adv.detach() + step_size * grad.sign()
-        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+        x_adv = pgd_step(x_adv.detach(), grad, x, eps, step_size, norm)
     return x_adv.detach()
 
 
@@ -118,7 +119,8 @@ def train_step(args, model, attack_model, x, y, idx, soft_targets=None, x_adv=No
     if x_adv is None:
         # Attack in eval mode: no dropout, BatchNorm uses its running statistics and does not update them.
         attack_model.eval()
-        x_adv = attack_fire(attack_model, x, args.eps, args.step_size, args.attack_steps, regulariser)
+        x_adv = attack_fire(attack_model, x, args.eps, args.step_size, args.attack_steps, regulariser,
+                            args.norm)
     model.train()
     logits_nat, logits_adv = model(x), model(x_adv)
     # Self-adaptive training (Huang et al. 2020) replaces the labels by soft targets; same loss.

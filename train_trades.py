@@ -12,6 +12,7 @@ Commands:
     python train_trades.py --dataset cifar10 --loss madry    # "Madry et al." / "Overfitting" rows
     python train_trades.py --dataset cifar10 --self-adaptive # "Self Adaptive" row (Huang et al.)
     torchrun --nproc_per_node=4 train_trades.py --dataset cifar10
+    python train_trades.py --dataset cifar10 --norm l2       # L2 threat model (docs/threat-models.md)
 
 Data, schedule, evaluation, checkpoints and the epoch loop live in harness.py, shared with
 train_fire.py, so the only difference from FIRE is the loss and the attack objective.
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import harness
-from harness import Method, attack_pgd_ce, natural_ce, upcast_half
+from harness import Method, attack_pgd_ce, natural_ce, pgd_step, upcast_half
 
 # --loss: the method its runs are (folder, table row title, row order and weight flag; harness.Method)
 METHODS = {
@@ -87,8 +88,9 @@ def mart_loss(logits_nat, logits_adv, y, beta):
 # The attacks and the training step
 
 
-def attack_trades(model, x, eps, step_size, steps):
-    """Linf PGD maximising KL(q(.|x) || q(.|x')) from x + 0.001 * N(0, 1); returns x'.
+def attack_trades(model, x, eps, step_size, steps, norm="linf"):
+    """PGD in the `norm` eps-ball (attacks.pgd_step) maximising KL(q(.|x) || q(.|x')) from
+    x + 0.001 * N(0, 1), as TRADES' code does in both norms; returns x'.
 
     The natural logits are computed once (TRADES' code recomputes them at every step: same
     result in eval mode, K extra forwards). Caller sets eval mode.
@@ -100,8 +102,7 @@ def attack_trades(model, x, eps, step_size, steps):
         x_adv.requires_grad_(True)
         objective = kl_per_sample(logits_nat, model(x_adv)).sum()
         grad, = torch.autograd.grad(objective, x_adv)
-        x_adv = x_adv.detach() + step_size * grad.sign()
-        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+        x_adv = pgd_step(x_adv.detach(), grad, x, eps, step_size, norm)
     return x_adv.detach()
 
 
@@ -112,12 +113,13 @@ def train_step(args, model, attack_model, x, y, idx, soft_targets=None, x_adv=No
         # Attack in eval mode: no dropout, BatchNorm uses its running statistics and does not update them.
         attack_model.eval()
         if args.loss == "trades":
-            x_adv = attack_trades(attack_model, x, args.eps, args.step_size, args.attack_steps)
+            x_adv = attack_trades(attack_model, x, args.eps, args.step_size, args.attack_steps, args.norm)
         elif args.loss == "madry":  # uniform random start in the eps-ball (Madry et al.)
-            x_adv = attack_pgd_ce(attack_model, x, y, args.eps, args.step_size, args.attack_steps)
+            x_adv = attack_pgd_ce(attack_model, x, y, args.eps, args.step_size, args.attack_steps,
+                                  norm=args.norm)
         else:  # MART's code starts from x + 0.001 * N(0, 1)
             x_adv = attack_pgd_ce(attack_model, x, y, args.eps, args.step_size, args.attack_steps,
-                                  start="normal")
+                                  start="normal", norm=args.norm)
     model.train()
     if args.loss == "madry":
         logits_adv = model(x_adv)

@@ -1,0 +1,76 @@
+"""Export an evaluation to RobustBench: its model_info JSON and the weights in RobustBench's form.
+
+The evaluation must be at RobustBench's protocol: eval_autoattack.py's standard AutoAttack on the
+first 10,000 test images of CIFAR-10 at 8/255 (Linf) or 0.5 (--norm l2), or of CIFAR-100 at 8/255,
+of a WideResNet checkpoint. What a result cannot know (the paper, its authors, its venue) comes
+from the flags. Writes, in RobustBench's layouts (docs/robustbench.md):
+
+    <out-dir>/model_info/<dataset>/<Linf|L2>/<name>.json   the leaderboard entry
+    <out-dir>/models/<dataset>/<Linf|L2>/<name>.pt         {"state_dict": ...} for its WideResNet
+
+Command:
+    python export_robustbench.py runs/c10-l2/autoattack-l2-eps0.5.json --name Picot2021Adversarial \\
+        --link https://arxiv.org/abs/2106.06685 --paper "Adversarial Robustness via Fisher-Rao Regularization" \\
+        --authors "Marine Picot, Francisco Messina, Malik Boudiaf, Fabrice Labeau, Ismail Ben Ayed, Pablo Piantanida" \\
+        --venue "IEEE TPAMI 2022" --out-dir robustbench-export
+"""
+import os
+import re
+
+from checkpoints import load_checkpoint
+from common import ArgumentParser, UserError, check_input_file, check_output, cli, read_json, write_atomic, write_json
+from data import DATASETS
+from results import RESULT_FORMAT, checkpoint_of, result_problem
+import robustbench_io
+
+
+def get_args(argv=None):
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("result", type=str, help="result JSON of eval_autoattack.py (at RobustBench's protocol)")
+    p.add_argument("--name", type=str, required=True,
+                   help="the entry's name on RobustBench, e.g. Picot2021Adversarial (letters, digits, _ -)")
+    p.add_argument("--link", type=str, required=True, help="the paper's URL")
+    p.add_argument("--paper", type=str, required=True, help="the paper's title (model_info's `name`)")
+    p.add_argument("--authors", type=str, required=True, help="the paper's authors, comma-separated")
+    p.add_argument("--venue", type=str, required=True, help="where it was published, e.g. 'ICML 2021'")
+    p.add_argument("--reported", type=float, default=None,
+                   help="robust accuracy in %% reported in the paper (default: this AutoAttack accuracy)")
+    p.add_argument("--footnote", type=str, default=None, help="the leaderboard's footnote (default: none)")
+    p.add_argument("--out-dir", type=str, default="robustbench-export", help="folder the two files go into")
+    args = p.parse_args(argv)
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", args.name):
+        p.error(f"--name must be letters, digits, _ and -, got {args.name!r}")
+    if args.reported is not None and not 0 <= args.reported <= 100:
+        p.error(f"--reported is a percentage in [0, 100], got {args.reported}")
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    check_input_file(args.result, "result")
+    record = read_json(args.result)
+    if not isinstance(record, dict) or record.get("format") != RESULT_FORMAT:
+        raise UserError(f"{args.result!r} is not a result of eval_autoattack.py")
+    problem = result_problem(record, args.result) or robustbench_io.protocol_problem(record)
+    if problem:
+        raise UserError(f"{args.result!r} cannot go to RobustBench: {problem}")
+    threat = robustbench_io.THREATS[record.get("norm") or "linf"]
+    info_path = os.path.join(args.out_dir, "model_info", record["dataset"], threat, f"{args.name}.json")
+    weights_path = os.path.join(args.out_dir, "models", record["dataset"], threat, f"{args.name}.pt")
+    for path in (info_path, weights_path):
+        check_output(path, "output")
+    ckpt = load_checkpoint(checkpoint_of(record, args.result))  # its SHA-256 is the evaluated one's
+    weights = robustbench_io.export_weights(ckpt["model"], record["model"], DATASETS[record["dataset"]].classes)
+    info = robustbench_io.model_info(record, dict(link=args.link, name=args.paper, authors=args.authors,
+                                                  venue=args.venue, reported=args.reported,
+                                                  footnote=args.footnote))
+    import torch
+    write_atomic(weights_path, lambda f: torch.save(weights, f), binary=True)
+    write_json(info_path, info)
+    print(f"{args.result}: {info['architecture']} {record['dataset']} {threat} eps {info['eps']}, clean "
+          f"{info['clean_acc']}%, AutoAttack {info['autoattack_acc']}% -> {info_path}, {weights_path}")
+    return info_path, weights_path
+
+
+if __name__ == "__main__":
+    cli(main)
