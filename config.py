@@ -275,8 +275,9 @@ NOT_IDENTITY = frozenset({"out_dir", "resume", "overwrite", "data_dir", "device"
                           "print_identity", "planned", "init_from_sha256", "pretrain_time_s",
                           "method_title", "method_weight", "method_order"})  # the last three: of `method`
 # A flag added after runs were named keeps their names: at its old behaviour it is left out of the
-# identity (DEFAULT_IDENTITY), so --norm linf, the only threat model before --norm, hashes as before.
-DEFAULT_IDENTITY = {"norm": "linf"}
+# identity (DEFAULT_IDENTITY), so --norm linf, the only threat model before --norm, and a run on
+# real data (no --rehearsal) hash as before.
+DEFAULT_IDENTITY = {"norm": "linf", "rehearsal": False}
 IDENTITY_PATHS = ("aux_data", "init_from")  # compared as normalised paths: ./x and x are one file
 
 

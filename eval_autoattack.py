@@ -570,7 +570,7 @@ def merge_chunks(plan, args, ckpt, chunk_dir, n_chunks, device):
         epochs=saved.get("epochs"), ema=saved.get("ema"),  # with --ema the weights are the average
         lr=saved.get("lr"), checkpoint=os.path.abspath(plan.path),
         checkpoint_kind=os.path.splitext(os.path.basename(plan.path))[0], epoch=ckpt.get("epoch"),
-        train_time_s=train_time, train_time_source=source, pretrain_time_s=pretrain_time,
+        train_time_s=train_time if math.isfinite(train_time) else None, train_time_source=source, pretrain_time_s=pretrain_time,
         split=args.split, **accuracies(per_sample, args.smoke_aa),
         max_perturbation=max(meta["max_perturbation"] for _, meta in chunks),
         aa_warnings=warnings, aa_seed=args.seed, **plan.identity, train_identity=plan.train_identity,
