@@ -23,7 +23,7 @@ import os
 
 from common import ArgumentParser, UserError, check_output, cli, write_atomic
 from config import run_identity
-from tables import figure_formats, row_name, settings_text, varies
+from tables import figure_formats, mean_std, row_name, settings_text, varies
 
 # (metrics.jsonl key, panel title, y label, scale): one panel each; grad_norm_max joins grad_norm
 PANELS = [("val_nat", "validation natural accuracy", "%", 100),
@@ -98,14 +98,13 @@ def read_run(folder):
     return dict(folder=folder, args=args, records=records)
 
 
-def mean_std(values):
-    """Mean and sample standard deviation (0 for one value) of the finite values; nan if none."""
+def finite_mean_std(values):
+    """tables.mean_std of the finite values (std 0 for one value); nan, nan if there are none."""
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return math.nan, math.nan
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, std
+    mean, std = mean_std(values)
+    return mean, std or 0.0
 
 
 def curves(runs):
@@ -129,7 +128,7 @@ def curves(runs):
         by_epoch = [{r["epoch"]: r for r in run["records"]} for run in group]
         mean, std = {}, {}
         for k in KEYS:
-            stats = [mean_std([b[e].get(k) for b in by_epoch if e in b]) for e in epochs]
+            stats = [finite_mean_std([b[e].get(k) for b in by_epoch if e in b]) for e in epochs]
             mean[k], std[k] = [s[0] for s in stats], [s[1] for s in stats]
         alarms = [(run["args"]["seed"], next(r["epoch"] for r in run["records"] if r.get("collapsed")))
                   for run in group if any(r.get("collapsed") for r in run["records"])]
@@ -151,6 +150,7 @@ def plot_runs(runs, path, title=None):
     """Draw the curves of `runs` (read_run dicts) into `path` (format from its extension); returns
     curves(runs)."""
     from matplotlib.figure import Figure  # no pyplot: no global state, renders with Agg
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
     drawn = curves(runs)
     fig = Figure(figsize=(13, 7.5))
     axes = fig.subplots(2, 3, sharex=True).ravel()
@@ -179,6 +179,10 @@ def plot_runs(runs, path, title=None):
         ax.set_ylabel(unit)
         ax.grid(alpha=0.3)
     axes[5].set_yscale("log")
+    axes[5].yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    axes[5].yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axes[5].yaxis.set_minor_formatter(NullFormatter())
+    axes[5].xaxis.set_major_locator(MaxNLocator(integer=True))  # shared by every panel
     for ax in axes[3:]:
         ax.set_xlabel("epoch")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=1, fontsize=8,
