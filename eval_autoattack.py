@@ -26,8 +26,8 @@ The images are evaluated in chunks of --chunk-size, each saved when it finishes 
 stem>.chunks/): the same command after a kill or preemption continues from the finished chunks,
 and a finished evaluation of the same checkpoint (same SHA-256) and settings is skipped. Under
 torchrun the chunks are shared among the processes; otherwise all visible GPUs are used through
-DataParallel. On the CPU the full standard AutoAttack takes about a minute for 40 digits images
-with SmallCNN (measured on 2 cores).
+DataParallel. Each attack of each batch prints a line (robust accuracy after it, its time); CPU
+times: docs/performance.md.
 """
 import argparse
 import datetime
