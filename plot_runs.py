@@ -57,7 +57,7 @@ def run_folders(paths):
         for root, subdirs, files in os.walk(path):
             subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
             if "metrics.jsonl" in files:
-                found.append(root)
+                found.append(os.path.normpath(root))
         if not found:
             raise UserError(f"{path!r} holds no run folder (no metrics.jsonl in it or below it)")
         folders += [f for f in found if f not in folders]
