@@ -79,3 +79,15 @@ def test_bad_input_is_one_line(tmp_path, capsys, few_digits):
     assert not (tmp_path / "c.png").exists()
     r = run_script("plot_runs.py", str(tmp_path / "nothing"), "--out", str(tmp_path / "c.png"))
     assert r.returncode == 2 and r.stderr.strip() == f"plot_runs.py: error: {str(tmp_path / 'nothing')!r} does not exist"
+
+
+def test_the_recorded_collapse_is_drawn(tmp_path):
+    """The records kept in docs/records (FIRE at lr 0.05, seed 0, with and without clipping, CPU):
+    the unclipped run's alarm fired in epoch 15, the clipped run's never; two curves, one seed each."""
+    folders = plot_runs.run_folders([os.path.join(plot_runs.__file__.rsplit(os.sep, 1)[0], "docs", "records")])
+    drawn = {c["label"]: c for c in plot_runs.plot_runs([plot_runs.read_run(f) for f in folders],
+                                                          str(tmp_path / "collapse.png"))}
+    assert drawn["FIRE (lam=12)"]["alarms"] == [(0, 15)]
+    assert drawn["FIRE (lam=12) + clip 5"]["alarms"] == []
+    plain, clipped = drawn["FIRE (lam=12)"]["mean"]["val_pgd"], drawn["FIRE (lam=12) + clip 5"]["mean"]["val_pgd"]
+    assert plain[:13] == clipped[:13] and plain[13] < 0.5 * plain[12] <= clipped[13]
