@@ -28,8 +28,8 @@ The images are evaluated in chunks of --chunk-size, each saved when it finishes 
 stem>.chunks/): the same command after a kill or preemption continues from the finished chunks,
 and a finished evaluation of the same checkpoint (same SHA-256) and settings is skipped. Under
 torchrun the chunks are shared among the processes; otherwise all visible GPUs are used through
-DataParallel. On the CPU the full standard AutoAttack takes about a minute for 40 digits images
-with SmallCNN (measured on 2 cores).
+DataParallel. Each attack of each batch prints a line (robust accuracy after it, its time); CPU
+times: docs/performance.md.
 """
 import argparse
 import datetime
@@ -52,7 +52,7 @@ import results
 import robustbench_io
 import tables
 from attacks import NORMS, attack_pgd_ce, cw_margin, perturbation_norm
-from checkpoints import load_checkpoint, load_model_state, model_from_args, run_training_time
+from checkpoints import load_checkpoint, load_model, run_training_time
 from common import (ArgumentParser, Range, UserError, check_output, check_ranges, cli,
                     lock_folder, read_arrays, read_json, sha256_file, write_atomic, write_json)
 from config import run_identity
@@ -213,9 +213,10 @@ def write_npz(path, arrays):
 # Evaluation
 
 
-def autoattack_batch(adversary, model, x, y):
+def autoattack_batch(adversary, model, x, y, say=None):
     """Standard AutoAttack on one batch; returns (clean-correct mask, robust mask after each
-    attack, x_adv).
+    attack, x_adv). `say`, when given, is called with a line per attack ("apgd-ce: robust 0.620
+    (12s)": the batch's robust accuracy after it, its time).
 
     run_standard_evaluation runs its attacks in order, each on the points that survived the
     previous ones. We do exactly that, one attack per call on the same `adversary` (built with
@@ -228,6 +229,7 @@ def autoattack_batch(adversary, model, x, y):
     x_adv = x.clone()
     after = {}
     for attack in STANDARD_ATTACKS:
+        t0 = time.time()
         idx = robust.nonzero().squeeze(1)
         if len(idx) > 0:
             adversary.attacks_to_run = [attack]
@@ -237,6 +239,8 @@ def autoattack_batch(adversary, model, x, y):
             x_adv[idx[fooled]] = adv[fooled]
             robust[idx[fooled]] = False
         after[attack] = robust.clone()
+        if say:
+            say(f"{attack}: robust {robust.float().mean().item():.3f} ({time.time() - t0:.0f}s)")
     adversary.attacks_to_run = list(STANDARD_ATTACKS)
     return correct, after, x_adv
 
@@ -299,10 +303,14 @@ def evaluate_autoattack(model, x, y, eps, batch_size=500, seed=0, device="cpu", 
         max_pert, n = 0.0, 0
         bar = tqdm(range(0, len(x), batch_size), desc="AutoAttack", unit="batch", leave=False,
                    disable=None if progress else True)  # None: off when not a terminal
+
+        def say(line):  # a line per attack, also when the bar is off (stdout not a terminal)
+            tqdm.write(f"  batch {batch + 1}/{math.ceil(len(x) / batch_size)} {line}")
+            sys.stdout.flush()
         for batch, start in enumerate(bar):
             xb = x[start:start + batch_size].to(device)
             yb = y[start:start + batch_size].to(device)
-            correct, after, x_adv = autoattack_batch(adversary, model, xb, yb)
+            correct, after, x_adv = autoattack_batch(adversary, model, xb, yb, say if progress else None)
             per_sample["natural"].append(correct.cpu())
             for attack in STANDARD_ATTACKS:
                 per_sample[attack].append(after[attack].cpu())
@@ -479,20 +487,15 @@ def lock_folders(plans, outs):
 
 
 def load_network(plan, device):
-    """The checkpoint's model in float32 and eval mode, wrapped in DataParallel when several GPUs
-    are visible to one process (not under torchrun: there each process has its own GPU)."""
+    """The checkpoint's model (checkpoints.load_model: eval mode, so no dropout and BatchNorm's
+    running statistics; a RobustBench entry through robustbench_io) in float32, wrapped in
+    DataParallel when several GPUs are visible to one process (not under torchrun: there each
+    process has its own GPU)."""
     if plan.zoo:
         s = plan.saved
         model = robustbench_io.load_zoo_model(s["dataset"], s["norm"], s["robustbench"], plan.zoo)
-        return over_all_gpus(model.to(device).float().eval(), device), {}
-    ckpt = load_checkpoint(plan.path)
-    try:
-        model = model_from_args(plan.saved)
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{plan.path!r} does not describe its model ({type(e).__name__}: {e})") from None
-    load_model_state(model, ckpt, plan.path)
-    model = model.to(device).float().eval()  # eval mode: no dropout, BatchNorm running statistics
-    return over_all_gpus(model, device), ckpt
+        return over_all_gpus(model.to(device).float().eval(), device)
+    return over_all_gpus(load_model(plan.path, device).float(), device)
 
 
 def evaluate_checkpoint(plan, args, device):
@@ -512,7 +515,7 @@ def evaluate_checkpoint(plan, args, device):
                   flush=True)
         return done if rank == 0 else None
     saved, eps = plan.saved, plan.eps
-    net, ckpt = load_network(plan, device)
+    net = load_network(plan, device)
     x, y = first_images(split_dataset(saved, args.split, args.data_dir), plan.n)
     chunk_dir = plan.stem + ".chunks"
     os.makedirs(chunk_dir, exist_ok=True)
@@ -538,13 +541,13 @@ def evaluate_checkpoint(plan, args, device):
               f"{per_sample['square'].mean():.4f} | {meta['time_s']:.0f}s", flush=True)
     if dist.is_initialized():
         dist.barrier()  # every chunk is on disk
-    result = merge_chunks(plan, args, ckpt, chunk_dir, n_chunks, device) if rank == 0 else None
+    result = merge_chunks(plan, args, chunk_dir, n_chunks, device) if rank == 0 else None
     if dist.is_initialized():
         dist.barrier()  # the JSON is written before any process moves on
     return result
 
 
-def merge_chunks(plan, args, ckpt, chunk_dir, n_chunks, device):
+def merge_chunks(plan, args, chunk_dir, n_chunks, device):
     """Per-image arrays of all chunks -> <stem>.npz, <stem>.log and the result JSON."""
     chunks = []
     for k in range(n_chunks):
@@ -558,6 +561,7 @@ def merge_chunks(plan, args, ckpt, chunk_dir, n_chunks, device):
     for _, meta in chunks:
         warnings += [m for m in meta["aa_warnings"] if m not in warnings]
     saved = plan.saved
+    ckpt = {} if plan.zoo else load_checkpoint(plan.path)  # its epoch and training time (a zoo entry: none)
     train_time, source, pretrain_time = run_training_time(plan.path, ckpt)
     import pyautoattack
     per_sample = {k: v for k, v in arrays.items() if k not in ("index", "label")}
@@ -702,7 +706,7 @@ def run_plans(plans, outs, args):
         if args.time_images is not None:
             timings = []
             for plan, out in zip(plans, outs):
-                net, _ = load_network(plan, device)
+                net = load_network(plan, device)
                 x, y = first_images(split_dataset(plan.saved, args.split, args.data_dir),
                                     min(args.time_images, plan.n))
                 timings.append(time_autoattack(net, x, y, plan.eps, args, device, plan.norm))

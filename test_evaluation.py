@@ -41,6 +41,24 @@ def test_autoattack_is_bounded_by_natural_and_pgd(fire_run, tmp_path):
     assert result["train_time_s"] == pytest.approx(summary["train_time_s"])  # from summary.json
 
 
+def test_load_model_gives_the_evaluated_network(fire_run):
+    """checkpoints.load_model (README's three lines): the trained network in eval mode, images in
+    [0, 1] in, logits out; its natural accuracy on the test images is the run's test_nat."""
+    import checkpoints
+    import eval_autoattack as ea
+    out, summary = fire_run
+    model = checkpoints.load_model(str(out / "best.pt"))
+    assert not any(m.training for m in model.modules())
+    saved = torch.load(out / "best.pt", weights_only=True)["args"]
+    test_set = ea.split_dataset(saved, "test")
+    x, y = ea.first_images(test_set, len(test_set))
+    assert x.min() >= 0 and x.max() <= 1
+    with torch.no_grad():
+        logits = model(x)
+    assert logits.shape == (len(y), 10)
+    assert (logits.argmax(1) == y).float().mean().item() == pytest.approx(summary["test_nat"], abs=1e-9)
+
+
 def test_autoattack_refuses_train_mode_and_bad_inputs(fire_run, tmp_path):
     import eval_autoattack as ea
     model = get_model("smallcnn", 10)

@@ -49,6 +49,27 @@ def test_killed_run_resumes_to_identical_result(fire_run, tmp_path):
     assert summary["test_pgd"] == ref_summary["test_pgd"]
 
 
+def test_ctrl_c_says_how_to_continue(tmp_path):
+    """A real SIGINT (Ctrl-C) after the first committed epoch: exit code 130, last.pt kept, and
+    the last line of stderr says that --resume auto continues the run."""
+    cmd = [PY, os.path.join(HERE, "train_fire.py"), *COMMIT, "--epochs", "50", "--out-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"),  # SIGINT as in a terminal, also when
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # run in the background
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (tmp_path / "last.pt").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    try:
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == (f"{tmp_path}: stopped (Ctrl-C or a stop signal); every committed "
+                                            f"epoch is in last.pt: the same command with --resume auto continues it")
+    assert checkpoints.load_checkpoint(str(tmp_path / "last.pt"), resuming=True)["epoch"] >= 1
+
+
 COMMIT = ["--epochs", "2", "--lr", "0.1", "--attack-steps", "2", "--eval-steps", "3", "--batch-size", "64"]
 
 

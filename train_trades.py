@@ -7,7 +7,7 @@
     trades --self-adaptive: TRADES with the CE on self-adaptive soft targets (Huang et al. 2020)
 
 Commands:
-    python train_trades.py                                   # TRADES on digits, CPU, ~1 minute
+    python train_trades.py                                   # TRADES on digits, CPU: its step costs FIRE's (docs/performance.md)
     python train_trades.py --dataset cifar10                 # WRN-34-10, beta 6; all visible GPUs
     python train_trades.py --dataset cifar10 --loss madry    # "Madry et al." / "Overfitting" rows
     python train_trades.py --dataset cifar10 --self-adaptive # "Self Adaptive" row (Huang et al.)

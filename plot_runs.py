@@ -1,0 +1,214 @@
+"""Training curves of run folders: the per-epoch records of metrics.jsonl as one figure.
+
+Six panels against the epoch: validation natural and PGD accuracy, training natural accuracy,
+the loss and the regulariser (`reg` = loss - CE), the mean batch gradient norm with the largest
+step of the epoch (`grad_norm`, `grad_norm_max`, log scale). The collapse alarm (`collapsed`:
+validation PGD below half its best for 2 epochs) is a dotted vertical line at the first epoch it
+fired and a cross on the validation PGD curve. Runs that differ only in the seed (config.run_identity
+of their arguments) are one curve, the mean over seeds with a band of +- one standard deviation,
+labelled by the row name the tables give (tables.row_name). The extension of --out picks the format.
+
+Commands:
+    python plot_runs.py runs/fire-digits-s0 --out curves.png
+    python plot_runs.py runs/fire-mnist5k-s0 runs/fire-mnist5k-s1 runs/trades-mnist5k-s0 --out curves.pdf
+    python plot_runs.py runs/ --out curves.png     # every run folder under runs/, seeds averaged
+
+A run is read from its folder as it stands: metrics.jsonl (every committed epoch, also of a run
+still going or stopped early) and the arguments log.txt records (the last line of arguments: a
+resumed run's); no checkpoint is loaded.
+"""
+import json
+import math
+import os
+
+from common import ArgumentParser, UserError, check_output, cli, write_atomic
+from config import run_identity
+from tables import figure_formats, mean_std, row_name, settings_text, varies
+
+# (metrics.jsonl key, panel title, y label, scale): one panel each; grad_norm_max joins grad_norm
+PANELS = [("val_nat", "validation natural accuracy", "%", 100),
+          ("val_pgd", "validation PGD accuracy", "%", 100),
+          ("train_nat", "training natural accuracy", "%", 100),
+          ("loss", "training loss", "", 1),
+          ("reg", "regulariser (loss - CE)", "", 1),
+          ("grad_norm", "batch gradient norm: mean (solid), largest (dashed)", "", 1)]
+KEYS = [p[0] for p in PANELS] + ["grad_norm_max"]
+
+
+def get_args(argv=None):
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=str,
+                        help="run folders (each with metrics.jsonl), or folders searched for them")
+    parser.add_argument("--out", type=str, default="curves.png",
+                        help="the figure; its extension picks the format (png, pdf, svg, ...)")
+    parser.add_argument("--title", type=str, default=None, help="the figure's title (default: none)")
+    return parser.parse_args(argv)
+
+
+def run_folders(paths):
+    """The run folders (holding metrics.jsonl) given, or found under the folders given, each once,
+    in order; hidden folders (a run's .replaced/) are skipped. Raises UserError for a path that
+    does not exist or holds no run."""
+    folders = []
+    for path in paths:
+        if not os.path.isdir(path):
+            raise UserError(f"{path!r} {'is not a folder' if os.path.exists(path) else 'does not exist'}")
+        found = []
+        for root, subdirs, files in os.walk(path):
+            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+            if "metrics.jsonl" in files:
+                found.append(os.path.normpath(root))
+        if not found:
+            raise UserError(f"{path!r} holds no run folder (no metrics.jsonl in it or below it)")
+        folders += [f for f in found if f not in folders]
+    return folders
+
+
+def read_run(folder):
+    """{'folder', 'args', 'records'}: the run's arguments (the last JSON line of log.txt that holds
+    them) and its metrics.jsonl records. Raises UserError naming what is missing or damaged."""
+    metrics = os.path.join(folder, "metrics.jsonl")
+    records = []
+    with open(metrics) as f:
+        for n, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise UserError(f"{metrics!r} line {n} is not whole JSON (damaged?)") from None
+            if not (isinstance(record, dict) and isinstance(record.get("epoch"), int)):
+                raise UserError(f"{metrics!r} line {n} is not an epoch record")
+            records.append(record)
+    if not records:
+        raise UserError(f"{metrics!r} holds no epoch yet")
+    args = None
+    try:
+        with open(os.path.join(folder, "log.txt")) as f:
+            for line in f:
+                if line.startswith("{"):
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(record, dict) and "lr" in record and "method_title" in record:
+                        args = record  # the arguments (the summary line has no lr)
+    except OSError:
+        pass
+    if args is None:
+        raise UserError(f"{folder!r}: log.txt does not hold the run's arguments (its first line)")
+    return dict(folder=folder, args=args, records=records)
+
+
+def finite_mean_std(values):
+    """tables.mean_std of the finite values (std 0 for one value); nan, nan if there are none."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return math.nan, math.nan
+    mean, std = mean_std(values)
+    return mean, std or 0.0
+
+
+def curves(runs):
+    """One curve per experiment: runs whose run_identity differs only in the seed are averaged
+    epoch by epoch (over the seeds that reached the epoch). Returns dicts with 'label', 'seeds',
+    'epochs', 'mean' and 'std' ({key: list per epoch}) and 'alarms' ([(seed, first alarm epoch)])."""
+    groups = {}
+    for run in runs:
+        identity = {k: v for k, v in run_identity(run["args"]).items() if k != "seed"}
+        groups.setdefault(json.dumps(identity, sort_keys=True), []).append(run)
+    settings = {key: json.loads(key) for key in groups}
+    names = {key: row_name(group[0]["args"], "best.pt") for key, group in groups.items()}
+    result = []
+    for key, group in groups.items():
+        label = names[key]
+        same_name = [settings[k] for k in groups if names[k] == label]
+        if len(same_name) > 1:  # rows of one name: say what tells them apart
+            label += f" ({settings_text(settings[key], [k for k in sorted(settings[key]) if varies(same_name, k)])})"
+        group.sort(key=lambda r: r["args"]["seed"])
+        epochs = sorted({r["epoch"] for run in group for r in run["records"]})
+        by_epoch = [{r["epoch"]: r for r in run["records"]} for run in group]
+        mean, std = {}, {}
+        for k in KEYS:
+            stats = [finite_mean_std([b[e].get(k) for b in by_epoch if e in b]) for e in epochs]
+            mean[k], std[k] = [s[0] for s in stats], [s[1] for s in stats]
+        alarms = [(run["args"]["seed"], next(r["epoch"] for r in run["records"] if r.get("collapsed")))
+                  for run in group if any(r.get("collapsed") for r in run["records"])]
+        result.append(dict(label=label, seeds=[run["args"]["seed"] for run in group], epochs=epochs,
+                           mean=mean, std=std, alarms=alarms, runs=group))
+    return result
+
+
+def curve_label(c):
+    seeds = c["seeds"]
+    text = f"{c['label']}, seed {seeds[0]}" if len(seeds) == 1 else \
+        f"{c['label']}, mean ± std of {len(seeds)} seeds ({','.join(map(str, seeds))})"
+    if c["alarms"]:
+        text += "; alarm: " + ", ".join(f"s{s} at {e}" for s, e in c["alarms"])
+    return text
+
+
+def plot_runs(runs, path, title=None):
+    """Draw the curves of `runs` (read_run dicts) into `path` (format from its extension); returns
+    curves(runs)."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, renders with Agg
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+    drawn = curves(runs)
+    fig = Figure(figsize=(13, 7.5))
+    axes = fig.subplots(2, 3, sharex=True).ravel()
+    for i, c in enumerate(drawn):
+        color = f"C{i}"
+        for ax, (key, _, _, scale) in zip(axes, PANELS):
+            for k, style in [(key, "-")] + [("grad_norm_max", "--")] * (key == "grad_norm"):
+                mean = [scale * v for v in c["mean"][k]]
+                ax.plot(c["epochs"], mean, style, color=color, lw=1.4, marker="o", ms=2,
+                        label=curve_label(c) if ax is axes[0] else None)
+                if len(c["seeds"]) > 1:
+                    lo = [m - scale * s for m, s in zip(mean, c["std"][k])]
+                    hi = [m + scale * s for m, s in zip(mean, c["std"][k])]
+                    ax.fill_between(c["epochs"], lo, hi, color=color, alpha=0.2, lw=0)
+            for _, epoch in c["alarms"]:
+                ax.axvline(epoch, color=color, ls=":", lw=1.2)
+        for run in c["runs"]:  # the alarm's epochs, on each seed's own validation PGD
+            marked = [r for r in run["records"] if r.get("collapsed")]
+            axes[1].plot([r["epoch"] for r in marked], [100 * r["val_pgd"] for r in marked], "x",
+                         color=color, ms=7, mew=2)
+    eval_steps = {c["runs"][0]["args"].get("eval_steps") for c in drawn}
+    for ax, (key, name, unit, _) in zip(axes, PANELS):
+        if key == "val_pgd" and len(eval_steps) == 1:
+            name = name.replace("PGD", f"PGD-{eval_steps.pop()}")
+        ax.set_title(name + (" (x: collapse alarm)" if key == "val_pgd" else ""), fontsize=9)
+        ax.set_ylabel(unit)
+        ax.grid(alpha=0.3)
+    axes[5].set_yscale("log")
+    axes[5].yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    axes[5].yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axes[5].yaxis.set_minor_formatter(NullFormatter())
+    axes[5].xaxis.set_major_locator(MaxNLocator(integer=True))  # shared by every panel
+    for ax in axes[3:]:
+        ax.set_xlabel("epoch")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=1, fontsize=8,
+               frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.035 * (len(drawn) + 1), 1, 1))
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    write_atomic(path, lambda f: fig.savefig(f, format=ext, dpi=110), binary=True, what="figure")
+    return drawn
+
+
+def main(argv=None):
+    args = get_args(argv)
+    ext = os.path.splitext(args.out)[1].lstrip(".").lower()
+    formats = figure_formats()
+    if ext not in formats:
+        raise UserError(f"--out {args.out!r}: unknown figure format {ext or '(no extension)'!r}; "
+                        f"use one of {', '.join(sorted(formats))}")
+    check_output(args.out, "--out")
+    runs = [read_run(folder) for folder in run_folders(args.runs)]
+    drawn = plot_runs(runs, args.out, args.title)
+    for c in drawn:
+        print(f"{curve_label(c)}: epochs {c['epochs'][0]}-{c['epochs'][-1]}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    cli(main)
