@@ -388,6 +388,17 @@ def settings_of(args, eps, n, norm="linf"):
                 seed=args.seed, smoke_aa=args.smoke_aa, attacks=attacks, batch_size=args.batch_size, chunk_size=args.chunk_size)
 
 
+def threat_model(saved, args):
+    """(norm, eps) of an evaluation of a checkpoint trained with `saved` arguments: --norm (default
+    the training norm) and --eps (default the training radius). Raises UserError for another norm
+    than training's without --eps."""
+    train_norm = saved.get("norm", "linf")  # checkpoints from before --norm are Linf
+    norm = args.norm or train_norm
+    if norm != train_norm and args.eps is None:
+        raise UserError(f"trained in {train_norm}, evaluated in {norm}: give its radius with --eps")
+    return norm, saved["eps"] if args.eps is None else args.eps
+
+
 class Plan:
     """One checkpoint to evaluate, with everything checked before the work starts."""
 
@@ -398,11 +409,10 @@ class Plan:
         ckpt = robustbench_io.zoo_checkpoint(path, args.robustbench_dir) if zoo else load_checkpoint(path)
         self.path, self.saved, self.zoo = ckpt["path"] if zoo else path, ckpt["args"], zoo and args.robustbench_dir
         self.train_identity = run_identity(self.saved)  # the run's settings, for table rows
-        train_norm = self.saved.get("norm", "linf")  # checkpoints from before --norm are Linf
-        self.norm = args.norm or train_norm
-        if self.norm != train_norm and args.eps is None:
-            raise UserError(f"{self.path}: trained in {train_norm}, evaluated in {self.norm}: give its radius with --eps")
-        self.eps = self.saved["eps"] if args.eps is None else args.eps
+        try:
+            self.norm, self.eps = threat_model(self.saved, args)
+        except UserError as err:
+            raise UserError(f"{self.path}: {err}") from None
         n_split = len(split_dataset(self.saved, args.split, args.data_dir))  # data present offline?
         self.n = n_split if args.n_examples is None else min(args.n_examples, n_split)
         self.out = out_flag or default_out(self.path, self.eps, self.saved["eps"], args.split, self.norm)

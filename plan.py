@@ -7,7 +7,8 @@ from the code the scripts themselves run, and launches what is not finished.
                     imported as benchmark.py imports them; --print-identity)
     finished run    summary.json of --epochs epochs (as run_folder.finished_summary reads it)
     evaluation      eval_autoattack.py's own parser and settings_of; its radius the data set's
-                    eval_eps (data.DATASETS), its file results.default_out, finished when
+                    eval_eps or l2_eval_eps (data.DATASETS), its norm and radius as
+                    eval_autoattack.threat_model gives them, its file results.default_out, finished when
                     results.finished says so (checkpoint SHA-256 and settings): a damaged result
                     is evaluated again
     cost            images trained x the paper's measured time per image of that network (cost_of)
@@ -21,6 +22,7 @@ Plan lines end with \0 (a field may hold a newline), their fields separated by \
     evaluate @N/KIND.pt FLAGS...    AutoAttack on a checkpoint (the data set's radius is added here)
     table NAME TITLE ARGS...        eval_autoattack.py --summarize ARGS: @N/KIND.pt is its result
     plot NAME KIND ARGS...          eval_autoattack.py --plot-sweep ARGS (Figs. 7 and 8)
+    curves NAME TITLE @N...         plot_runs.py's training curves of the runs, figures/NAME-curves.png
     step OUTPUT CMD...              a CPU command writing OUTPUT, run here unless OUTPUT exists
     prepare PATH CMD...             stand-in data that trainings read, written before anything else
 
@@ -228,15 +230,16 @@ class Plan:
         train, saved = self.by_key[("train", folder)], self.args[folder]
         if ckpt in self.evals:
             return self.evals[ckpt]
-        eps = DATASETS[saved.dataset].eval_eps
+        entry = DATASETS[saved.dataset]  # the paper's evaluation radius, where it is not training's
+        eps = entry.l2_eval_eps if getattr(saved, "norm", "linf") == "l2" else entry.eval_eps
         flags = [*flags, *(["--eps", str(eps)] if eps is not None else [])]
         eargs = eval_autoattack.get_args([ckpt, *flags])   # eval_autoattack.py's own parser
-        eps = saved.eps if eargs.eps is None else eargs.eps
+        norm, eps = eval_autoattack.threat_model(vars(saved), eargs)
         n = min(eargs.n_examples or math.inf, test_size(saved))
-        out = results.default_out(ckpt, eps, saved.eps, eargs.split)
+        out = results.default_out(ckpt, eps, saved.eps, eargs.split, norm)
         done, why = False, ""
         if train.done and os.path.isfile(ckpt):
-            record, why = results.finished(out, sha256_file(ckpt), eval_autoattack.settings_of(eargs, eps, n))
+            record, why = results.finished(out, sha256_file(ckpt), eval_autoattack.settings_of(eargs, eps, n, norm))
             done = record is not None
         stem = os.path.splitext(os.path.basename(out))[0]
         # one evaluation of a run folder at a time (eval_autoattack.py locks the folder): Table 2
@@ -270,6 +273,19 @@ class Plan:
         return self.from_results(block, "plot", name, output, args, [
             sys.executable, "eval_autoattack.py", "--plot-sweep", *args, "--plot-kind", kind,
             "--plot-out", output])
+
+    def add_curves(self, block, name, title, *runs):
+        """plot_runs.py's training curves of the runs (@N) to figures/NAME-curves.png, drawn again
+        after their trainings, like a table after its evaluations."""
+        folders = [self.ref(r) for r in runs]
+        output = os.path.join(self.out_dir, "figures", f"{name}-curves.png")
+        needs = [self.by_key[("train", f)] for f in dict.fromkeys(folders)]
+        command = [sys.executable, "plot_runs.py", *dict.fromkeys(folders), "--title", title, "--out", output]
+        digest = hashlib.sha256("\x1f".join(command).encode()).hexdigest()[:8]
+        step = Step("plot", block, output, command, log=os.path.splitext(output)[0] + ".out",
+                    needs=needs, output=output, job=f"curves-{name}-{digest}")
+        self.steps.append(step)
+        return step
 
     def add_step(self, block, output, *command):
         step, _ = self.once(("step", output), Step("step", block, output, list(command),

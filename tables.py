@@ -39,6 +39,13 @@ QUOTED = {"table2": [
          aux_data=False, natural=0.8492, autoattack=0.5308, avg_acc=0.6900, source="RobustBench"),
     dict(defense="TRADES + AWP, Wu et al. 2020", dataset="cifar10", model="wrn-34-10", eps=8 / 255,
          aux_data=False, natural=0.8536, autoattack=0.5617, avg_acc=0.70765, source="RobustBench"),
+], "l2": [  # RobustBench's CIFAR-10 L2 0.5 leaderboard without extra data (robustbench 1.1.1's README)
+    dict(defense="TRADES + AWP, Wu et al. 2020", dataset="cifar10", model="wrn-34-10", norm="l2", eps=0.5,
+         aux_data=False, natural=0.8851, autoattack=0.7366, avg_acc=0.81085, source="RobustBench"),
+    dict(defense="Engstrom et al. 2019 (robustness library)", dataset="cifar10", model="resnet-50", norm="l2",
+         eps=0.5, aux_data=False, natural=0.9083, autoattack=0.6924, avg_acc=0.80035, source="RobustBench"),
+    dict(defense="Overfitting, Rice et al. 2020", dataset="cifar10", model="preactresnet-18", norm="l2", eps=0.5,
+         aux_data=False, natural=0.8867, autoattack=0.6768, avg_acc=0.78175, source="RobustBench"),
 ]}
 
 REHEARSAL_MARK = "REHEARSAL (generated data, not results): "
@@ -49,6 +56,7 @@ REHEARSAL_NOTE = ("**REHEARSAL: these runs trained on generated stand-in images 
 def rehearsal(results):
     """Whether any of the results comes from a --rehearsal run (generated data)."""
     return any((r.get("train_identity") or {}).get("rehearsal") for r in results)
+
 
 def norm_of(r):
     """A result's threat model: its `norm`, linf for results and quoted rows from before --norm."""
