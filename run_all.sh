@@ -417,6 +417,8 @@ modern() {
                     --eps 0.03137254901960784 --step-size 0.00784313725490196 --attack-steps 10)
     if [[ $SMOKE == 1 ]]; then  # TRAIN_COMMON's one epoch of digits: AWP from it, a short average
         schedule=(); recipe=(--awp-gamma 0.005 --awp-warmup 1 --ema 0.9 --ema-start 1)
+    elif [[ $REHEARSAL == 1 ]]; then  # the epochs shrink to TRAIN_COMMON's 2: AWP's warm-up with them
+        recipe=(--awp-gamma 0.005 --awp-warmup 1 --ema 0.999 --ema-start 1)
     fi
     for s in $SEEDS; do
         fire "$FIG_DATASET" "$s" 12 "${schedule[@]}" "${recipe[@]}"; runs+=("$RUN")
