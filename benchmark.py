@@ -10,8 +10,8 @@ Commands:
     python benchmark.py --dataset cifar10 --device cuda --batch-size 256 --dtype bfloat16 \
         --channels-last --compile --compile-mode reduce-overhead   # + torch.compile with CUDA graphs
 
-Each timed step is the training loop's own step, harness.TrainState.step: the train_step of train_fire.py or
-train_trades.py, then the SGD update, and harness.EpochStats as harness.train runs them, on one
+Each timed step is the training loop's own step, training.TrainState.step: the train_step of train_fire.py or
+train_trades.py, then the SGD update, and training.EpochStats as training.train runs them, on one
 fixed synthetic batch of the data set's shape already on the device (data loading is not timed):
     model.eval(); x' = attack(model, x)                       # K PGD steps, natural logits once
     model.train(); loss = loss(model(x), model(x'), y)        # two forwards, one backward
@@ -28,7 +28,7 @@ projections, sign, random start, Python, copies and synchronisation are what a s
 its floor. A fourth step, TRADES-public, is the TRADES step with the natural forward recomputed
 at every attack step, as TRADES' public code (and the paper's timing of it) does. Two more,
 FIRE+AWP and FIRE+EMA, are the FIRE step with adversarial weight perturbation (gamma 0.005) and
-with the weight average (decay 0.999), as harness.TrainState.step runs them (docs/modern-recipe.md). All
+with the weight average (decay 0.999), as training.TrainState.step runs them (docs/modern-recipe.md). All
 share one model and are timed in interleaved repetitions (their order rotates every repetition)
 in one process; the figures are medians. The floor's FLOPs (convolutions and matrix products, as
 torch.utils.flop_counter counts them) are counted once, and over its median time give the
@@ -49,17 +49,17 @@ from torch.utils.flop_counter import FlopCounterMode
 from models import check_model_name, get_model
 import train_fire
 import train_trades
-from common import ArgumentParser, Range, UserError, check_output, check_ranges, cli, write_atomic
-from attacks import NORMS
-from config import L2_RANGES, TRAIN_RANGES
-from data import DATASETS, dataset_shape
-from harness import EpochStats, TrainState
-from parallel import Networks
+from fire_repro.common import ArgumentParser, Range, UserError, check_output, check_ranges, cli, write_atomic
+from fire_repro.attacks import NORMS
+from fire_repro.config import L2_RANGES, TRAIN_RANGES
+from fire_repro.data import DATASETS, dataset_shape
+from fire_repro.training import EpochStats, TrainState
+from fire_repro.parallel import Networks
 from train_fire import fire_loss
 from train_trades import trades_loss
 
 STEPS = ("floor", "FIRE", "TRADES", "TRADES-public")  # TRADES-public: natural forward at every attack step
-# The FIRE step with the recipe of docs/modern-recipe.md, as harness.train runs it: adversarial weight
+# The FIRE step with the recipe of docs/modern-recipe.md, as training.train runs it: adversarial weight
 # perturbation (gamma 0.005, Wu et al.'s) and the weight average (decay 0.999).
 RECIPE_STEPS = ("FIRE+AWP", "FIRE+EMA")
 RECIPE = {"FIRE+AWP": dict(awp_gamma=0.005), "FIRE+EMA": dict(ema=0.999)}
@@ -190,7 +190,7 @@ class Bench:
         self.args, self.device = args, device
         gen = torch.Generator().manual_seed(args.seed)
         torch.manual_seed(args.seed)
-        if device.type == "cuda":  # as harness.train sets it: fixed shapes, so autotuning pays off
+        if device.type == "cuda":  # as training.train sets it: fixed shapes, so autotuning pays off
             torch.backends.cudnn.benchmark = args.cudnn_benchmark
         model = get_model(args.model, args.num_classes, args.shape[0], args.mean, args.std).to(device)
         check_shape(model, args, device)
@@ -201,11 +201,11 @@ class Bench:
             self.x = self.x.contiguous(memory_format=torch.channels_last)
         self.model = model
         self.fwd = torch.compile(model, mode=args.compile_mode) if args.compile else model
-        # harness.train's optimiser: fused on CUDA. fused=None (not False) keeps torch's default,
+        # training.train's optimiser: fused on CUDA. fused=None (not False) keeps torch's default,
         # foreach on CUDA, for --no-fused-sgd; on the CPU both are torch's default (neither).
         self.fused = True if device.type == "cuda" and args.fused_sgd else None
         sgd = dict(momentum=0.9, weight_decay=5e-4, nesterov=True, fused=self.fused)
-        # The training loop's step (harness.TrainState.step) on the shared model: plain, with AWP, with the average
+        # The training loop's step (training.TrainState.step) on the shared model: plain, with AWP, with the average
         self.runs = {name: self.training_run(**RECIPE.get(name, {})) for name in ("FIRE", *RECIPE_STEPS)}
         # The floor's optimiser does an SGD step's work (weight decay, momentum, update) at lr 0.
         self.floor_optimizer = torch.optim.SGD(model.parameters(), lr=0.0, **sgd)
@@ -215,7 +215,7 @@ class Bench:
         self.stats = EpochStats(device, args.eps, args.step_size, norm=args.norm)
 
     def training_run(self, awp_gamma=0.0, ema=None):
-        """A harness.TrainState on the shared model: training's SGD (Nesterov, momentum 0.9, weight decay
+        """A training.TrainState on the shared model: training's SGD (Nesterov, momentum 0.9, weight decay
         5e-4, fused as --fused-sgd says), gradient scaler and, when asked, AWP and the average."""
         a = self.args
         spec = argparse.Namespace(lr=a.lr, momentum=0.9, weight_decay=5e-4, dtype=a.dtype, schedule="step",
@@ -226,7 +226,7 @@ class Bench:
         return state
 
     def train_step(self, script, method_args, attack_model=None, run="FIRE"):
-        """One step of the training loop (harness.train): TrainState.step (AWP's ascent pass, the script's
+        """One step of the training loop (training.train): TrainState.step (AWP's ascent pass, the script's
         train_step under autocast, the SGD update, the average's update) and the on-device
         statistics. Returns the (detached) loss."""
         loss, logits, x_adv, grad_norm = self.runs[run].step(

@@ -48,20 +48,20 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import results
-import robustbench_io
-import tables
-from attacks import NORMS, attack_pgd_ce, cw_margin, perturbation_norm
-from checkpoints import load_checkpoint, load_model, run_training_time
-from common import (ArgumentParser, Range, UserError, check_output, check_ranges, cli,
+from fire_repro import results
+from fire_repro import robustbench_io
+from fire_repro import tables
+from fire_repro.attacks import NORMS, attack_pgd_ce, cw_margin, perturbation_norm
+from fire_repro.checkpoints import load_checkpoint, load_model, run_training_time
+from fire_repro.common import (ArgumentParser, Range, UserError, check_output, check_ranges, cli,
                     lock_folder, read_arrays, read_json, sha256_file, write_atomic, write_json)
-from config import run_identity
-from data import DATASETS, dataset_shape, get_datasets
+from fire_repro.config import run_identity
+from fire_repro.data import DATASETS, dataset_shape, get_datasets
 from models import check_model_name, get_model
-from parallel import over_all_gpus, rank_and_world, setup_device
-from results import RESULT_FORMAT, STANDARD_ATTACKS, default_out, settings_change
-from run_folder import missing_run_file
-from tables import QUOTED, fmt_hours
+from fire_repro.parallel import over_all_gpus, rank_and_world, setup_device
+from fire_repro.results import RESULT_FORMAT, STANDARD_ATTACKS, default_out, settings_change
+from fire_repro.run_folder import missing_run_file
+from fire_repro.tables import QUOTED, fmt_hours
 
 TIMING_FORMAT = "fire-repro-autoattack-timing/1"
 LEFT_OUT = 3  # exit status of --summarize / --plot-sweep: written, but results under a folder were left out

@@ -17,11 +17,11 @@ Command:
 import os
 import re
 
-from checkpoints import load_checkpoint
-from common import ArgumentParser, UserError, check_input_file, check_output, cli, read_json, write_atomic, write_json
-from data import DATASETS
-from results import RESULT_FORMAT, checkpoint_of, result_problem
-import robustbench_io
+from fire_repro.checkpoints import load_checkpoint
+from fire_repro.common import ArgumentParser, UserError, check_input_file, check_output, cli, read_json, write_atomic, write_json
+from fire_repro.data import DATASETS
+from fire_repro.results import RESULT_FORMAT, checkpoint_of, result_problem
+from fire_repro import robustbench_io
 
 
 def get_args(argv=None):

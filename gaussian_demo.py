@@ -34,7 +34,7 @@ from matplotlib.figure import Figure  # no pyplot: no global state, renders with
 from scipy.optimize import minimize, minimize_scalar
 from scipy.stats import norm
 
-from common import ArgumentParser, UserError, check_output, cli, write_atomic
+from fire_repro.common import ArgumentParser, UserError, check_output, cli, write_atomic
 
 METHODS = ("ace", "trades", "fire", "hellinger")
 OUTPUTS = ("results.json", "fig3.png", "fig6.png", "fig9.png")

@@ -145,7 +145,7 @@ if [[ $SMOKE == 1 ]]; then
     SMOKE_AUX_PY='
 import argparse, sys
 import numpy as np, torch
-from data import get_datasets
+from fire_repro.data import get_datasets
 train = get_datasets(argparse.Namespace(dataset="digits", data_dir="data", val_size=180))[0]
 x = torch.stack([train[i][0] for i in range(len(train))])
 x = torch.cat([torch.roll(x, 1, dims=3), torch.roll(x, -1, dims=2)])
@@ -157,7 +157,7 @@ np.savez(sys.argv[1], images=images, labels=np.concatenate([train.labels().numpy
     SMOKE_IMAGENET32_PY='
 import os, sys
 import numpy as np
-from data import IMAGENET32_FILES
+from fire_repro.data import IMAGENET32_FILES
 rng = np.random.default_rng(0)
 os.makedirs(sys.argv[1], exist_ok=True)
 for name in IMAGENET32_FILES:  # val_data.npz last: its presence means the folder is complete
@@ -204,7 +204,7 @@ if [[ $REHEARSAL == 1 ]]; then
     EVAL_COMMON=(--n-examples 16 --batch-size 16 --smoke-aa)
     GAUSSIAN_FLAGS=(--quick)
     AUX_DATA="$OUT_DIR/rehearsal_aux.npz"
-    REHEARSAL_AUX_PY='import sys, data; data.write_rehearsal_aux(sys.argv[1], sys.argv[2])'
+    REHEARSAL_AUX_PY='import sys; from fire_repro import data; data.write_rehearsal_aux(sys.argv[1], sys.argv[2])'
 fi
 IMAGENET32="$PT_DATA_DIR/imagenet32"  # where train_*.py --dataset imagenet32 read it
 EVAL_EXTRA=()  # a block's own evaluation flags (mnist5k: --pgd20)
@@ -452,4 +452,4 @@ if [[ $LAUNCHER == slurm ]]; then
     export PARTITION ACCOUNT SBATCH_ARGS GPUS_PER_TRAINING GPUS_PER_EVAL CPUS_PER_TRAINING CPUS_PER_EVAL
     export TIME_LIMIT SIGNAL_SECONDS
 fi
-printf '%s\0' "${PLAN[@]}" | "$PY" plan.py
+printf '%s\0' "${PLAN[@]}" | "$PY" -m fire_repro.plan

@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
-import harness
+from fire_repro import data
+from fire_repro import training
 import train_fire
 import train_trades
 from models import get_model
@@ -213,13 +213,13 @@ def test_hellinger_regulariser_and_loss():
 
 def test_self_adaptive_targets_and_ce():
     labels = torch.tensor([0, 1, 2, 1])
-    sa = harness.SelfAdaptiveTargets(labels, 3, alpha=0.9, start=3, device="cpu")
+    sa = training.SelfAdaptiveTargets(labels, 3, alpha=0.9, start=3, device="cpu")
     logits = random_logits(2, 3, 2.0, 33).float()
     idx = torch.tensor([1, 3])
     sa.set_epoch(1)  # epoch index 1 = the 2nd epoch < start 3: one-hot
     before = sa.update(idx, logits)
     assert torch.equal(before, F.one_hot(labels[idx], 3).float())
-    assert torch.allclose(harness.natural_ce(logits, before), F.cross_entropy(logits, labels[idx]))
+    assert torch.allclose(training.natural_ce(logits, before), F.cross_entropy(logits, labels[idx]))
     sa.set_epoch(2)  # 3rd epoch: t <- 0.9 t + 0.1 softmax
     after = sa.update(idx, logits)
     expected = 0.9 * F.one_hot(labels[idx], 3).float() + 0.1 * F.softmax(logits, 1)
@@ -227,9 +227,9 @@ def test_self_adaptive_targets_and_ce():
     assert torch.equal(sa.targets[0], torch.tensor([1.0, 0, 0]))  # other rows untouched
     w = expected.max(1).values
     hand = (w * -(expected * F.log_softmax(logits, 1)).sum(1)).sum() / w.sum()
-    assert torch.allclose(harness.natural_ce(logits, after), hand)
+    assert torch.allclose(training.natural_ce(logits, after), hand)
     state = sa.state_dict()
-    other = harness.SelfAdaptiveTargets(labels, 3, 0.9, 3, "cpu")
+    other = training.SelfAdaptiveTargets(labels, 3, 0.9, 3, "cpu")
     other.load_state_dict(state)
     assert torch.equal(other.targets, sa.targets)
 

@@ -19,26 +19,26 @@ checkpoints and the epoch loop live in harness.py, shared with train_trades.py.
 import torch
 import torch.nn.functional as F
 
-import harness
-from harness import Method, natural_ce, pgd_step, upcast_half
+from fire_repro import training
+from fire_repro.training import Method, natural_ce, pgd_step, upcast_half
 
 
 def get_args(argv=None):
-    parser = harness.base_parser(__doc__.splitlines()[0])
+    parser = training.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--lam", type=float, default=12.0,
-                        help=f"weight of d^2 in Eq. 7, {harness.allowed('lam')} (paper: 12). The authors' code weights "
+                        help=f"weight of d^2 in Eq. 7, {training.allowed('lam')} (paper: 12). The authors' code weights "
                              "arccos(BC)^2 = d^2/4 by beta, so their beta = 4 * lam")
     parser.add_argument("--distance", type=str, default="fisher-rao", choices=list(REGULARISERS),
                         help="the regulariser, an entry of REGULARISERS: " + ", ".join(
                             f"{name} = {method.title}" for name, (_, method) in REGULARISERS.items()))
-    harness.add_self_adaptive_flags(parser, "FIRE + Self Adaptive (Table 2)")
+    training.add_self_adaptive_flags(parser, "FIRE + Self Adaptive (Table 2)")
 
     def method(args):
         m = REGULARISERS[args.distance][1]
         if args.self_adaptive:  # "FIRE + Self-Adaptive" in Table 2
             return Method(f"{m.name}-sa", f"{m.title} + Self-Adaptive", "lam", order=m.order - 2)
         return m
-    return harness.finish_args(parser, argv, method)
+    return training.finish_args(parser, argv, method)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ def hellinger_sq(logits_a, logits_b):
 
 
 # --distance: the regulariser (per-sample, of two logits) and the method its runs are: their folder
-# (runs/<name>-<dataset>-s<seed>), their table rows' title and the rows' order (harness.Method).
+# (runs/<name>-<dataset>-s<seed>), their table rows' title and the rows' order (training.Method).
 # A new entry is a new method: it trains, is evaluated and gets its own rows beside FIRE.
 REGULARISERS = {
     "fisher-rao": (fisher_rao_sq, Method("fire", "FIRE", "lam", order=6)),         # Eq. 7
@@ -84,7 +84,7 @@ def fire_loss(logits_nat, logits_adv, targets, lam, regulariser=fisher_rao_sq):
     """FIRE risk, Eq. 7: CE on the natural logits + lam * mean d^2(q_nat, q_adv).
 
     `targets` are labels (B,), or soft targets (B, M) for self-adaptive training (see
-    harness.natural_ce). With regulariser=hellinger_sq it is the Hellinger risk of Eq. 48.
+    training.natural_ce). With regulariser=hellinger_sq it is the Hellinger risk of Eq. 48.
     """
     return natural_ce(logits_nat, targets) + lam * regulariser(logits_nat, logits_adv).mean()
 
@@ -113,7 +113,7 @@ def attack_fire(model, x, eps, step_size, steps, regulariser=fisher_rao_sq, norm
 
 def train_step(args, model, attack_model, x, y, idx, soft_targets=None, x_adv=None):
     """One FIRE step on a batch: x' by PGD (unless x_adv is given), then the risk of Eq. 7. Returns
-    (loss, natural logits, x'); harness.train does the backward pass and the SGD step, and logs
+    (loss, natural logits, x'); training.train does the backward pass and the SGD step, and logs
     how far x' moved."""
     regulariser = REGULARISERS[args.distance][0]
     if x_adv is None:
@@ -130,8 +130,8 @@ def train_step(args, model, attack_model, x, y, idx, soft_targets=None, x_adv=No
 
 def main(argv=None):
     args = get_args(argv)
-    return harness.train(args, train_step)
+    return training.train(args, train_step)
 
 
 if __name__ == "__main__":
-    harness.cli(main)
+    training.cli(main)

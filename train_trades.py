@@ -1,4 +1,4 @@
-"""TRADES (Zhang et al. 2019) and the paper's other baselines, on FIRE's exact harness.
+"""TRADES (Zhang et al. 2019) and the paper's other baselines, on FIRE's exact training.
 
     trades: loss = CE(f(x), y) + beta * KL(q(.|x) || q(.|x')),  x' = PGD maximising the KL
     madry:  loss = CE(f(x'), y),  x' = PGD maximising the CE from a uniform random start (Eq. 4)
@@ -20,10 +20,10 @@ train_fire.py, so the only difference from FIRE is the loss and the attack objec
 import torch
 import torch.nn.functional as F
 
-import harness
-from harness import Method, attack_pgd_ce, natural_ce, pgd_step, upcast_half
+from fire_repro import training
+from fire_repro.training import Method, attack_pgd_ce, natural_ce, pgd_step, upcast_half
 
-# --loss: the method its runs are (folder, table row title, row order and weight flag; harness.Method)
+# --loss: the method its runs are (folder, table row title, row order and weight flag; training.Method)
 METHODS = {
     "trades": Method("trades", "TRADES", "beta", order=2),
     "madry": Method("madry", "Madry et al.", None, order=0),
@@ -33,18 +33,18 @@ METHODS = {
 
 
 def get_args(argv=None):
-    parser = harness.base_parser(__doc__.splitlines()[0])
+    parser = training.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--loss", type=str, default="trades", choices=["trades", "madry", "mart"],
                         help="training objective (the run folder and checkpoint record it)")
     parser.add_argument("--beta", type=float, default=6.0,
-                        help=f"weight of the KL term for trades and mart, {harness.allowed('beta')} (paper's comparison: 6)")
-    harness.add_self_adaptive_flags(parser, "Self Adaptive (Table 2), with --loss trades")
+                        help=f"weight of the KL term for trades and mart, {training.allowed('beta')} (paper's comparison: 6)")
+    training.add_self_adaptive_flags(parser, "Self Adaptive (Table 2), with --loss trades")
 
     def method(args):
         if args.self_adaptive and args.loss != "trades":
             parser.error(f"--self-adaptive works with --loss trades, not {args.loss}")
         return METHODS["trades-sa" if args.self_adaptive else args.loss]
-    return harness.finish_args(parser, argv, method)
+    return training.finish_args(parser, argv, method)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,7 +62,7 @@ def trades_loss(logits_nat, logits_adv, targets, beta):
     """TRADES: CE on the natural logits + beta * KL(q_nat || q_adv) averaged over the batch.
 
     `targets` are labels (B,), or soft targets (B, M) for self-adaptive training (Huang et al.'s
-    TRADES-based version; see harness.natural_ce)."""
+    TRADES-based version; see training.natural_ce)."""
     return natural_ce(logits_nat, targets) + beta * kl_per_sample(logits_nat, logits_adv).mean()
 
 
@@ -108,7 +108,7 @@ def attack_trades(model, x, eps, step_size, steps, norm="linf"):
 
 def train_step(args, model, attack_model, x, y, idx, soft_targets=None, x_adv=None):
     """One step of --loss on a batch: x' by PGD (unless x_adv is given), then the loss. Returns
-    (loss, logits for the train accuracy, x'); harness.train does the backward pass and the SGD step."""
+    (loss, logits for the train accuracy, x'); training.train does the backward pass and the SGD step."""
     if x_adv is None:
         # Attack in eval mode: no dropout, BatchNorm uses its running statistics and does not update them.
         attack_model.eval()
@@ -133,8 +133,8 @@ def train_step(args, model, attack_model, x, y, idx, soft_targets=None, x_adv=No
 
 def main(argv=None):
     args = get_args(argv)
-    return harness.train(args, train_step)
+    return training.train(args, train_step)
 
 
 if __name__ == "__main__":
-    harness.cli(main)
+    training.cli(main)

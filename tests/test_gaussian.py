@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-import common
+from fire_repro import common
 import gaussian_demo as gd
 from conftest import run_script
 

@@ -19,8 +19,8 @@ import random
 import numpy as np
 import torch
 
-from common import UserError, check_input_file, read_json, sha256_file, write_atomic
-from data import DATASETS, dataset_shape
+from fire_repro.common import UserError, check_input_file, read_json, sha256_file, write_atomic
+from fire_repro.data import DATASETS, dataset_shape
 from models import Normalize, check_model_name, get_model
 
 CHECKPOINT_FORMAT = "fire-repro/1"
@@ -50,7 +50,7 @@ def save_checkpoint(state, path):
 
 
 def checkpoint_state(train_state, args, log_bytes):
-    """The checkpoint of a training's state (harness.TrainState) after its committed epoch."""
+    """The checkpoint of a training's state (training.TrainState) after its committed epoch."""
     s = train_state
     state = dict(format=CHECKPOINT_FORMAT, model=s.model.state_dict(),
                  optimizer=s.optimizer.state_dict(), scheduler=s.scheduler.state_dict(),
@@ -207,7 +207,7 @@ def load_model(path, device="cpu"):
     in, logits out (normalisation is inside the model; with --ema, the average). Raises UserError
     when the file is not a whole checkpoint of this repository.
 
-        from checkpoints import load_model
+        from fire_repro.checkpoints import load_model
         model = load_model("runs/fire-digits-s0/best.pt")
         logits = model(images)
     """

@@ -17,10 +17,10 @@ import time
 
 import torch.distributed as dist
 
-from checkpoints import load_checkpoint, save_checkpoint
-from common import UserError, lock_folder, read_json, write_atomic
-from config import run_identity
-from parallel import is_main
+from fire_repro.checkpoints import load_checkpoint, save_checkpoint
+from fire_repro.common import UserError, lock_folder, read_json, write_atomic
+from fire_repro.config import run_identity
+from fire_repro.parallel import is_main
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "log.txt", "summary.json")
 

@@ -8,14 +8,14 @@ import subprocess
 
 import pytest
 
-from conftest import HERE, PY
+from conftest import ROOT, PY
 
-RUN_ALL = os.path.join(HERE, "run_all.sh")
+RUN_ALL = os.path.join(ROOT, "run_all.sh")
 
 
 def run_all(*blocks, timeout=120, **env):
     return subprocess.run(["bash", RUN_ALL, *blocks], capture_output=True, text=True, timeout=timeout,
-                          cwd=HERE, env=dict(os.environ, PYTHON=PY, **env))
+                          cwd=ROOT, env=dict(os.environ, PYTHON=PY, **env))
 
 
 def test_run_all_smoke_block_trains_evaluates_summarises_and_skips(tmp_path):
@@ -25,10 +25,10 @@ def test_run_all_smoke_block_trains_evaluates_summarises_and_skips(tmp_path):
     (CI rehearses every block: `REHEARSAL=1 ./run_all.sh` in .ci/run.)"""
     env = dict(os.environ, SMOKE="1", SEEDS="0", OUT_DIR=str(tmp_path), PYTHON=PY)
     dry = subprocess.run(["bash", RUN_ALL, "table3"], capture_output=True, text=True, timeout=300,
-                         cwd=HERE, env=dict(env, DRY_RUN="1"))
+                         cwd=ROOT, env=dict(env, DRY_RUN="1"))
     assert dry.returncode == 0 and not any(tmp_path.iterdir()), dry.stdout + dry.stderr  # creates nothing
-    r = subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), "table3"], capture_output=True,
-                       text=True, timeout=600, cwd=HERE, env=env)
+    r = subprocess.run(["bash", os.path.join(ROOT, "run_all.sh"), "table3"], capture_output=True,
+                       text=True, timeout=600, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     # the dry run listed exactly the trainings that the run started
     assert re.findall(r"^  would train  (\S+)", dry.stdout, re.M) == re.findall(r"^  train  (\S+)", r.stdout, re.M)
@@ -38,21 +38,21 @@ def test_run_all_smoke_block_trains_evaluates_summarises_and_skips(tmp_path):
     assert len(rows) == 3 and all("| 1 (0) |" in row for row in rows), table
     assert [row.split("|")[1].strip() for row in rows] == ["Hellinger (lam=12)", "FIRE (lam=5)", "FIRE (lam=12)"]
     assert len(list(tmp_path.glob("runs/*/autoattack.json"))) == 3
-    again = subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), "table3"], capture_output=True,
-                           text=True, timeout=300, cwd=HERE, env=env)
+    again = subprocess.run(["bash", os.path.join(ROOT, "run_all.sh"), "table3"], capture_output=True,
+                           text=True, timeout=300, cwd=ROOT, env=env)
     # every run and every result is finished and whole (results.finished): nothing is started
     assert again.returncode == 0 and again.stdout.count("  done ") == 3 + 3, again.stdout
     assert "train " not in again.stdout and "  evaluate " not in again.stdout, again.stdout
     assert (tmp_path / "tables" / "table3.md").read_text() == table
-    bad = subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), "table9"], capture_output=True,
-                         text=True, timeout=60, cwd=HERE, env=env)
+    bad = subprocess.run(["bash", os.path.join(ROOT, "run_all.sh"), "table9"], capture_output=True,
+                         text=True, timeout=60, cwd=ROOT, env=env)
     assert bad.returncode == 2 and "unknown block 'table9'" in bad.stderr
 
 
 def test_run_all_finds_the_environment_or_says_how(tmp_path):
     """run_all.sh with a Python that has no torch says so in one line."""
-    r = subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), "table3"], capture_output=True, text=True,
-                       cwd=HERE, env=dict(os.environ, PYTHON="/usr/bin/false", SMOKE="1",
+    r = subprocess.run(["bash", os.path.join(ROOT, "run_all.sh"), "table3"], capture_output=True, text=True,
+                       cwd=ROOT, env=dict(os.environ, PYTHON="/usr/bin/false", SMOKE="1",
                                           OUT_DIR=str(tmp_path / "out")), timeout=60)
     assert r.returncode == 2 and "PYTHON=" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
@@ -91,7 +91,7 @@ def test_run_all_bad_settings_are_one_line_before_anything_is_created(tmp_path, 
                                       text=True).stdout.strip(), bin_dir / tool)
         env["PATH"] = str(bin_dir)
     r = subprocess.run(["/bin/bash", RUN_ALL, "table1", *(["table9"] if message.startswith("unknown") else [])],
-                       capture_output=True, text=True, timeout=60, cwd=HERE, env=dict(os.environ, PYTHON=PY, **env))
+                       capture_output=True, text=True, timeout=60, cwd=ROOT, env=dict(os.environ, PYTHON=PY, **env))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert message in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()

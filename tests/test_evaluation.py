@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-import common
-import results
-import tables
-from conftest import HERE, PY, cli_error, run_script, write_result
+from fire_repro import common
+from fire_repro import results
+from fire_repro import tables
+from conftest import ROOT, PY, cli_error, run_script, write_result
 from models import get_model
 
 
@@ -44,7 +44,7 @@ def test_autoattack_is_bounded_by_natural_and_pgd(fire_run, tmp_path):
 def test_load_model_gives_the_evaluated_network(fire_run):
     """checkpoints.load_model (README's three lines): the trained network in eval mode, images in
     [0, 1] in, logits out; its natural accuracy on the test images is the run's test_nat."""
-    import checkpoints
+    from fire_repro import checkpoints
     import eval_autoattack as ea
     out, summary = fire_run
     model = checkpoints.load_model(str(out / "best.pt"))
@@ -102,9 +102,9 @@ def npz_arrays(path):
 def eval_reference(fire_run, tmp_path_factory):
     """An uninterrupted one-process evaluation of fire_run's best.pt: 32 images, 2 chunks of 16."""
     out = tmp_path_factory.mktemp("aa-reference") / "aa.json"
-    r = subprocess.run([PY, os.path.join(HERE, "eval_autoattack.py"), str(fire_run[0] / "best.pt"),
+    r = subprocess.run([PY, os.path.join(ROOT, "eval_autoattack.py"), str(fire_run[0] / "best.pt"),
                         *EVAL_SMALL, "--out", str(out)], capture_output=True, text=True,
-                       timeout=300, cwd=HERE, env=eval_env())
+                       timeout=300, cwd=ROOT, env=eval_env())
     assert r.returncode == 0, r.stderr[-2000:]
     return fire_run[0] / "best.pt", out
 
@@ -112,8 +112,8 @@ def eval_reference(fire_run, tmp_path_factory):
 def test_eval_killed_after_a_chunk_resumes_to_the_identical_result(eval_reference, tmp_path):
     ckpt, reference = eval_reference
     out = tmp_path / "aa.json"
-    cmd = [PY, os.path.join(HERE, "eval_autoattack.py"), str(ckpt), *EVAL_SMALL, "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE, env=eval_env())
+    cmd = [PY, os.path.join(ROOT, "eval_autoattack.py"), str(ckpt), *EVAL_SMALL, "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=eval_env())
     first = tmp_path / "aa.chunks" / "chunk-00000.npz"
     deadline = time.time() + 120
     while not first.exists() and proc.poll() is None and time.time() < deadline:
@@ -121,7 +121,7 @@ def test_eval_killed_after_a_chunk_resumes_to_the_identical_result(eval_referenc
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert first.exists() and not out.exists()  # killed between its first chunk and the end
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE, env=eval_env())
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=eval_env())
     assert r.returncode == 0, r.stderr[-2000:]
     assert "chunk 1/2" not in r.stdout and "chunk 2/2" in r.stdout  # the finished chunk was not attacked again
     assert comparable(out) == comparable(reference)
@@ -134,8 +134,8 @@ def test_eval_torchrun_two_processes_equal_one(eval_reference, tmp_path):
     ckpt, reference = eval_reference
     out = tmp_path / "aa.json"
     r = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(HERE, "eval_autoattack.py"), str(ckpt), *EVAL_SMALL, "--out", str(out)],
-                       capture_output=True, text=True, timeout=300, cwd=HERE, env=eval_env())
+                        os.path.join(ROOT, "eval_autoattack.py"), str(ckpt), *EVAL_SMALL, "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT, env=eval_env())
     assert r.returncode == 0, r.stderr[-2000:]
     assert "over 2 processes" in r.stdout and r.stdout.count("-> ") == 1  # rank 0 merges and reports
     assert comparable(out) == comparable(reference)
@@ -284,8 +284,8 @@ def test_eval_out_folder_fails_at_once_on_the_command_line(fire_run, tmp_path):
     """Before: the whole attack ran, then a traceback left a temporary file in the folder."""
     folder = tmp_path / "aa.json"
     folder.mkdir()
-    r = subprocess.run([PY, os.path.join(HERE, "eval_autoattack.py"), str(fire_run[0] / "best.pt"),
-                        "--out", str(folder)], capture_output=True, text=True, timeout=120, cwd=HERE,
+    r = subprocess.run([PY, os.path.join(ROOT, "eval_autoattack.py"), str(fire_run[0] / "best.pt"),
+                        "--out", str(folder)], capture_output=True, text=True, timeout=120, cwd=ROOT,
                        env=eval_env())
     assert r.returncode == 2 and r.stdout == "" and list(tmp_path.iterdir()) == [folder]
     assert list(folder.iterdir()) == []

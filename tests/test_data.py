@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoints
-import common
-import data
+from fire_repro import checkpoints
+from fire_repro import common
+from fire_repro import data
 import train_fire
 import train_trades
 from conftest import cli_error, imagenet32_folder, run_script

@@ -11,14 +11,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import checkpoints
-import common
-import data
-import harness
-import tables
+from fire_repro import checkpoints
+from fire_repro import common
+from fire_repro import data
+from fire_repro import training
+from fire_repro import tables
 import train_fire
 import train_trades
-from conftest import HERE, PY, QUICK, FakeCIFAR, cli_error, imagenet32_folder, make_bench, run_script
+from conftest import ROOT, PY, QUICK, FakeCIFAR, cli_error, imagenet32_folder, make_bench, run_script
 from models import get_model
 from train_fire import fisher_rao_distance
 from train_trades import kl_per_sample
@@ -98,7 +98,7 @@ def test_presets_and_overrides():
 
 def test_step_schedule_matches_paper():
     args = train_fire.get_args(["--dataset", "cifar10"])
-    f = harness.lr_factor(args)
+    f = training.lr_factor(args)
     assert [f(e) for e in (0, 74, 75, 89, 90, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
 
 
@@ -149,7 +149,7 @@ def test_self_adaptive_step_is_the_method_before_its_start(script):
     targets are one-hot (before --sa-start), soft-target CE + weight * regulariser after."""
     args = script.get_args(["--self-adaptive", "--sa-start", "3", "--attack-steps", "0"])
     assert args.method == ("fire-sa" if script is train_fire else "trades-sa")
-    soft_targets = harness.SelfAdaptiveTargets(torch.tensor([0, 1, 2, 3, 4, 5]), 10, args.sa_alpha,
+    soft_targets = training.SelfAdaptiveTargets(torch.tensor([0, 1, 2, 3, 4, 5]), 10, args.sa_alpha,
                                                args.sa_start, "cpu")
     model = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
     x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
@@ -172,7 +172,7 @@ def test_self_adaptive_step_is_the_method_before_its_start(script):
     soft_targets.set_epoch(2)  # 3rd epoch: soft targets
     after = step(soft_targets)
     soft = 0.9 * F.one_hot(y, 10).float() + 0.1 * F.softmax(logits_nat.detach(), 1)
-    assert after.item() == pytest.approx((harness.natural_ce(logits_nat, soft) + reg).item(), rel=1e-6)
+    assert after.item() == pytest.approx((training.natural_ce(logits_nat, soft) + reg).item(), rel=1e-6)
     assert after.item() != pytest.approx(plain.item(), rel=1e-4)
 
 
@@ -215,7 +215,7 @@ def test_nan_stop_names_the_first_non_finite_quantity():
             (torch.zeros(2, 3), nan, nan, True, "the loss"),
             (torch.zeros(2, 3), fine, nan, True, "the gradient"),
             (torch.zeros(2, 3), fine, nan, False, None)]:  # float16: the GradScaler skips those steps
-        stats = harness.EpochStats("cpu", eps=0.3, step_size=0.01, check_grad=check_grad)
+        stats = training.EpochStats("cpu", eps=0.3, step_size=0.01, check_grad=check_grad)
         x = torch.zeros(2, 4)
         stats.add(fine, torch.zeros(2, 3), y, fine, x, x)  # batch 1 is finite
         stats.add(loss, logits, y, grad, x, x)
@@ -231,7 +231,7 @@ def test_collapse_alarm_on_constructed_histories():
     one-epoch dips that recover (measured on mnist5k at lr 0.05), a dip to 0.63 from 0.84 and
     early noise stay silent."""
     def alarms(series):
-        return [harness.robustness_collapsed(series[:i + 1]) for i in range(len(series))]
+        return [training.robustness_collapsed(series[:i + 1]) for i in range(len(series))]
     assert alarms([0.30, 0.62, 0.40, 0.09, 0.10, 0.50, 0.80]) == [False] * 4 + [True, False, False]
     assert alarms([0.40, 0.70, 0.80, 0.14, 0.05, 0.05]) == [False] * 4 + [True, True]
     assert not any(alarms([0.56, 0.68, 0.69, 0.65, 0.29, 0.77, 0.13, 0.76, 0.84]))  # measured dips
@@ -269,7 +269,7 @@ def test_collapse_is_logged_recorded_and_can_stop_the_run(tmp_path, monkeypatch,
 def test_epoch_stats_measure_the_attack_and_the_logit_margin():
     """attack_dist = mean ||x' - x||_inf / eps; attack_stuck = share under one step_size from x;
     margin = mean top-1 minus top-2 logit; all averaged over images, across batches."""
-    stats = harness.EpochStats("cpu", eps=0.3, step_size=0.01)
+    stats = training.EpochStats("cpu", eps=0.3, step_size=0.01)
     x = torch.zeros(4, 1, 2, 2)
     x_adv = x.clone()
     x_adv[0, 0, 0, 0] = 0.3      # on the eps boundary
@@ -279,7 +279,7 @@ def test_epoch_stats_measure_the_attack_and_the_logit_margin():
     y, one = torch.tensor([0, 1, 2, 0]), torch.tensor(1.0)
     stats.add(one, logits[:2], y[:2], one, x[:2], x_adv[:2])
     stats.add(one, logits[2:], y[2:], one, x[2:], x_adv[2:])
-    means = dict(zip(harness.STAT_KEYS, (stats.sums / stats.sums[3]).tolist()))
+    means = dict(zip(training.STAT_KEYS, (stats.sums / stats.sums[3]).tolist()))
     assert means["attack_dist"] == pytest.approx((1 + 0.5 + 0.002 / 0.3 + 0) / 4)
     assert means["attack_stuck"] == pytest.approx(2 / 4)  # the third and fourth never moved a step
     assert means["margin"] == pytest.approx((2 + 0.5 + 0 + 1) / 4)
@@ -344,9 +344,9 @@ def test_torchrun_ddp_on_cpu_trains_and_saves_the_unwrapped_model(tmp_path):
     process logs and saves, and it saves the unwrapped model (loads strictly into a plain one)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(HERE, "train_fire.py"), "--epochs", "1", "--attack-steps", "1",
+                        os.path.join(ROOT, "train_fire.py"), "--epochs", "1", "--attack-steps", "1",
                         "--eval-steps", "1", "--device", "cpu", "--out-dir", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300, cwd=HERE, env=env)
+                       capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     log = (tmp_path / "log.txt").read_text()
     assert log.count("epoch   1 |") == 1  # one writer
@@ -397,7 +397,7 @@ PINNED_VALUES = {
 def seeded_run(command, tmp_path, threads):
     """One epoch of PINNED_FLAGS with `threads` torch threads: its metrics record and test accuracies."""
     script, *flags = command
-    r = subprocess.run([PY, os.path.join(HERE, script), *flags, *PINNED_FLAGS, "--out-dir", str(tmp_path)],
+    r = subprocess.run([PY, os.path.join(ROOT, script), *flags, *PINNED_FLAGS, "--out-dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
     assert r.returncode == 0, r.stderr[-2000:]

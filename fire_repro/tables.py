@@ -18,10 +18,10 @@ import sys
 import numpy as np
 from scipy.stats import bootstrap
 
-from common import UserError, eps_text, write_atomic
-from config import never_starts, run_identity
-from data import DATASETS
-from results import RESULT_FORMAT, read_per_image, result_problem
+from fire_repro.common import UserError, eps_text, write_atomic
+from fire_repro.config import never_starts, run_identity
+from fire_repro.data import DATASETS
+from fire_repro.results import RESULT_FORMAT, read_per_image, result_problem
 
 FIRE_LAM = 12.0  # the paper's lambda and train_fire.py's default: the reference row of the paired comparison
 N_BOOTSTRAP = 10_000

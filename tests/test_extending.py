@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-import data
+from fire_repro import data
 import eval_autoattack
-import harness
-import tables
+from fire_repro import training
+from fire_repro import tables
 import train_fire
 import train_trades
 from train_trades import kl_per_sample
@@ -31,7 +31,7 @@ def table_rows(folder):
 
 def test_a_new_regulariser_is_a_method_of_its_own(tmp_path, monkeypatch, few_digits):
     monkeypatch.setitem(train_fire.REGULARISERS, "sym-kl",
-                        (symmetric_kl, harness.Method("sym-kl", "Symmetric KL", "lam", order=5)))
+                        (symmetric_kl, training.Method("sym-kl", "Symmetric KL", "lam", order=5)))
     monkeypatch.chdir(tmp_path)  # default run folders: runs/<method>-digits-s0
     for distance in ("fisher-rao", "sym-kl"):
         summary = train_fire.main([*TINY, "--distance", distance])
@@ -89,7 +89,7 @@ def test_the_entry_is_what_the_scripts_read(field):
     arguments of a training take its preset and validation size, benchmark.py its shape, a
     checkpoint's model its classes."""
     import benchmark
-    from checkpoints import model_from_args
+    from fire_repro.checkpoints import model_from_args
     d = data.DATASETS["mnist5k"]
     args = train_fire.get_args(["--dataset", "mnist5k"])
     if field == "preset":

@@ -9,12 +9,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
+from fire_repro import data
 import eval_autoattack
-import results
+from fire_repro import results
 import train_fire
 import train_trades
-from attacks import attack_pgd_ce, perturbation_norm, pgd_step, random_start
+from fire_repro.attacks import attack_pgd_ce, perturbation_norm, pgd_step, random_start
 from conftest import cli_error, run_script
 from models import get_model
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-import attacks
-import checkpoints
-import data
-import harness
+from fire_repro import attacks
+from fire_repro import checkpoints
+from fire_repro import data
+from fire_repro import training
 import train_fire
 import train_trades
 
@@ -64,12 +64,12 @@ def test_awp_step_is_the_sgd_update_at_the_perturbed_point(script, flags):
         for w, dv in zip(weights(perturbed), v):
             w += dv
     at_perturbed = state(perturbed)
-    reference = harness.TrainState(args, perturbed, None, torch.device("cpu"))
-    harness.sgd_update(script.train_step(args, perturbed, perturbed, x, y, idx, None, x_adv)[0],
+    reference = training.TrainState(args, perturbed, None, torch.device("cpu"))
+    training.sgd_update(script.train_step(args, perturbed, perturbed, x, y, idx, None, x_adv)[0],
                        reference.optimizer, reference.scaler)
     update = {k: perturbed.state_dict()[k] - at_perturbed[k] for k in before}
     # The harness's step
-    run = harness.TrainState(args, model, None, torch.device("cpu"))
+    run = training.TrainState(args, model, None, torch.device("cpu"))
     torch.manual_seed(5)
     run.step(args, script.train_step, (model, model), x, y, idx, epoch=0)
     after = model.state_dict()
@@ -93,11 +93,11 @@ def test_awp_perturbation_size_and_what_it_leaves_alone():
     x, y, idx = batch()
     model = small_net()
     model(x)  # BatchNorm statistics away from their initial values
-    targets = harness.SelfAdaptiveTargets(y, 10, args.sa_alpha, args.sa_start, "cpu")
+    targets = training.SelfAdaptiveTargets(y, 10, args.sa_alpha, args.sa_start, "cpu")
     targets.update(idx, torch.randn(len(y), 10))  # soft, not one-hot
     soft = targets.targets.clone()
     before = state(model)
-    awp = harness.WeightPerturbation(model, args.awp_gamma)
+    awp = training.WeightPerturbation(model, args.awp_gamma)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     x_adv = awp.perturb(train_fire.train_step, args, model, x, y, idx, targets, scaler)
     assert x_adv.shape == x.shape and (x_adv - x).abs().max() <= args.eps + 1e-6
@@ -132,7 +132,7 @@ def _awp_on_rank(rank, world, init, out):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     x, y, _ = batch()
     model = no_batchnorm_net()
-    awp = harness.WeightPerturbation(model, 0.01)
+    awp = training.WeightPerturbation(model, 0.01)
     shard = slice(rank * len(y) // world, (rank + 1) * len(y) // world)  # each rank its half of the batch
     awp.perturb(ce_step, None, model, x[shard], y[shard], None, None, torch.amp.GradScaler("cpu", enabled=False))
     torch.save([v.clone() for v in awp.v], f"{out}/v{rank}.pt")
@@ -147,7 +147,7 @@ def test_awp_under_ddp_perturbs_by_the_whole_batch(tmp_path):
     mp.spawn(_awp_on_rank, args=(2, f"file://{tmp_path}/rendezvous", str(tmp_path)), nprocs=2)
     x, y, _ = batch()
     model = no_batchnorm_net()
-    awp = harness.WeightPerturbation(model, 0.01)
+    awp = training.WeightPerturbation(model, 0.01)
     awp.perturb(ce_step, None, model, x, y, None, None, torch.amp.GradScaler("cpu", enabled=False))
     ranks = [torch.load(tmp_path / f"v{r}.pt") for r in range(2)]
     for v0, v1, v in zip(*ranks, awp.v):
@@ -162,10 +162,10 @@ def test_awp_step_under_mixed_precision(dtype):
                                 "--dtype", dtype])
     x, y, idx = batch()
     model = small_net()
-    run = harness.TrainState(args, model, None, torch.device("cpu"))
+    run = training.TrainState(args, model, None, torch.device("cpu"))
     scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
     before = [w.detach().clone() for w in weights(model)]
-    with harness.autocast(dtype, x.device):
+    with training.autocast(dtype, x.device):
         run.awp.perturb(train_fire.train_step, args, model, x, y, idx, None, run.scaler)
     sizes = [float((w.detach() - b).norm() / b.norm()) for w, b in zip(weights(model), before)]
     assert sizes == pytest.approx([0.01] * 2, rel=1e-3)
@@ -183,7 +183,7 @@ def test_average_is_its_closed_form():
     args = train_fire.get_args(["--ema", "0.7", "--ema-start", "2", "--attack-steps", "1", "--lr", "0.2"])
     x, y, idx = batch()
     model = small_net()
-    run = harness.TrainState(args, model, None, torch.device("cpu"))
+    run = training.TrainState(args, model, None, torch.device("cpu"))
     for _ in range(2):
         run.step(args, train_fire.train_step, (model, model), x, y, idx, epoch=0)
         assert all(torch.equal(a, b) for a, b in zip(run.ema.module.state_dict().values(),
@@ -212,10 +212,10 @@ def test_clipping_bounds_the_step_and_is_counted():
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     loss = nn.functional.cross_entropy(model(x), y) * 100  # a large gradient
     w0 = [p.detach().clone() for p in model.parameters()]
-    norm = harness.sgd_update(loss, opt, scaler, clip=0.5)
+    norm = training.sgd_update(loss, opt, scaler, clip=0.5)
     step = torch.cat([(w - p).flatten() for w, p in zip(w0, model.parameters())])
     assert norm > 0.5 and step.norm().item() == pytest.approx(0.5, rel=1e-4)
-    stats = harness.EpochStats("cpu", eps=0.3, step_size=0.01, clip=0.5)
+    stats = training.EpochStats("cpu", eps=0.3, step_size=0.01, clip=0.5)
     for g in (norm, torch.tensor(0.1), norm):
         stats.add(torch.tensor(1.0), torch.zeros(16, 10), y, g, x, x)
     assert stats.clipped.item() == 2 and stats.batches == 3
@@ -280,7 +280,7 @@ def test_recipe_run_resumes_exactly_and_evaluates_the_average(tmp_path):
 def test_modern_table_quotes_robustbench():
     """The `modern` table's quoted rows: RobustBench's TRADES and TRADES + AWP (CIFAR-10, WRN-34-10,
     8/255, no extra data), marked as quoted from RobustBench, never as measured here."""
-    import tables
+    from fire_repro import tables
     rows = {r["defense"]: r for r in tables.quoted_rows("modern")}
     trades = rows["TRADES (beta=6), Zhang et al. 2019 (quoted from RobustBench)"]
     awp = rows["TRADES + AWP, Wu et al. 2020 (quoted from RobustBench)"]
@@ -295,16 +295,16 @@ def test_an_average_longer_than_the_run_is_a_warning(few_digits, tmp_path):
     args = train_fire.get_args(["--ema", "0.99", "--epochs", "2", "--batch-size", "16"])
     train_set = data.get_datasets(args)[0]
     steps = len(data.train_loader(train_set, args, 0, torch.device("cpu")))  # 1,257 images / 16
-    line = harness.ema_horizon_warning(args, steps)
+    line = training.ema_horizon_warning(args, steps)
     assert f"about 100 steps, 63% of the {2 * steps} steps" in line, line
     suggested = 1 - 1 / (0.1 * 2 * steps)
     assert f"--ema {suggested:.3g} averages over 10%" in line
     args.ema = float(f"{suggested:.3g}")
-    assert harness.ema_horizon_warning(args, steps) is None
+    assert training.ema_horizon_warning(args, steps) is None
     args.ema, args.epochs = 0.99, 20  # 1,580 steps: 6%
-    assert harness.ema_horizon_warning(args, steps) is None
+    assert training.ema_horizon_warning(args, steps) is None
     args.ema_start = 15  # averages the last 6 epochs only: 474 steps, 21%
-    assert "21% of the 474 steps" in harness.ema_horizon_warning(args, steps)
+    assert "21% of the 474 steps" in training.ema_horizon_warning(args, steps)
     # a real run says it once, at the start (192 images, batch 64: 3 steps)
     out = tmp_path / "run"
     train_fire.main(["--ema", "0.9", "--epochs", "1", "--attack-steps", "1", "--eval-steps", "1",

@@ -8,8 +8,8 @@ eval_autoattack.py, tables.py and the plan of run_all.sh.
 import math
 import os
 
-from common import eps_text, read_arrays, read_json, sha256_file
-from run_folder import missing_run_file
+from fire_repro.common import eps_text, read_arrays, read_json, sha256_file
+from fire_repro.run_folder import missing_run_file
 
 RESULT_FORMAT = "fire-repro-autoattack/1"  # the `format` of a result JSON
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")  # AutoAttack's standard order

@@ -14,12 +14,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402  (after the thread setting)
 
 import benchmark
-import common
-import data
-import harness
-import results
+from fire_repro import common
+from fire_repro import data
+from fire_repro import training
+from fire_repro import results
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 PY = sys.executable
 
 
@@ -28,8 +28,8 @@ QUICK = ["--epochs", "4", "--lr", "0.1", "--attack-steps", "5", "--eval-steps", 
 
 
 def run_script(script, *args, timeout=600):
-    return subprocess.run([PY, os.path.join(HERE, script), *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=HERE)
+    return subprocess.run([PY, os.path.join(ROOT, script), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
 
 
 @pytest.fixture(scope="session")

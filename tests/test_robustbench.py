@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 
-import data
+from fire_repro import data
 import eval_autoattack
 import export_robustbench
-import robustbench_io
+from fire_repro import robustbench_io
 import train_fire
 from conftest import FakeCIFAR, cli_error
 from models import get_model
@@ -99,7 +99,7 @@ def test_export_writes_model_info_and_weights_robustbench_loads(l2_cifar, tmp_pa
     # the file loads, as RobustBench's load_model reads it, into its class and gives our logits
     theirs = robustbench_io.robustbench_network("wrn-10-1")
     theirs.load_state_dict(torch.load(weights_path, weights_only=True)["state_dict"], strict=True)
-    from checkpoints import load_model
+    from fire_repro.checkpoints import load_model
     ours, x = load_model(str(root / "fire" / "best.pt")), torch.rand(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(theirs.eval()(x), ours(x), atol=1e-5)

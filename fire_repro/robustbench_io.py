@@ -18,8 +18,8 @@ import sys
 
 import torch
 
-from common import UserError, eps_text
-from data import DATASETS
+from fire_repro.common import UserError, eps_text
+from fire_repro.data import DATASETS
 
 PREFIX = "robustbench:"
 THREATS = {"linf": "Linf", "l2": "L2"}  # --norm -> RobustBench's threat model (and folder) name

@@ -8,7 +8,7 @@ import pytest
 
 import plot_runs
 import train_fire
-from conftest import cli_error, run_script
+from conftest import ROOT, cli_error, run_script
 
 TINY = ["--epochs", "2", "--attack-steps", "1", "--eval-steps", "1"]
 
@@ -84,7 +84,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, few_digits):
 def test_the_recorded_collapse_is_drawn(tmp_path):
     """The records kept in docs/records (FIRE at lr 0.05, seed 0, with and without clipping, CPU):
     the unclipped run's alarm fired in epoch 15, the clipped run's never; two curves, one seed each."""
-    folders = plot_runs.run_folders([os.path.join(plot_runs.__file__.rsplit(os.sep, 1)[0], "docs", "records")])
+    folders = plot_runs.run_folders([os.path.join(ROOT, "docs", "records")])
     drawn = {c["label"]: c for c in plot_runs.plot_runs([plot_runs.read_run(f) for f in folders],
                                                           str(tmp_path / "collapse.png"))}
     assert drawn["FIRE (lam=12)"]["alarms"] == [(0, 15)]

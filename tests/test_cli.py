@@ -187,7 +187,7 @@ def test_a_setting_that_changes_nothing_leaves_the_identity_alone(script, inert,
 def test_a_start_past_the_last_epoch_is_a_warning(flags, what, capsys):
     """Checked with the other settings before anything is created: one warning line (not an error:
     --resume with a larger --epochs reaches the start), and the table row does not name what never ran."""
-    import tables
+    from fire_repro import tables
     args = train_fire.get_args(flags)
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "warning" in lines[0] and "past --epochs" in lines[0] and what in lines[0], lines

@@ -14,9 +14,9 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from attacks import NORMS
-from common import ArgumentParser, Range, UserError, check_input_file, check_ranges
-from data import DATASETS
+from fire_repro.attacks import NORMS
+from fire_repro.common import ArgumentParser, Range, UserError, check_input_file, check_ranges
+from fire_repro.data import DATASETS
 from models import check_model_name
 
 

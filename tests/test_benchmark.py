@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import benchmark
-import common
-import data
+from fire_repro import common
+from fire_repro import data
 from conftest import make_bench, run_script
 
 

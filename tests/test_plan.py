@@ -12,17 +12,17 @@ import subprocess
 
 import pytest
 
-import plan
-from common import UserError
-from conftest import HERE, PY
-from data import DATASETS, IMAGENET32_FILES, steps_per_epoch
+from fire_repro import plan
+from fire_repro.common import UserError
+from conftest import ROOT, PY
+from fire_repro.data import DATASETS, IMAGENET32_FILES, steps_per_epoch
 
-RUN_ALL = os.path.join(HERE, "run_all.sh")
+RUN_ALL = os.path.join(ROOT, "run_all.sh")
 
 
 def run_all(*blocks, timeout=600, **env):
     return subprocess.run(["bash", RUN_ALL, *blocks], capture_output=True, text=True, timeout=timeout,
-                          cwd=HERE, env=dict(os.environ, PYTHON=PY, **env))
+                          cwd=ROOT, env=dict(os.environ, PYTHON=PY, **env))
 
 
 def test_rehearsal_of_a_block_writes_what_the_plan_waits_for_and_runs_once(tmp_path):
@@ -126,7 +126,7 @@ def test_a_failing_table_fails_its_block_and_the_others_carry_on(tmp_path):
     text = "\0".join(["block\x1ffirst", "\x1f".join(["table", "broken", "a title", str(tmp_path / "missing.json")]),
                       "block\x1fsecond", "\x1f".join(["step", str(tmp_path / "ok.txt"), "bash", "-c",
                                                       f"echo ok > {tmp_path}/ok.txt"])]) + "\0"
-    r = subprocess.run([PY, "plan.py"], input=text, capture_output=True, text=True, cwd=HERE, timeout=120,
+    r = subprocess.run([PY, "-m", "fire_repro.plan"], input=text, capture_output=True, text=True, cwd=ROOT, timeout=120,
                        env=dict(os.environ, OUT_DIR=str(out), LAUNCHER="local", JOBS="1"))
     assert r.returncode == 1, r.stdout + r.stderr
     assert (tmp_path / "ok.txt").read_text() == "ok\n"

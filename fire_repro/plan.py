@@ -46,12 +46,12 @@ import time
 from dataclasses import dataclass, field
 
 import eval_autoattack
-import results
+from fire_repro import results
 import train_fire
 import train_trades
-from common import UserError, cli, eps_text, read_json, sha256_file, write_atomic
-from config import IdentityPrinted
-from data import DATASETS, steps_per_epoch, test_size
+from fire_repro.common import UserError, cli, eps_text, read_json, sha256_file, write_atomic
+from fire_repro.config import IdentityPrinted
+from fire_repro.data import DATASETS, steps_per_epoch, test_size
 
 SCRIPTS = {"train_fire.py": train_fire, "train_trades.py": train_trades}
 # Flags that run_all.sh sets for every run itself: TRAIN_FLAGS may not override them.

@@ -11,12 +11,12 @@ import time
 import pytest
 import torch
 
-import checkpoints
-import common
-import harness
-import run_folder
+from fire_repro import checkpoints
+from fire_repro import common
+from fire_repro import training
+from fire_repro import run_folder
 import train_fire
-from conftest import HERE, PY, QUICK, cli_error, run_script
+from conftest import ROOT, PY, QUICK, cli_error, run_script
 
 # ----------------------------------------------------------------------------------------------
 # Resuming after a kill: last.pt is the commit point of an epoch
@@ -25,8 +25,8 @@ from conftest import HERE, PY, QUICK, cli_error, run_script
 def test_killed_run_resumes_to_identical_result(fire_run, tmp_path):
     """SIGKILL a run during epoch 3, resume with --resume auto: same weights as never killed."""
     ref_out, ref_summary = fire_run
-    cmd = [PY, os.path.join(HERE, "train_fire.py"), *QUICK, "--out-dir", str(tmp_path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
+    cmd = [PY, os.path.join(ROOT, "train_fire.py"), *QUICK, "--out-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -52,8 +52,8 @@ def test_killed_run_resumes_to_identical_result(fire_run, tmp_path):
 def test_ctrl_c_says_how_to_continue(tmp_path):
     """A real SIGINT (Ctrl-C) after the first committed epoch: exit code 130, last.pt kept, and
     the last line of stderr says that --resume auto continues the run."""
-    cmd = [PY, os.path.join(HERE, "train_fire.py"), *COMMIT, "--epochs", "50", "--out-dir", str(tmp_path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=HERE,
+    cmd = [PY, os.path.join(ROOT, "train_fire.py"), *COMMIT, "--epochs", "50", "--out-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env=dict(os.environ, OMP_NUM_THREADS="1"),  # SIGINT as in a terminal, also when
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # run in the background
     deadline = time.time() + 300
@@ -79,8 +79,8 @@ def two_epoch_run(tmp_path_factory):
     it was after epoch 1 (best.pt of epoch 1)."""
     root = tmp_path_factory.mktemp("commit")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = lambda *a: subprocess.run([PY, os.path.join(HERE, "train_fire.py"), *a], capture_output=True,  # noqa: E731
-                                    text=True, timeout=600, cwd=HERE, env=env)
+    run = lambda *a: subprocess.run([PY, os.path.join(ROOT, "train_fire.py"), *a], capture_output=True,  # noqa: E731
+                                    text=True, timeout=600, cwd=ROOT, env=env)
     r = run(*COMMIT, "--epochs", "1", "--out-dir", str(root / "run"))
     assert r.returncode == 0, r.stderr
     epoch1 = {f: (root / "run" / f).read_bytes() for f in ("best.pt", "metrics.jsonl", "log.txt")}
@@ -200,9 +200,9 @@ def test_overwrite_killed_before_its_first_commit_gives_the_old_run_back(two_epo
     out = tmp_path / "run"
     shutil.copytree(done, out)
     before = file_bytes(out)
-    cmd = [PY, os.path.join(HERE, "train_fire.py"), *COMMIT, "--attack-steps", "10", "--overwrite",
+    cmd = [PY, os.path.join(ROOT, "train_fire.py"), *COMMIT, "--attack-steps", "10", "--overwrite",
            "--out-dir", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE,
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     deadline = time.time() + 300
     while not (out / run_folder.REPLACED).exists() and proc.poll() is None and time.time() < deadline:
@@ -276,10 +276,10 @@ def test_unwritable_folder_mid_run_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_concurrent_runs_do_not_interfere(tmp_path):
-    cmd = lambda d: [PY, os.path.join(HERE, "train_fire.py"), "--epochs", "1", "--attack-steps", "1",  # noqa: E731
+    cmd = lambda d: [PY, os.path.join(ROOT, "train_fire.py"), "--epochs", "1", "--attack-steps", "1",  # noqa: E731
                      "--eval-steps", "1", "--out-dir", str(tmp_path / d)]
     env = dict(os.environ, OMP_NUM_THREADS="1")  # two runs side by side on a small machine
-    procs = [subprocess.Popen(cmd(d), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=HERE,
+    procs = [subprocess.Popen(cmd(d), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
                               env=env) for d in ("a", "b")]
     assert all(p.wait(timeout=300) == 0 for p in procs)
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
@@ -362,7 +362,7 @@ def test_a_folder_being_replaced_is_named_so(two_epoch_run, tmp_path, capsys):
     .replaced/: evaluating the folder's checkpoint, or summarising a result of it, says the run is
     being replaced and since when (was: "does not exist")."""
     import eval_autoattack
-    import tables
+    from fire_repro import tables
     from conftest import write_result
     out = tmp_path / "run"
     shutil.copytree(two_epoch_run[0], out)

@@ -17,9 +17,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import HERE, PY
+from conftest import ROOT, PY
 
-RUN_ALL = os.path.join(HERE, "run_all.sh")
+RUN_ALL = os.path.join(ROOT, "run_all.sh")
 # One seed of the smoke Table 1 (TRADES, FIRE lam 12, FIRE lam 5 on the digits), 2 epochs so that
 # a training can be requeued between its two epochs.
 BLOCK = dict(SMOKE="1", SEEDS="0", TRAIN_FLAGS="--epochs 2", PYTHON=PY)
@@ -46,7 +46,7 @@ def slurm_or_skip():
 
 def run_all(out_dir, *blocks, timeout=900, **env):
     r = subprocess.run(["bash", RUN_ALL, *blocks], capture_output=True, text=True, timeout=timeout,
-                       cwd=HERE, env=dict(os.environ, OUT_DIR=str(out_dir), **BLOCK, **env))
+                       cwd=ROOT, env=dict(os.environ, OUT_DIR=str(out_dir), **BLOCK, **env))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
 
@@ -173,7 +173,7 @@ def check_dry_run_lists_what_a_run_starts(block):
 def test_slurm_refuses_an_unknown_partition_in_one_line(tmp_path):
     """An unknown partition: SLURM's own message, shortened to one line, exit 2, nothing created."""
     slurm_or_skip()
-    r = subprocess.run(["bash", RUN_ALL, "table1"], capture_output=True, text=True, timeout=120, cwd=HERE,
+    r = subprocess.run(["bash", RUN_ALL, "table1"], capture_output=True, text=True, timeout=120, cwd=ROOT,
                        env=dict(os.environ, **BLOCK, LAUNCHER="slurm", PARTITION="no-such-partition",
                                 OUT_DIR=str(tmp_path / "out")))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -186,19 +186,19 @@ def test_stop_signal_during_a_commit_waits_for_last_pt(tmp_path):
     training only once last.pt is written (exit 130, as Ctrl-C), and --resume auto goes on with the
     next epoch. Needs no SLURM."""
     code = ("import os, signal, sys, harness, train_fire\n"
-            "commit = harness.commit_epoch\n"
+            "commit = training.commit_epoch\n"
             "def commit_after_a_stop(*args):\n"
             "    os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of the commit\n"
             "    commit(*args)\n"
-            "harness.commit_epoch = commit_after_a_stop\n"
-            "harness.cli(lambda: train_fire.main(sys.argv[1:]))\n")
+            "training.commit_epoch = commit_after_a_stop\n"
+            "training.cli(lambda: train_fire.main(sys.argv[1:]))\n")
     flags = ["--epochs", "2", "--attack-steps", "1", "--eval-steps", "1", "--val-size", "60",
              "--device", "cpu", "--out-dir", str(tmp_path), "--resume", "auto"]
-    r = subprocess.run([PY, "-c", code, *flags], capture_output=True, text=True, timeout=600, cwd=HERE)
+    r = subprocess.run([PY, "-c", code, *flags], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 130, r.stderr[-2000:]
     assert (tmp_path / "last.pt").is_file() and not list(tmp_path.glob("*.tmp*"))
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
-    r = subprocess.run([PY, "train_fire.py", *flags], capture_output=True, text=True, timeout=600, cwd=HERE)
+    r = subprocess.run([PY, "train_fire.py", *flags], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "epoch   1 |" not in r.stdout + r.stderr and "epoch   2 |" in (tmp_path / "log.txt").read_text()
     assert [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
@@ -229,7 +229,7 @@ def test_damaged_result_and_job_id_files_are_recovered(tmp_path):
     ids = sorted((out / "slurm").glob("eval-*.jobid"))
     ids[0].write_text("")
     ids[1].write_text("12ab\n")
-    r = subprocess.run(["bash", RUN_ALL, "table3"], capture_output=True, text=True, timeout=600, cwd=HERE,
+    r = subprocess.run(["bash", RUN_ALL, "table3"], capture_output=True, text=True, timeout=600, cwd=ROOT,
                        env=dict(os.environ, OUT_DIR=str(out), LAUNCHER="slurm", **BLOCK))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert listed(r.stdout, "submit evaluate") == [str(results[0].parent / "best.pt")], r.stdout

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-import results
-import tables
-from common import cli
+from fire_repro import results
+from fire_repro import tables
+from fire_repro.common import cli
 from conftest import METHODS, write_result
 
 

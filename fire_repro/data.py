@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import UserError, check_input_file, write_atomic
+from fire_repro.common import UserError, check_input_file, write_atomic
 
 # The fixed seed of every split (test images of the bundled sets, the validation images), so every
 # run of every method selects its checkpoint on the same images whatever its --seed.

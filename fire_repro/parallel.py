@@ -7,7 +7,7 @@ from collections import namedtuple
 import torch
 import torch.distributed as dist
 
-from common import UserError
+from fire_repro.common import UserError
 
 
 def setup_device(args, timeout=None):

@@ -32,13 +32,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from attacks import attack_pgd_ce, evaluate, perturbation_norm, pgd_step, upcast_half  # noqa: F401  (attack_pgd_ce, pgd_step: for the scripts)
-from checkpoints import checkpoint_state, load_checkpoint, model_from_args, init_from, restore, save_checkpoint
-from common import UserError, cli, write_atomic  # noqa: F401  (cli: the scripts' command line)
-from config import Method, add_self_adaptive_flags, allowed, base_parser, finish_args  # noqa: F401  (re-exported: the scripts import harness alone)
-from data import DATASETS, eval_loader, get_datasets, load_aux_data, train_loader
-from parallel import is_main, over_all_gpus, setup_device, training_networks
-from run_folder import (claim_run_dir, finished_summary, resume_checkpoint, settle_replaced_run,
+from fire_repro.attacks import attack_pgd_ce, evaluate, perturbation_norm, pgd_step, upcast_half  # noqa: F401  (attack_pgd_ce, pgd_step: for the scripts)
+from fire_repro.checkpoints import checkpoint_state, load_checkpoint, model_from_args, init_from, restore, save_checkpoint
+from fire_repro.common import UserError, cli, write_atomic  # noqa: F401  (cli: the scripts' command line)
+from fire_repro.config import Method, add_self_adaptive_flags, allowed, base_parser, finish_args  # noqa: F401  (re-exported: the scripts import harness alone)
+from fire_repro.data import DATASETS, eval_loader, get_datasets, load_aux_data, train_loader
+from fire_repro.parallel import is_main, over_all_gpus, setup_device, training_networks
+from fire_repro.run_folder import (claim_run_dir, finished_summary, resume_checkpoint, settle_replaced_run,
                         start_run_dir)
 
 
