@@ -2,6 +2,8 @@
 
 Commands:
     python benchmark.py                                   # SmallCNN, 1x28x28, batch 128, 10 attack steps, CPU
+    python benchmark.py --autoattack 200 --checkpoint runs/fire-digits-s0/best.pt   # AutoAttack images/s
+    python benchmark.py --autoattack 500 --dataset cifar10 --device cuda   # a fresh WRN-34-10, projected 10,000 images
     python benchmark.py --sweep                           # + step cost over attack steps and batch sizes
     python benchmark.py --model resnet18 --shape 3 32 32 --batch-size 32 --reps 10
     python benchmark.py --norm l2                         # L2 steps, and FIRE / FIRE-Linf in the same rounds
@@ -35,7 +37,6 @@ torch.utils.flop_counter counts them) are counted once, and over its median time
 achieved TFLOP/s of the floor.
 """
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -49,10 +50,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from models import check_model_name, get_model
 import train_fire
 import train_trades
-from fire_repro.common import ArgumentParser, Range, UserError, check_output, check_ranges, cli, write_atomic
+from fire_repro.autoattack import TEST_SET_SIZE, threat_model, time_autoattack
+from fire_repro.checkpoints import load_checkpoint, load_model
+from fire_repro.common import ArgumentParser, Range, UserError, check_output, check_ranges, cli, fmt_hours, write_json
 from fire_repro.attacks import NORMS
 from fire_repro.config import L2_RANGES, TRAIN_RANGES
-from fire_repro.data import DATASETS, dataset_shape
+from fire_repro.data import DATASETS, dataset_shape, first_images, split_of
 from fire_repro.training import EpochStats, TrainState
 from fire_repro.parallel import Networks
 from train_fire import fire_loss
@@ -73,7 +76,8 @@ RANGES = {**{k: TRAIN_RANGES[k] for k in ("batch_size", "attack_steps", "eps", "
                                           "beta", "seed")},
           "shape": Range(1, 1024), "num_classes": Range(2, 100_000), "threads": Range(0, os.cpu_count() or 1),
           "reps": Range(1, 10_000), "warmup": Range(0, 1000), "sweep_steps": TRAIN_RANGES["attack_steps"],
-          "sweep_batch_sizes": TRAIN_RANGES["batch_size"], "sweep_reps": Range(1, 1000)}
+          "sweep_batch_sizes": TRAIN_RANGES["batch_size"], "sweep_reps": Range(1, 1000),
+          "autoattack": Range(1, 10**6), "aa_batch_size": Range(1, 65_536)}
 
 
 def get_args(argv=None):
@@ -91,9 +95,10 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=128, help=f"images per training step, {RANGES['batch_size']}")
     p.add_argument("--attack-steps", type=int, default=10,
                    help=f"PGD steps K per training step, {RANGES['attack_steps']}")
-    p.add_argument("--norm", type=str, default="linf", choices=list(NORMS),
-                   help="threat model of the FIRE and TRADES steps (--norm l2: the data set's L2 preset, "
-                        "and the Linf FIRE step, FIRE-Linf, timed in the same rounds)")
+    p.add_argument("--norm", type=str, default=None, choices=list(NORMS),
+                   help="threat model of the FIRE and TRADES steps, default linf (--norm l2: the data set's L2 "
+                        "preset, and the Linf FIRE step, FIRE-Linf, timed in the same rounds); with "
+                        "--checkpoint, default its own")
     p.add_argument("--eps", type=float, default=None,
                    help=f"radius in --norm in pixel units, {RANGES['eps']} ({L2_RANGES['eps']} with --norm l2; "
                         f"default: preset)")
@@ -144,10 +149,25 @@ def get_args(argv=None):
                    help=f"timed repetitions per sweep cell, {RANGES['sweep_reps']}")
     p.add_argument("--json-out", type=str, default=None,
                    help="also write every figure to this JSON file (its folder must exist and be writable)")
+    g = p.add_argument_group("AutoAttack throughput (instead of the training step)")
+    g.add_argument("--autoattack", type=int, default=None, metavar="N",
+                   help=f"time the standard AutoAttack on N images, N {RANGES['autoattack']}: images/s and the "
+                        f"projected time for 10,000 test images. On the first N images of --checkpoint's "
+                        f"split, or on random images of --dataset's shape labelled by the predictions of a "
+                        f"freshly initialised --model (every image attacked: an upper bound)")
+    g.add_argument("--checkpoint", type=str, default=None,
+                   help="with --autoattack: a checkpoint of train_fire.py or train_trades.py, timed at its own "
+                        "threat model (--norm, --eps override it) on its test images")
+    g.add_argument("--aa-batch-size", type=int, default=500,
+                   help=f"images per AutoAttack batch, {RANGES['aa_batch_size']} (eval_autoattack.py's --batch-size)")
+    g.add_argument("--smoke-aa", action="store_true",
+                   help="time the reduced AutoAttack of eval_autoattack.py --smoke-aa instead of the standard one")
     args = p.parse_args(argv)
 
-    linf_preset = DATASETS[args.dataset].preset
-    preset = dict(linf_preset, **(DATASETS[args.dataset].l2_preset if args.norm == "l2" else {}))
+    dataset = DATASETS[args.dataset]
+    args.norm_given, args.norm = args.norm, args.norm or "linf"
+    linf_preset = dataset.training_preset()
+    preset = dataset.training_preset(args.norm)
     args.linf_eps, args.linf_step_size = linf_preset["eps"], linf_preset["step_size"]  # FIRE-Linf's
     num_classes, channels, mean, std = dataset_shape(args.dataset)
     args.model = args.model or preset["model"]
@@ -155,12 +175,14 @@ def get_args(argv=None):
     args.num_classes = num_classes if args.num_classes is None else args.num_classes
     # The preset's normalisation only fits the preset's channel count.
     args.mean, args.std = (mean, std) if args.shape[0] == channels else (None, None)
+    if args.norm == "l2" and "eps" not in dataset.l2_preset and (args.eps is None or args.step_size is None):
+        p.error(f"--norm l2 has no preset for {args.dataset}: give --eps and --step-size")
+    args.eps_given = args.eps is not None
     for key in ("eps", "step_size", "lr"):  # an explicit flag overrides the preset
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
-
-    if args.norm == "l2" and "eps" not in DATASETS[args.dataset].l2_preset and (args.eps is None or args.step_size is None):
-        p.error(f"--norm l2 has no preset for {args.dataset}: give --eps and --step-size")
+    if args.checkpoint is not None and args.autoattack is None:
+        p.error("--checkpoint goes with --autoattack N")
     check_ranges(p, args, dict(RANGES, **(L2_RANGES if args.norm == "l2" else {})))
     if args.compile_mode != "default" and not args.compile:
         p.error(f"--compile-mode {args.compile_mode} needs --compile")
@@ -173,10 +195,6 @@ def get_args(argv=None):
     except ValueError as e:
         p.error(f"--model: {e}")
     return args
-
-
-def write_json(path, report):
-    write_atomic(path, lambda f: json.dump(report, f, indent=1), what="--json-out")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,7 +282,7 @@ class Bench:
 
     def steps(self, k):
         a = self.args
-        # with the harness's settings of TrainState.step: AWP and the average from the first step, no clipping
+        # with the training loop's settings of TrainState.step: AWP and the average from the first step, no clipping
         common = dict(eps=a.eps, step_size=a.step_size, attack_steps=k, dtype=a.dtype, clip_grad_norm=None,
                       awp_warmup=1, ema_start=1, norm=a.norm)
         fire = argparse.Namespace(**common, lam=a.lam, distance="fisher-rao")
@@ -509,6 +527,37 @@ def growth(rows):
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------
+# AutoAttack's throughput
+
+
+def autoattack_throughput(args, device):
+    """--autoattack N: the timing record of the standard AutoAttack (autoattack.time_autoattack) on N
+    images of --checkpoint's test split at its threat model, or on random images labelled by a
+    freshly initialised --model's own predictions at --dataset's evaluation radius."""
+    if args.checkpoint is not None:
+        saved = load_checkpoint(args.checkpoint)["args"]
+        norm, eps = threat_model(saved, args.norm_given, args.eps if args.eps_given else None)
+        model = load_model(args.checkpoint, device)
+        x, y = first_images(split_of(saved, "test"), args.autoattack)
+        what = args.checkpoint
+    else:
+        torch.manual_seed(args.seed)
+        norm, dataset = args.norm, DATASETS[args.dataset]
+        eps = args.eps if args.eps_given else dataset.evaluation_radius(norm) or args.eps
+        model = get_model(args.model, args.num_classes, args.shape[0], args.mean, args.std).to(device).eval()
+        x = torch.rand(args.autoattack, *args.shape, generator=torch.Generator().manual_seed(args.seed))
+        with torch.no_grad():  # labels = the model's own predictions: every image is attacked
+            y = torch.cat([model(b.to(device)).argmax(1).cpu() for b in x.split(args.aa_batch_size)])
+        what = f"random {args.model} on {args.dataset}-shaped images"
+    timing = time_autoattack(model, x, y, eps, device, norm, args.aa_batch_size, args.seed, args.smoke_aa)
+    print(f"{what}: AutoAttack ({timing['aa_version']}, {norm} eps {eps:g}) on {timing['images']} images in "
+          f"{timing['seconds']:.1f}s = {timing['images_per_s']:.2f} images/s on {timing['device']}; "
+          f"{TEST_SET_SIZE:,} test images ~ {fmt_hours(timing['projected_test_set_s'])} "
+          f"(natural {timing['natural']:.3f}, AutoAttack {timing['autoattack']:.3f})", flush=True)
+    return timing
+
+
 def main(argv=None):
     args = get_args(argv)
     if args.json_out:
@@ -517,6 +566,12 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
+    if args.autoattack is not None:
+        timing = autoattack_throughput(args, device)
+        if args.json_out:
+            write_json(args.json_out, timing, what="--json-out")
+            print(f"wrote {args.json_out}")
+        return timing
     config = describe(args, device)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     c, h, w = args.shape
@@ -551,7 +606,7 @@ def main(argv=None):
     if load:
         print(f"load average {report['load_average_after'][0]:.2f} after (other processes share these cores)")
     if args.json_out:
-        write_json(args.json_out, report)
+        write_json(args.json_out, report, what="--json-out")
         print(f"wrote {args.json_out}")
     return report
 

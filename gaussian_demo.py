@@ -34,83 +34,65 @@ from matplotlib.figure import Figure  # no pyplot: no global state, renders with
 from scipy.optimize import minimize, minimize_scalar
 from scipy.stats import norm
 
-from fire_repro.common import ArgumentParser, UserError, check_output, cli, write_atomic
+from fire_repro.common import ArgumentParser, Range, UserError, check_output, check_ranges, cli, write_atomic
 
 METHODS = ("ace", "trades", "fire", "hellinger")
 OUTPUTS = ("results.json", "fig3.png", "fig6.png", "fig9.png")
 PROG = os.path.basename(__file__)
 MIN_ANGLES = 100  # the Pareto set is an arc of the curve: with fewer angles it is a handful of points
-# The upper ends of the numeric flags, the one place they are written (check_args and the help texts
+# The ranges of the numeric flags, the one place they are written (check_args and the help texts
 # use them): far beyond the paper's model (||mu|| = 0.05, eps = 0.1, 10^4 samples, 61 lambdas in
 # [1e-2, 1e4]), they keep a run within minutes and its numbers finite.
-LIMITS = dict(eps=10.0, mu=1e3, sigma=1e3, n_per_class=10**6, lam=1e8, n_lam=1000, refine=10,
-              theta_norm=1e4, gtol=1.0, zero_tol=1.0, n_angles=10**7, cover_tol=1.0, fig3_norm=1e4)
+RANGES = dict(eps=Range(0, 10.0), mu=Range(-1e3, 1e3), sigma=Range(-1e3, 1e3), n_per_class=Range(1, 10**6),
+              seed=Range(0, 2**32, high_open=True), lam_min=Range(0, 1e8, low_open=True), lam_max=Range(0, 1e8),
+              n_lam=Range(0, 1000), lam_grid=Range(0, 1e8), refine=Range(0, 10), theta_norm=Range(0, 1e4),
+              gtol=Range(0, 1.0, low_open=True), zero_tol=Range(0, 1.0), n_angles=Range(MIN_ANGLES, 10**7),
+              cover_tol=Range(0, 1.0, low_open=True), fig3_norm=Range(0, 1e4, low_open=True))
 
 
 def check_args(args, p):
-    """Every numeric flag finite and in its range, before any work (p.error: one line, exit code 2)."""
-    def need(flag, values, ok, rule):
-        for v in values:  # ints need no finiteness test (and may be too large for a float)
-            if not ((isinstance(v, int) or math.isfinite(v)) and ok(v)):
-                p.error(f"{flag} must be {rule}, got {v}")
-
-    L = LIMITS
-    need("--eps", [args.eps], lambda v: 0 <= v <= L["eps"], f"a radius in [0, {L['eps']:g}]")
-    need("--mu", args.mu, lambda v: abs(v) <= L["mu"], f"finite, each in [-{L['mu']:g}, {L['mu']:g}]")
+    """Every numeric flag finite and in its range (RANGES), and the rules between flags, before any
+    work (p.error: one line, exit code 2)."""
+    check_ranges(p, args, RANGES)
     if not any(args.mu):
         p.error("--mu must be non-zero (mu = 0 gives both classes one distribution: every theta has accuracy 1/2)")
-    need("--sigma", args.sigma, lambda v: abs(v) <= L["sigma"], f"finite, each in [-{L['sigma']:g}, {L['sigma']:g}]")
     s = args.sigma
     if not math.isclose(s[1], s[2], rel_tol=1e-9) or np.linalg.eigvalsh(np.array(s).reshape(2, 2)).min() <= 0:
         p.error("--sigma must be symmetric positive definite")
-    need("--n-per-class", [args.n_per_class], lambda v: 1 <= v <= L["n_per_class"], f"in [1, {L['n_per_class']}]")
-    need("--seed", [args.seed], lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)")
-    need("--lam-min", [args.lam_min], lambda v: 0 < v <= L["lam"], f"in (0, {L['lam']:g}] (the grid is log-spaced)")
-    need("--lam-max", [args.lam_max], lambda v: args.lam_min <= v <= L["lam"],
-         f"in [--lam-min {args.lam_min:g}, {L['lam']:g}]")
-    need("--n-lam", [args.n_lam], lambda v: 0 <= v <= L["n_lam"], f"in [0, {L['n_lam']}] (0: lambda = 0 only)")
-    need("--lam-grid", args.lam_grid or [], lambda v: 0 <= v <= L["lam"], f"values in [0, {L['lam']:g}]")
-    if len(args.lam_grid or []) > L["n_lam"]:
-        p.error(f"--lam-grid must have at most {L['n_lam']} values, got {len(args.lam_grid)}")
-    need("--refine", [args.refine], lambda v: 0 <= v <= L["refine"], f"in [0, {L['refine']}]")
-    need("--theta-norm", [args.theta_norm], lambda v: 0 <= v <= L["theta_norm"],
-         f"in [0, {L['theta_norm']:g}] (0: theta free)")
-    need("--gtol", [args.gtol], lambda v: 0 < v <= L["gtol"], f"in (0, {L['gtol']:g}]")
-    need("--zero-tol", [args.zero_tol], lambda v: 0 <= v <= L["zero_tol"], f"in [0, {L['zero_tol']:g}]")
+    if args.lam_max < args.lam_min:
+        p.error(f"--lam-max must be at least --lam-min {args.lam_min:g}, got {args.lam_max:g}")
+    if len(args.lam_grid or []) > RANGES["n_lam"].high:
+        p.error(f"--lam-grid must have at most {RANGES['n_lam'].high} values, got {len(args.lam_grid)}")
     if 0 < args.theta_norm <= args.zero_tol:
         p.error(f"--zero-tol {args.zero_tol:g} must be below --theta-norm {args.theta_norm:g}, "
                 "else every solution would count as theta = 0")
-    need("--n-angles", [args.n_angles], lambda v: MIN_ANGLES <= v <= L["n_angles"], f"in [{MIN_ANGLES}, {L['n_angles']}]")
-    need("--cover-tol", [args.cover_tol], lambda v: 0 < v <= L["cover_tol"], f"in (0, {L['cover_tol']:g}]")
-    need("--fig3-norm", [args.fig3_norm], lambda v: 0 < v <= L["fig3_norm"], f"in (0, {L['fig3_norm']:g}]")
 
 
 def get_args(argv=None):
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model (defaults: Fig. 6 caption of the paper)")
-    g.add_argument("--eps", type=float, default=0.1, help=f"l2 radius of the adversary, in [0, {LIMITS['eps']:g}], input units")
+    g.add_argument("--eps", type=float, default=0.1, help=f"l2 radius of the adversary, {RANGES['eps']}, input units")
     g.add_argument("--mu", type=float, nargs=2, default=[-0.0218, 0.0425],
-                   help=f"class mean: x|y ~ N(y mu, Sigma), non-zero, each in [-{LIMITS['mu']:g}, {LIMITS['mu']:g}]")
+                   help=f"class mean: x|y ~ N(y mu, Sigma), non-zero, each {RANGES['mu']}")
     g.add_argument("--sigma", type=float, nargs=4, default=[0.0212, 0.0036, 0.0036, 0.0042],
-                   help=f"Sigma, row-major 2x2, symmetric positive definite, each in [-{LIMITS['sigma']:g}, "
-                        f"{LIMITS['sigma']:g}]")
+                   help=f"Sigma, row-major 2x2, symmetric positive definite, each {RANGES['sigma']}")
     g = p.add_argument_group("empirical risk minimisation (footnote 4)")
     g.add_argument("--n-per-class", type=int, default=None,
-                   help=f"training samples per class, in [1, {LIMITS['n_per_class']}] (10^4; 1000 with --quick)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the sampled training set, in [0, 2**32)")
+                   help=f"training samples per class, {RANGES['n_per_class']} (10^4; 1000 with --quick)")
+    g.add_argument("--seed", type=int, default=0, help=f"seed of the sampled training set, {RANGES['seed']}")
     g.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="risks to minimise")
     g.add_argument("--lam-min", type=float, default=1e-2,
-                   help=f"smallest non-zero lambda of the log-spaced grid, in (0, {LIMITS['lam']:g}]")
-    g.add_argument("--lam-max", type=float, default=1e4, help=f"largest lambda of the grid, in [--lam-min, {LIMITS['lam']:g}]")
+                   help=f"smallest non-zero lambda of the log-spaced grid, {RANGES['lam_min']}")
+    g.add_argument("--lam-max", type=float, default=1e4, help=f"largest lambda of the grid, {RANGES['lam_max']} and at least --lam-min")
     g.add_argument("--n-lam", type=int, default=None,
                    help="log-spaced lambdas in [lam-min, lam-max], lambda = 0 is added "
-                        f"(in [0, {LIMITS['n_lam']}], 0: lambda = 0 only; 61; 9 with --quick)")
+                        f"({RANGES['n_lam']}, 0: lambda = 0 only; 61; 9 with --quick)")
     g.add_argument("--lam-grid", type=float, nargs="+", default=None,
-                   help=f"explicit lambda values in [0, {LIMITS['lam']:g}], at most {LIMITS['n_lam']} (override "
+                   help=f"explicit lambda values, each {RANGES['lam_grid']}, at most {RANGES['n_lam'].high} (override "
                         f"--lam-min/--lam-max/--n-lam)")
     g.add_argument("--refine", type=int, default=6,
-                   help=f"rounds (in [0, {LIMITS['refine']}]) of lambda bisection where consecutive solutions "
+                   help=f"rounds ({RANGES['refine']}) of lambda bisection where consecutive solutions "
                         f"are more than --cover-tol apart")
     g.add_argument("--trades-ce", choices=("adv", "nat"), default="adv",
                    help="TRADES cross-entropy on x* (Eq. 5 as printed) or on x (original TRADES)")
@@ -119,24 +101,24 @@ def get_args(argv=None):
                         "x -+ eps theta/||theta|| that maximises that sample's loss "
                         "(the exact inner max of Eqs. 4, 5, 7, 48 for a linear model)")
     g.add_argument("--theta-norm", type=float, default=0.0,
-                   help=f"0: theta free, BFGS from theta = 0 (paper). R in (0, {LIMITS['theta_norm']:g}]: theta = "
+                   help=f"{RANGES['theta_norm']}. 0: theta free, BFGS from theta = 0 (paper). R > 0: theta = "
                         f"R [cos a, sin a], BFGS over a from the angle of mean(y x), the direction of the "
                         f"free problem's first step")
-    g.add_argument("--gtol", type=float, default=1e-6, help=f"BFGS gradient-norm tolerance, in (0, {LIMITS['gtol']:g}]")
+    g.add_argument("--gtol", type=float, default=1e-6, help=f"BFGS gradient-norm tolerance, {RANGES['gtol']}")
     g.add_argument("--zero-tol", type=float, default=1e-8,
-                   help=f"solutions with ||theta||_2 below this (in [0, {LIMITS['zero_tol']:g}]; < --theta-norm) "
+                   help=f"solutions with ||theta||_2 below this ({RANGES['zero_tol']}; < --theta-norm) "
                         "are the constant classifier "
                         "theta = 0 (no angle)")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--n-angles", type=int, default=20000,
-                   help=f"points of the exact curve, uniform on [0, 2 pi), in [{MIN_ANGLES}, {LIMITS['n_angles']}]")
+                   help=f"points of the exact curve, uniform on [0, 2 pi), {RANGES['n_angles']}")
     g.add_argument("--cover-metric", choices=("acc", "angle"), default="acc",
                    help="a Pareto point is reached if a solution is within --cover-tol of it in (nat, adv) "
                         "Euclidean distance (acc) or in angle, radians (angle)")
     g.add_argument("--cover-tol", type=float, default=0.005,
-                   help=f"coverage tolerance (accuracy units or radians), in (0, {LIMITS['cover_tol']:g}]")
+                   help=f"coverage tolerance (accuracy units or radians), {RANGES['cover_tol']}")
     g.add_argument("--fig3-norm", type=float, default=1.0,
-                   help=f"||theta||_2, in (0, {LIMITS['fig3_norm']:g}], of both thetas in Fig. 3 (the FRD depends on "
+                   help=f"||theta||_2, {RANGES['fig3_norm']}, of both thetas in Fig. 3 (the FRD depends on "
                         f"it, the accuracies do not)")
     g.add_argument("--out-dir", type=str, default="runs/gaussian",
                    help="folder for results.json and the PNGs (created; must be writable)")

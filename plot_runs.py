@@ -23,7 +23,8 @@ import os
 
 from fire_repro.common import ArgumentParser, UserError, check_output, cli, write_atomic
 from fire_repro.config import run_identity
-from fire_repro.tables import figure_formats, mean_std, row_name, settings_text, varies
+from fire_repro.figures import figure_formats
+from fire_repro.tables import mean_std, row_name, settings_text, varies
 
 # (metrics.jsonl key, panel title, y label, scale): one panel each; grad_norm_max joins grad_norm
 PANELS = [("val_nat", "validation natural accuracy", "%", 100),

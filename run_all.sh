@@ -7,12 +7,11 @@
 #   GPUS=0 JOBS=12 SEEDS="0 1 2" ./run_all.sh mnist5k   # real-MNIST stability table, one GPU
 #   SEEDS="0 1" GPUS=0,1 ./run_all.sh table1
 #   LAUNCHER=slurm PARTITION=gpu ./run_all.sh table1   # every training and evaluation a SLURM job
-#   SMOKE=1 ./run_all.sh             # every block at toy scale on the CPU, a few minutes
-#   REHEARSAL=1 ./run_all.sh         # the full-scale plan on generated stand-in data, on the CPU
+#   REHEARSAL=1 ./run_all.sh         # the full-scale plan on generated stand-in data, on the CPU (minutes)
 #
 # Every setting is an environment variable, checked before anything is created (docs/reproducing.md
 # lists them; docs/cluster.md the SLURM ones). Each block below names its trainings, evaluations,
-# tables and figures, one line each; plan.py answers the rest from the code the scripts run (a run's
+# tables and figures, one line each; fire_repro/plan.py answers the rest from the code the scripts run (a run's
 # folder, whether it is finished, its result file and radius, its cost) and launches the plan: here,
 # JOBS at a time (LAUNCHER=local), or as SLURM jobs chained by dependencies (LAUNCHER=slurm). A block
 # whose step fails is named at the end, after the other blocks, and the exit code is 1.
@@ -52,26 +51,13 @@ seed_list() {
         die "$1 must be seeds separated by spaces, e.g. \"0 1 2\"; got '${!1}'"
 }
 
-setting SMOKE 0; one_of SMOKE 0 1
+if [[ -n ${SMOKE+set} ]]; then die "SMOKE is not read: REHEARSAL=1 runs every block on the CPU with the real names and settings"; fi
 setting REHEARSAL 0; one_of REHEARSAL 0 1
-if [[ $SMOKE == 1 && $REHEARSAL == 1 ]]; then die "SMOKE=1 and REHEARSAL=1 are two ways to run on the CPU: choose one"; fi
 setting DRY_RUN 0; one_of DRY_RUN 0 1
 setting LAUNCHER local; one_of LAUNCHER local slurm
-TRAIN_FLAGS="${TRAIN_FLAGS:-}"   # extra flags for every training, e.g. "--dtype bfloat16 --workers 8" (plan.py checks them)
-for v in SMOKE_SEEDS SMOKE_JOBS; do
-    if [[ -n ${!v+set} ]]; then die "$v is not read: SMOKE=1 takes SEEDS, SWEEP_SEEDS and JOBS like a full run"; fi
-done
-if [[ $SMOKE == 1 ]]; then
-    for v in DATASETS AUX_DATA; do  # they name data that the smoke run replaces
-        if [[ -n ${!v+set} ]]; then die "$v is not used with SMOKE=1 (the bundled digits stand in for every data set): unset it"; fi
-    done
-    setting SEEDS "0 1"; setting SWEEP_SEEDS "0"; setting JOBS 2; setting OUT_DIR runs/smoke
-    if [[ $(realpath -m "$OUT_DIR") == $(realpath -m runs/paper) ]]; then
-        die "SMOKE=1 would write its toy tables into runs/paper: choose another OUT_DIR"
-    fi
-    NPROC=1
-elif [[ $REHEARSAL == 1 ]]; then
-    # The full-scale plan on generated stand-in data (plan.py, docs/reproducing.md#the-rehearsal)
+TRAIN_FLAGS="${TRAIN_FLAGS:-}"   # extra flags for every training, e.g. "--dtype bfloat16 --workers 8" (fire_repro/plan.py checks them)
+if [[ $REHEARSAL == 1 ]]; then
+    # The full-scale plan on generated stand-in data (docs/reproducing.md#the-rehearsal)
     if [[ -n ${AUX_DATA+set} ]]; then die "AUX_DATA is not used with REHEARSAL=1 (a generated stand-in takes its place): unset it"; fi
     setting SEEDS "0"; setting SWEEP_SEEDS "0"; setting JOBS 2; setting OUT_DIR runs/rehearsal
     if [[ $(realpath -m "$OUT_DIR") == $(realpath -m runs/paper) ]]; then
@@ -92,7 +78,7 @@ else
         die "DATASETS must be data set names separated by spaces, e.g. \"mnist cifar10\"; got '$DATASETS'"
 fi
 seed_list SEEDS; seed_list SWEEP_SEEDS; whole JOBS 1; whole NPROC 1
-if [[ $LAUNCHER == local && $SMOKE == 0 && $REHEARSAL == 0 ]]; then
+if [[ $LAUNCHER == local && $REHEARSAL == 0 ]]; then
     # GPUs of this machine; the default: CUDA_VISIBLE_DEVICES if set, else the paper's 4 GPUs
     if [[ -z ${GPUS+set} && -n ${CUDA_VISIBLE_DEVICES:-} ]]; then GPUS=$CUDA_VISIBLE_DEVICES; fi
     setting GPUS 0,1,2,3
@@ -102,12 +88,12 @@ elif [[ $LAUNCHER == slurm && -n ${GPUS+set} ]]; then
 fi
 if [[ $LAUNCHER == slurm ]]; then  # docs/cluster.md
     PARTITION="${PARTITION:-}"; ACCOUNT="${ACCOUNT:-}"; SBATCH_ARGS="${SBATCH_ARGS:-}"  # empty: SLURM's default
-    if [[ $SMOKE == 1 || $REHEARSAL == 1 ]]; then gpus=0 cpus=1 time=0:30:00; else gpus=4 cpus=8 time=24:00:00; fi
+    if [[ $REHEARSAL == 1 ]]; then gpus=0 cpus=1 time=0:30:00; else gpus=4 cpus=8 time=24:00:00; fi
     setting GPUS_PER_TRAINING $gpus; whole GPUS_PER_TRAINING 0   # the paper: 4 V100s per run
     setting GPUS_PER_EVAL $(( 10#$GPUS_PER_TRAINING > 0 )); whole GPUS_PER_EVAL 0
     setting CPUS_PER_TRAINING $cpus; whole CPUS_PER_TRAINING 1
     setting CPUS_PER_EVAL $(( 10#$CPUS_PER_TRAINING > 1 ? 10#$CPUS_PER_TRAINING / 2 : 1 )); whole CPUS_PER_EVAL 1
-    setting TIME_LIMIT $time          # per job; a longer training is requeued and resumes (plan.py checks it)
+    setting TIME_LIMIT $time          # per job; a longer training is requeued and resumes (fire_repro/plan.py checks it)
     setting SIGNAL_SECONDS 300        # SIGUSR1 this long before the time limit: stop, requeue
     whole SIGNAL_SECONDS 1; (( SIGNAL_SECONDS <= 65535 )) || die "SIGNAL_SECONDS must be <= 65535 (SLURM's limit), got $SIGNAL_SECONDS"
     if (( NPROC > 1 && NPROC != GPUS_PER_TRAINING )); then
@@ -127,70 +113,20 @@ done
 if [[ -z ${PYTHON:-} && -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; fi
 PY="${PYTHON:-python3}"
 
-if [[ $SMOKE == 1 ]]; then
-    # Toy scale: bundled digits for every data set, one epoch, one attack step, small sweeps,
-    # AutoAttack with reduced iterations on 64 images. Checks the pipeline, not the paper.
-    export CUDA_VISIBLE_DEVICES=""
-    export OMP_NUM_THREADS=1  # tiny models: one thread per process, two processes side by side
-    DATASETS="digits"; FIG_DATASET="digits"; AUX_DATASET="digits"; FIG8_MODEL="smallcnn"
-    LAMS_FIG7="2 12 48"; LAMS_FIG8="2 12"; BETAS_FIG8="1 6"; FIG8_LR=""
-    TRAIN_COMMON=(--epochs 1 --batch-size 16 --lr 0.1 --lr-milestones 1.0 --attack-steps 1
-                  --step-size 0.1 --eval-steps 1 --device cpu)
-    SA_FLAGS=(--sa-start 1)   # self-adaptive targets from the first (only) epoch
-    EVAL_COMMON=(--n-examples 64 --batch-size 64 --smoke-aa --device cpu)
-    GAUSSIAN_FLAGS=(--quick)
-    AUX_DATA="$OUT_DIR/smoke_aux.npz"
-    # Stand-in for the 500K pseudo-labelled images: the digits training split shifted by one
-    # pixel (new images, true labels), in the .npz layout train_*.py read. Plumbing only.
-    SMOKE_AUX_PY='
-import argparse, sys
-import numpy as np, torch
-from fire_repro.data import get_datasets
-train = get_datasets(argparse.Namespace(dataset="digits", data_dir="data", val_size=180))[0]
-x = torch.stack([train[i][0] for i in range(len(train))])
-x = torch.cat([torch.roll(x, 1, dims=3), torch.roll(x, -1, dims=2)])
-images = (x.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
-np.savez(sys.argv[1], images=images, labels=np.concatenate([train.labels().numpy()] * 2))
-'
-    # Stand-in for ImageNet32: ten training files and val_data.npz in its .npz format (uint8 rows in
-    # CHW order, 1-based labels), noisy images whose colour gives one of 10 labels.
-    SMOKE_IMAGENET32_PY='
-import os, sys
-import numpy as np
-from fire_repro.data import IMAGENET32_FILES
-rng = np.random.default_rng(0)
-os.makedirs(sys.argv[1], exist_ok=True)
-for name in IMAGENET32_FILES:  # val_data.npz last: its presence means the folder is complete
-    labels = rng.integers(1, 11, 64 if name == "val_data.npz" else 16)
-    colour = np.stack([labels * 23, 255 - labels * 23, (labels % 3) * 100], 1).repeat(1024, 1)
-    noise = rng.integers(-40, 41, colour.shape)
-    np.savez(os.path.join(sys.argv[1], name), labels=labels,
-             data=np.clip(colour + noise, 0, 255).astype(np.uint8))
-'
-    # Pre-training row: a synthetic folder in the Imagenet32 .npz format (written below) stands in
-    # for ImageNet32 AND for CIFAR-10 (torchvision checks CIFAR's files by MD5: no stand-in is
-    # possible), so the fine-tune keeps the 1000-class head; the tests cover a new classifier.
-    PT_DATA_DIR="$OUT_DIR/smoke_data"; FT_DATASET="imagenet32"
-    PT_FLAGS=(--model wrn-10-1 --val-size 32 --workers 0 --data-dir "$PT_DATA_DIR")
-    FT_FLAGS=("${PT_FLAGS[@]}")
-else
-    if [[ $LAUNCHER == local && $REHEARSAL == 0 ]]; then export CUDA_VISIBLE_DEVICES="$GPUS"; fi
-    FIG_DATASET="cifar10"; AUX_DATASET="cifar10"
-    FIG8_MODEL="resnet18"
-    LAMS_FIG7="1 2 4 6 8 10 12 16 20 24"       # Fig. 7: FIRE's lambda on CIFAR-10
-    LAMS_FIG8="0 1 2 4 6 8 12 16 24 32 50"     # Fig. 8 (Appendix A): lambda in [0, 50] (0: natural training)
-    BETAS_FIG8="0 1 2 4 6 8 12 16 24 32 50"
-    FIG8_LR="0.01"                             # Appendix A: lr 0.01, /10 at 75, 90, 100
-    TRAIN_COMMON=(--data-dir "$DATA_DIR")
-    EVAL_COMMON=(--data-dir "$DATA_DIR" --batch-size 500)
-    GAUSSIAN_FLAGS=()
-    SA_FLAGS=()
-    # Pre-training row (Hendrycks et al. 2019, hendrycks/pre-training): the imagenet32 preset, then
-    # tune.py's fine-tuning: every layer, 5 epochs, lr 0.001 cosine, batch 128, PGD-10 of 2/255 at 8/255.
-    PT_DATA_DIR="$DATA_DIR"; FT_DATASET="cifar10"; PT_FLAGS=()
-    FT_FLAGS=(--model wrn-28-10 --epochs 5 --lr 0.001 --schedule cosine --batch-size 128
-              --eps 0.03137254901960784 --step-size 0.00784313725490196)
-fi
+if [[ $LAUNCHER == local && $REHEARSAL == 0 ]]; then export CUDA_VISIBLE_DEVICES="$GPUS"; fi
+FIG_DATASET="cifar10"; AUX_DATASET="cifar10"
+FIG8_MODEL="resnet18"
+LAMS_FIG7="1 2 4 6 8 10 12 16 20 24"       # Fig. 7: FIRE's lambda on CIFAR-10
+LAMS_FIG8="0 1 2 4 6 8 12 16 24 32 50"     # Fig. 8 (Appendix A): lambda in [0, 50] (0: natural training)
+BETAS_FIG8="0 1 2 4 6 8 12 16 24 32 50"
+FIG8_LR="0.01"                             # Appendix A: lr 0.01, /10 at 75, 90, 100
+TRAIN_COMMON=(--data-dir "$DATA_DIR")
+EVAL_COMMON=(--data-dir "$DATA_DIR" --batch-size 500)
+GAUSSIAN_FLAGS=()
+# Pre-training row (Hendrycks et al. 2019, hendrycks/pre-training): the imagenet32 preset, then
+# tune.py's fine-tuning: every layer, 5 epochs, lr 0.001 cosine, batch 128, PGD-10 of 2/255 at 8/255.
+FT_FLAGS=(--model wrn-28-10 --epochs 5 --lr 0.001 --schedule cosine --batch-size 128
+          --eps 0.03137254901960784 --step-size 0.00784313725490196)
 if [[ $REHEARSAL == 1 ]]; then
     # The rehearsal: every name, preset, radius and table of the full scale above, on generated
     # images of each data set's shape and classes (--rehearsal, data.load_rehearsal; part of a run's
@@ -206,12 +142,12 @@ if [[ $REHEARSAL == 1 ]]; then
     AUX_DATA="$OUT_DIR/rehearsal_aux.npz"
     REHEARSAL_AUX_PY='import sys; from fire_repro import data; data.write_rehearsal_aux(sys.argv[1], sys.argv[2])'
 fi
-IMAGENET32="$PT_DATA_DIR/imagenet32"  # where train_*.py --dataset imagenet32 read it
+IMAGENET32="$DATA_DIR/imagenet32"  # where train_*.py --dataset imagenet32 read it
 EVAL_EXTRA=()  # a block's own evaluation flags (mnist5k: --pgd20)
 QUOTED=""     # a block's quoted rows in its table (modern: RobustBench's), see report
 
 # ---- the steps every block is written in ---------------------------------------------------------
-# A block names its steps, one line each (fields separated by \x1f) for plan.py, which answers the
+# A block names its steps, one line each (fields separated by \x1f) for fire_repro/plan.py, which answers the
 # rest from the code the scripts run: a run's folder (its identity), whether it is finished, its
 # evaluation's radius and result file, its cost; then launches what is not finished (docs/cluster.md).
 PLAN=()
@@ -219,7 +155,7 @@ N=0
 emit() { local IFS=$'\x1f'; PLAN+=("$*"); }
 
 # fit SCRIPT TAG ARGS...: a training (ARGS include --dataset and --seed; TRAIN_COMMON is appended,
-# and TRAIN_FLAGS by plan.py); sets RUN to a name for its folder ("@N", which plan.py resolves).
+# and TRAIN_FLAGS by the plan); sets RUN to a name for its folder ("@N", which the plan resolves).
 fit() {
     local script=$1 tag=$2; shift 2
     N=$(( N + 1 )); RUN="@$N"
@@ -233,38 +169,38 @@ fire_code() {
     fit train_fire.py "fire-code-$1-lam5-s$2" --dataset "$1" --seed "$2" --lam 5 "${aug[@]}" "${@:3}"
 }
 fire()      { fit train_fire.py "fire-$1-lam$3-s$2" --dataset "$1" --seed "$2" --lam "$3" "${@:4}"; }
-fire_sa()   { fit train_fire.py "fire-sa-$1-lam$3-s$2" --dataset "$1" --seed "$2" --lam "$3" --self-adaptive "${SA_FLAGS[@]}" "${@:4}"; }
+fire_sa()   { fit train_fire.py "fire-sa-$1-lam$3-s$2" --dataset "$1" --seed "$2" --lam "$3" --self-adaptive "${@:4}"; }
 hellinger() { fit train_fire.py "hellinger-$1-lam$3-s$2" --dataset "$1" --seed "$2" --lam "$3" --distance hellinger "${@:4}"; }
-trades_sa() { fit train_trades.py "trades-sa-$1-beta$3-s$2" --dataset "$1" --seed "$2" --loss trades --beta "$3" --self-adaptive "${SA_FLAGS[@]}" "${@:4}"; }
+trades_sa() { fit train_trades.py "trades-sa-$1-beta$3-s$2" --dataset "$1" --seed "$2" --loss trades --beta "$3" --self-adaptive "${@:4}"; }
 trades()    { fit train_trades.py "trades-$1-beta$3-s$2" --dataset "$1" --seed "$2" --loss trades --beta "$3" "${@:4}"; }
 mart()      { fit train_trades.py "mart-$1-beta$3-s$2" --dataset "$1" --seed "$2" --loss mart --beta "$3" "${@:4}"; }
 madry()     { fit train_trades.py "madry-$1-s$2" --dataset "$1" --seed "$2" --loss madry "${@:3}"; }
 pretrain()  { fit train_trades.py "pretrain-imagenet32-s$1" --dataset imagenet32 --seed "$1" --loss madry "${@:2}"; }
 finetune()  { fit train_trades.py "pretrain-ft-$1-s$2" --dataset "$1" --seed "$2" --loss madry --init-from "$3" "${@:4}"; }
 
-# imagenet32_ready: the ten training files and val_data.npz are in $IMAGENET32 (a smoke run writes
-# its stand-in; a rehearsal generates its images)
+# imagenet32_ready: the ten training files and val_data.npz are in $IMAGENET32 (a rehearsal
+# generates its images)
 imagenet32_ready() {
-    if [[ $SMOKE == 1 || $REHEARSAL == 1 ]]; then return 0; fi
+    if [[ $REHEARSAL == 1 ]]; then return 0; fi
     local f
     for f in train_data_batch_{1..10}.npz val_data.npz; do [[ -f $IMAGENET32/$f ]] || return 1; done
 }
-# aux_ready: the extra data are at $AUX_DATA (a smoke run or a rehearsal writes its stand-in)
-aux_ready() { [[ -f $AUX_DATA || $SMOKE == 1 || $REHEARSAL == 1 ]]; }
+# aux_ready: the extra data are at $AUX_DATA (a rehearsal writes its stand-in)
+aux_ready() { [[ -f $AUX_DATA || $REHEARSAL == 1 ]]; }
 
 # evaluate KIND RUN...: AutoAttack on <RUN>/<KIND>.pt for every run, with EVAL_COMMON and the block's
-# EVAL_EXTRA (plan.py adds the data set's evaluation radius; eval_autoattack.py keeps a finished
+# EVAL_EXTRA (the plan adds the data set's evaluation radius; eval_autoattack.py keeps a finished
 # result of the same checkpoint and settings and continues an interrupted one).
 evaluate() {
     local kind=$1 run; shift
     for run in "$@"; do emit evaluate "$run/$kind.pt" "${EVAL_COMMON[@]}" "${EVAL_EXTRA[@]}"; done
 }
 
-# table NAME TITLE ARG...: the paper's table layout (eval_autoattack.py --summarize) in
+# table NAME TITLE ARG...: the paper's table layout (python -m fire_repro.tables) in
 # tables/NAME.md; an ARG <RUN>/<KIND>.pt stands for that checkpoint's result.
 table() { emit table "$@"; }
 
-# plot NAME KIND CHECKPOINT...: a sweep figure (eval_autoattack.py --plot-kind KIND) in figures/NAME.png
+# plot NAME KIND CHECKPOINT...: a sweep figure (python -m fire_repro.tables --plot-kind KIND) in figures/NAME.png
 plot() { emit plot "$@"; }
 
 # curves NAME TITLE RUN...: the runs' training curves (plot_runs.py) in figures/NAME-curves.png
@@ -319,14 +255,12 @@ table2() {
             if [[ $ds != cifar100 ]]; then last+=("$RUN"); fi  # "Madry et al.": MNIST, CIFAR-10
             if [[ $ds != mnist ]]; then best+=("$RUN"); fi     # "Overfitting": CIFAR-10, CIFAR-100
             if [[ $ds != cifar100 ]]; then trades "$ds" "$s" 6; best+=("$RUN"); fi
-            if [[ $ds == cifar10 || $SMOKE == 1 ]]; then trades_sa "$ds" "$s" 6; best+=("$RUN"); fi
-            if [[ $ds == cifar10 || $SMOKE == 1 ]]; then fire_sa "$ds" "$s" 12; best+=("$RUN"); fi
+            if [[ $ds == cifar10 ]]; then trades_sa "$ds" "$s" 6; best+=("$RUN"); fi
+            if [[ $ds == cifar10 ]]; then fire_sa "$ds" "$s" 12; best+=("$RUN"); fi
             fire "$ds" "$s" 12; best+=("$RUN")
         done
     done
-    if [[ $SMOKE == 1 ]]; then emit prepare "$AUX_DATA" "$PY" -c "$SMOKE_AUX_PY" "$AUX_DATA"
-    elif [[ $REHEARSAL == 1 ]]; then emit prepare "$AUX_DATA" "$PY" -c "$REHEARSAL_AUX_PY" "$AUX_DATA" "$AUX_DATASET"
-    fi
+    if [[ $REHEARSAL == 1 ]]; then emit prepare "$AUX_DATA" "$PY" -c "$REHEARSAL_AUX_PY" "$AUX_DATA" "$AUX_DATASET"; fi
     if aux_ready; then
         for s in $SEEDS; do
             mart "$AUX_DATASET" "$s" 6 --aux-data "$AUX_DATA"; best+=("$RUN")
@@ -336,11 +270,10 @@ table2() {
     else
         echo "  SKIP the extra-data rows: $AUX_DATA not found (set AUX_DATA; see the README)"
     fi
-    if [[ $SMOKE == 1 ]]; then emit prepare "$IMAGENET32/val_data.npz" "$PY" -c "$SMOKE_IMAGENET32_PY" "$IMAGENET32"; fi
     if imagenet32_ready; then
-        pretrain 0 "${PT_FLAGS[@]}"
+        pretrain 0
         pretrained="$RUN/best.pt"  # the fine-tunes start after it (under SLURM: their jobs depend on its job)
-        for s in $SEEDS; do finetune "$FT_DATASET" "$s" "$pretrained" "${FT_FLAGS[@]}"; best+=("$RUN"); done
+        for s in $SEEDS; do finetune cifar10 "$s" "$pretrained" "${FT_FLAGS[@]}"; best+=("$RUN"); done
     else
         echo "  SKIP the Pre-training row: ImageNet32 not found in $IMAGENET32 (see the README)"
     fi
@@ -380,7 +313,6 @@ fig7() {
 fig8() {
     local w s runs=() extra=(--model "$FIG8_MODEL")
     if [[ -n $FIG8_LR ]]; then extra+=(--lr "$FIG8_LR" --lr-milestones 0.75 0.9 1.0); fi
-    if [[ $SMOKE == 1 ]]; then extra=(); fi  # smoke: Table 1's settings, so the runs are shared
     for s in $SWEEP_SEEDS; do
         for w in $BETAS_FIG8; do trades "$FIG_DATASET" "$s" "$w" "${extra[@]}"; runs+=("$RUN"); done
         for w in $LAMS_FIG8; do fire "$FIG_DATASET" "$s" "$w" "${extra[@]}"; runs+=("$RUN"); done
@@ -415,9 +347,7 @@ modern() {
     local s runs=() QUOTED=modern recipe=(--awp-gamma 0.005 --awp-warmup 10 --ema 0.999 --ema-start 1)
     local schedule=(--epochs 200 --batch-size 128 --lr 0.1 --schedule step --lr-milestones 0.5 0.75
                     --eps 0.03137254901960784 --step-size 0.00784313725490196 --attack-steps 10)
-    if [[ $SMOKE == 1 ]]; then  # TRAIN_COMMON's one epoch of digits: AWP from it, a short average
-        schedule=(); recipe=(--awp-gamma 0.005 --awp-warmup 1 --ema 0.9 --ema-start 1)
-    elif [[ $REHEARSAL == 1 ]]; then  # the epochs shrink to TRAIN_COMMON's 2: AWP's warm-up with them
+    if [[ $REHEARSAL == 1 ]]; then  # the epochs shrink to TRAIN_COMMON's 2: AWP's warm-up with them
         recipe=(--awp-gamma 0.005 --awp-warmup 1 --ema 0.999 --ema-start 1)
     fi
     for s in $SEEDS; do

@@ -92,7 +92,7 @@ def test_every_regulariser_is_zero_at_x_and_finite_with_finite_gradients(name, d
     """Every entry of train_fire.REGULARISERS (a user's new one too, with no new test): zero where
     x' = x (same softmax), finite and non-negative with finite gradients at identical, extreme and
     opposite logits, and a finite FIRE risk."""
-    regulariser = train_fire.REGULARISERS[name][0]
+    regulariser = train_fire.REGULARISERS[name].fn
     same = random_logits(8, 10, 3.0, 14, torch.float32)
     assert (regulariser(same, same.clone()) == 0).all() and (regulariser(same, same + 5.0).abs() < 1e-6).all()
     big = torch.tensor([[1e4, -1e4, 0.0, 3.0], [-1e4, 1e4, 1e4, -1e4]])

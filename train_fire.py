@@ -14,7 +14,7 @@ Commands:
 
 To try another regulariser, edit `fire_loss` (or add an entry to REGULARISERS): the attack and
 the training step call it, and nothing else in the repository changes. Data, evaluation,
-checkpoints and the epoch loop live in harness.py, shared with train_trades.py.
+checkpoints and the epoch loop live in fire_repro/training.py, shared with train_trades.py.
 """
 import torch
 import torch.nn.functional as F
@@ -30,15 +30,9 @@ def get_args(argv=None):
                              "arccos(BC)^2 = d^2/4 by beta, so their beta = 4 * lam")
     parser.add_argument("--distance", type=str, default="fisher-rao", choices=list(REGULARISERS),
                         help="the regulariser, an entry of REGULARISERS: " + ", ".join(
-                            f"{name} = {method.title}" for name, (_, method) in REGULARISERS.items()))
-    training.add_self_adaptive_flags(parser, "FIRE + Self Adaptive (Table 2)")
-
-    def method(args):
-        m = REGULARISERS[args.distance][1]
-        if args.self_adaptive:  # "FIRE + Self-Adaptive" in Table 2
-            return Method(f"{m.name}-sa", f"{m.title} + Self-Adaptive", "lam", order=m.order - 2)
-        return m
-    return training.finish_args(parser, argv, method)
+                            f"{name} = {method.title}" for name, method in REGULARISERS.items()))
+    training.add_self_adaptive_flags(parser, "FIRE + Self-Adaptive (Table 2)")
+    return training.finish_args(parser, argv, REGULARISERS, "distance")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,12 +65,15 @@ def hellinger_sq(logits_a, logits_b):
     return (root_a - root_b).pow(2).sum(dim=1)
 
 
-# --distance: the regulariser (per-sample, of two logits) and the method its runs are: their folder
-# (runs/<name>-<dataset>-s<seed>), their table rows' title and the rows' order (training.Method).
-# A new entry is a new method: it trains, is evaluated and gets its own rows beside FIRE.
+# --distance: the method each regulariser's runs are (config.Method: their folder runs/<name>-<dataset>-s<seed>,
+# their table rows' title and order, the variant --self-adaptive trains) and the regulariser itself (fn:
+# per sample, of the natural and the adversarial logits). A new entry is a new method: it trains, is
+# evaluated and gets its own rows beside FIRE, the reference of the tables' paired comparisons.
 REGULARISERS = {
-    "fisher-rao": (fisher_rao_sq, Method("fire", "FIRE", "lam", order=6)),         # Eq. 7
-    "hellinger": (hellinger_sq, Method("hellinger", "Hellinger", "lam", order=3)),  # Eq. 48
+    "fisher-rao": Method("fire", "FIRE", "lam", order=6, reference=12.0, fn=fisher_rao_sq,               # Eq. 7
+                         self_adaptive=Method("fire-sa", "FIRE + Self-Adaptive", "lam", order=4)),
+    "hellinger": Method("hellinger", "Hellinger", "lam", order=3, fn=hellinger_sq,                        # Eq. 48
+                        self_adaptive=Method("hellinger-sa", "Hellinger + Self-Adaptive", "lam", order=1)),
 }
 
 
@@ -115,7 +112,7 @@ def train_step(args, model, attack_model, x, y, idx, soft_targets=None, x_adv=No
     """One FIRE step on a batch: x' by PGD (unless x_adv is given), then the risk of Eq. 7. Returns
     (loss, natural logits, x'); training.train does the backward pass and the SGD step, and logs
     how far x' moved."""
-    regulariser = REGULARISERS[args.distance][0]
+    regulariser = REGULARISERS[args.distance].fn
     if x_adv is None:
         # Attack in eval mode: no dropout, BatchNorm uses its running statistics and does not update them.
         attack_model.eval()

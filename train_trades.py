@@ -1,4 +1,4 @@
-"""TRADES (Zhang et al. 2019) and the paper's other baselines, on FIRE's exact training.
+"""TRADES (Zhang et al. 2019) and the paper's other baselines, on FIRE's exact training loop.
 
     trades: loss = CE(f(x), y) + beta * KL(q(.|x) || q(.|x')),  x' = PGD maximising the KL
     madry:  loss = CE(f(x'), y),  x' = PGD maximising the CE from a uniform random start (Eq. 4)
@@ -14,8 +14,8 @@ Commands:
     torchrun --nproc_per_node=4 train_trades.py --dataset cifar10
     python train_trades.py --dataset cifar10 --norm l2       # L2 threat model (docs/threat-models.md)
 
-Data, schedule, evaluation, checkpoints and the epoch loop live in harness.py, shared with
-train_fire.py, so the only difference from FIRE is the loss and the attack objective.
+Data, schedule, evaluation, checkpoints and the epoch loop live in fire_repro/training.py, shared
+with train_fire.py, so the only difference from FIRE is the loss and the attack objective.
 """
 import torch
 import torch.nn.functional as F
@@ -23,28 +23,15 @@ import torch.nn.functional as F
 from fire_repro import training
 from fire_repro.training import Method, attack_pgd_ce, natural_ce, pgd_step, upcast_half
 
-# --loss: the method its runs are (folder, table row title, row order and weight flag; training.Method)
-METHODS = {
-    "trades": Method("trades", "TRADES", "beta", order=2),
-    "madry": Method("madry", "Madry et al.", None, order=0),
-    "mart": Method("mart", "MART", "beta", order=1),
-    "trades-sa": Method("trades-sa", "Self Adaptive", "beta", order=1),  # Table 2's name for it
-}
-
 
 def get_args(argv=None):
     parser = training.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--loss", type=str, default="trades", choices=["trades", "madry", "mart"],
-                        help="training objective (the run folder and checkpoint record it)")
+    parser.add_argument("--loss", type=str, default="trades", choices=list(LOSSES),
+                        help="training objective, an entry of LOSSES (the run folder and checkpoint record it)")
     parser.add_argument("--beta", type=float, default=6.0,
                         help=f"weight of the KL term for trades and mart, {training.allowed('beta')} (paper's comparison: 6)")
     training.add_self_adaptive_flags(parser, "Self Adaptive (Table 2), with --loss trades")
-
-    def method(args):
-        if args.self_adaptive and args.loss != "trades":
-            parser.error(f"--self-adaptive works with --loss trades, not {args.loss}")
-        return METHODS["trades-sa" if args.self_adaptive else args.loss]
-    return training.finish_args(parser, argv, method)
+    return training.finish_args(parser, argv, LOSSES, "loss")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,29 +93,60 @@ def attack_trades(model, x, eps, step_size, steps, norm="linf"):
     return x_adv.detach()
 
 
-def train_step(args, model, attack_model, x, y, idx, soft_targets=None, x_adv=None):
-    """One step of --loss on a batch: x' by PGD (unless x_adv is given), then the loss. Returns
-    (loss, logits for the train accuracy, x'); training.train does the backward pass and the SGD step."""
+# Each method's training step (training.train runs it): x' by its attack, unless x_adv is given (AWP
+# runs a step twice on the x' found once), then its loss. Returns (loss, logits for the training
+# accuracy, x'); training.train does the backward pass and the SGD step. Every attack runs in eval
+# mode: no dropout, BatchNorm uses its running statistics and does not update them.
+
+def trades_step(args, model, attack_model, x, y, idx, soft_targets=None, x_adv=None):
+    """TRADES: x' maximises the KL from x + 0.001 N(0, 1); CE on the natural logits + beta KL."""
     if x_adv is None:
-        # Attack in eval mode: no dropout, BatchNorm uses its running statistics and does not update them.
         attack_model.eval()
-        if args.loss == "trades":
-            x_adv = attack_trades(attack_model, x, args.eps, args.step_size, args.attack_steps, args.norm)
-        elif args.loss == "madry":  # uniform random start in the eps-ball (Madry et al.)
-            x_adv = attack_pgd_ce(attack_model, x, y, args.eps, args.step_size, args.attack_steps,
-                                  norm=args.norm)
-        else:  # MART's code starts from x + 0.001 * N(0, 1)
-            x_adv = attack_pgd_ce(attack_model, x, y, args.eps, args.step_size, args.attack_steps,
-                                  start="normal", norm=args.norm)
+        x_adv = attack_trades(attack_model, x, args.eps, args.step_size, args.attack_steps, args.norm)
     model.train()
-    if args.loss == "madry":
-        logits_adv = model(x_adv)
-        return madry_loss(logits_adv, y), logits_adv, x_adv
     logits_nat, logits_adv = model(x), model(x_adv)
-    if args.loss == "mart":
-        return mart_loss(logits_nat, logits_adv, y, args.beta), logits_nat, x_adv
+    # Self-adaptive training (Huang et al. 2020) replaces the labels by soft targets; same loss.
     targets = y if soft_targets is None else soft_targets.update(idx, logits_nat)
     return trades_loss(logits_nat, logits_adv, targets, args.beta), logits_nat, x_adv
+
+
+def madry_step(args, model, attack_model, x, y, idx, soft_targets=None, x_adv=None):
+    """Madry et al.: x' maximises the CE from a uniform random start in the eps-ball; CE on x'."""
+    if x_adv is None:
+        attack_model.eval()
+        x_adv = attack_pgd_ce(attack_model, x, y, args.eps, args.step_size, args.attack_steps, norm=args.norm)
+    model.train()
+    logits_adv = model(x_adv)
+    return madry_loss(logits_adv, y), logits_adv, x_adv
+
+
+def mart_step(args, model, attack_model, x, y, idx, soft_targets=None, x_adv=None):
+    """MART: x' maximises the CE from x + 0.001 N(0, 1) (MART's code); its loss on both logits."""
+    if x_adv is None:
+        attack_model.eval()
+        x_adv = attack_pgd_ce(attack_model, x, y, args.eps, args.step_size, args.attack_steps,
+                              start="normal", norm=args.norm)
+    model.train()
+    logits_nat, logits_adv = model(x), model(x_adv)
+    return mart_loss(logits_nat, logits_adv, y, args.beta), logits_nat, x_adv
+
+
+# --loss: the method each objective's runs are (config.Method: run folder, table rows' title and order,
+# the variant --self-adaptive trains) and its training step (fn).
+LOSSES = {
+    "trades": Method("trades", "TRADES", "beta", order=2, aux_title="RST-adv", fn=trades_step,  # Carmon et al.'s name with extra data
+                     self_adaptive=Method("trades-sa", "Self Adaptive", "beta", order=1)),     # Table 2's name for it
+    "madry": Method("madry", "Madry et al.", None, order=0, fn=madry_step,
+                    # Table 2: its last epoch is "Madry et al.", its checkpoint chosen on validation
+                    # robust accuracy (early stopping, Rice et al. 2020) "Overfitting"
+                    checkpoint_rows=(("last", "Madry et al.", 0), ("best", "Overfitting (Madry, early stopping)", 5))),
+    "mart": Method("mart", "MART", "beta", order=1, fn=mart_step),
+}
+
+
+def train_step(args, model, attack_model, x, y, idx, soft_targets=None, x_adv=None):
+    """One step of --loss on a batch: its entry's step in LOSSES."""
+    return LOSSES[args.loss].fn(args, model, attack_model, x, y, idx, soft_targets, x_adv)
 
 
 def main(argv=None):

@@ -10,7 +10,7 @@ A checkpoint is a plain dict (torch.save; read with weights_only=True, so loadin
     online_model, ema_updates    with --ema: the weights SGD continues from, the average's count
 
 checkpoint_state() writes it from a training's state, load_checkpoint() checks it whole,
-restore() puts it back into a training's state; load_model(path) gives the network alone.
+load_train_state() puts it back into a training's state; load_model(path) gives the network alone.
 """
 import math
 import os
@@ -64,7 +64,7 @@ def checkpoint_state(train_state, args, log_bytes):
     return state
 
 
-def restore(train_state, ckpt, path, device, lr_factor):
+def load_train_state(train_state, ckpt, path, device, lr_factor):
     """Put a checked --resume checkpoint (load_checkpoint(resuming=True)) back into a training's
     state, so that training continues exactly where the checkpoint was committed. `lr_factor(epoch)`
     is this run's schedule: resuming with a larger --epochs extends a run."""

@@ -4,7 +4,7 @@
     ArgumentParser, Range        argparse with one-line errors; the ranges of numeric flags
     write_atomic, check_output   outputs written whole or not at all, checked before the work
     check_input_file, read_json, read_arrays, sha256_file, lock_folder   inputs and run folders
-    eps_text                     a radius as people write it (8/255) and as file names hold it
+    eps_text, fmt_hours          a radius as people write it (8/255) and as file names hold it; a duration
 
 It imports nothing of this repository and not torch, so that gaussian_demo.py stays light.
 """
@@ -50,8 +50,11 @@ def cli(main, argv=None):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage block
-        self.exit(2, f"{self.prog}: error: {message}\n")
+    """argparse whose errors are UserErrors: under cli() one line and exit code 2 instead of argparse's
+    usage block, and code that parses a script's flags (the plan of run_all.sh) gets the message."""
+
+    def error(self, message):
+        raise UserError(message)
 
 
 class Range:
@@ -92,6 +95,17 @@ def eps_text(eps, sep="/"):
     return f"{eps:g}"
 
 
+def fmt_hours(seconds):
+    """A duration as the paper's RunTime column writes it: 11h00 (hours and minutes); seconds below
+    one minute; '-' when unknown (not finite)."""
+    if not math.isfinite(seconds):
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60}h{minutes % 60:02d}"
+
+
 # ----------------------------------------------------------------------------------------------
 # Files
 
@@ -116,6 +130,7 @@ def write_atomic(path, write, binary=False, what="output"):
 
 
 def write_json(path, record, what="output"):
+    """`record` as indented JSON, written atomically (write_atomic)."""
     write_atomic(path, lambda f: json.dump(record, f, indent=1), what=what)
 
 
@@ -186,10 +201,11 @@ def sha256_file(path):
     return _HASHES[key]
 
 
-def lock_folder(folder, what):
+def lock_folder(folder, what, busy="it is in use by another running training or evaluation (wait for it to end)"):
     """Create `folder` and take its exclusive lock (<folder>/.lock) for as long as the returned file
     is open; the kernel releases it when the process ends, SIGKILL included. Every training and
-    every evaluation that writes into a run folder takes this one lock, so a second one stops here."""
+    every evaluation that writes into a run folder takes this one lock, so a second one stops here
+    (UserError: `what` `folder`: `busy`); run_all.sh takes it on its OUT_DIR."""
     import fcntl
     try:
         os.makedirs(folder, exist_ok=True)
@@ -200,6 +216,5 @@ def lock_folder(folder, what):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
-        raise UserError(f"{what} {folder!r} is in use by another running training or evaluation "
-                        f"(wait for it to end)") from None
+        raise UserError(f"{what} {folder!r}: {busy}") from None
     return lock

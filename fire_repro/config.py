@@ -1,37 +1,61 @@
 """The training scripts' command line: shared flags and their ranges, the data set's preset,
-what a method is called (Method), and a run's identity.
+what a method is (Method), and a run's identity.
 
     base_parser(description)      the flags both training scripts take
-    finish_args(parser, argv, method)   parse, apply the data set's preset, check, --print-identity
-    Method                        a method's run name, row title, weight flag and row order
+    finish_args(parser, argv, methods, key)   parse, pick the Method, apply the data set's preset, check
+    Method                        a method's run name, row title, weight flag, row order, reference
     run_identity, identity_hash   the settings that define what a run computes, and their hash
 """
 import argparse
 import hashlib
 import json
 import os
-import sys
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 from fire_repro.attacks import NORMS
-from fire_repro.common import ArgumentParser, Range, UserError, check_input_file, check_ranges
+from fire_repro.common import ArgumentParser, Range, check_input_file, check_ranges
 from fire_repro.data import DATASETS
+from fire_repro.parallel import rank_and_world
 from models import check_model_name
 
 
 @dataclass(frozen=True)
 class Method:
-    """What a training objective is called, recorded with every run and result: `name` its run
-    folders (runs/<name>-<dataset>-s<seed>) and its results' `method`, `title` its rows in tables
-    and figures, `weight` the flag that weights its regulariser (lam, beta; None for none), and
-    `order` its place among a table's rows (the paper's: Madry 0, MART and Self Adaptive 1, TRADES
-    2, Hellinger 3, FIRE + Self-Adaptive 4, FIRE 6; a new method without one comes before FIRE).
-    FIRE (name "fire", lam 12) is the reference of the tables' paired comparisons."""
+    """What a training objective is, recorded with every run and result (as args.method and the
+    args.method_* fields) so that the tables and figures read it and never name a method:
+
+    name        its run folders (runs/<name>-<dataset>-s<seed>) and its results' `method`
+    title       its rows in tables and figures
+    weight      the flag that weights its regulariser (lam, beta; None for none)
+    order       its place among a table's rows (the paper's: Madry 0, MART and Self Adaptive 1, TRADES
+                2, Hellinger 3, FIRE + Self-Adaptive 4, FIRE 6; a new method comes before FIRE)
+    reference   the weight at which its rows are the reference of the tables' paired comparisons
+                (FIRE at the paper's lam 12)
+    aux_title   its rows' title when trained with extra data (--aux-data), if another
+    checkpoint_rows  ((checkpoint, title, order), ...): checkpoints whose rows carry their own title
+                instead of "<title> [<checkpoint>]" (Madry's last epoch and its best checkpoint, which
+                is early stopping: two rows of Table 2)
+    self_adaptive    the method it becomes with --self-adaptive (its CE on self-adaptive soft
+                targets), or None when it has no such variant
+    fn          what the training script calls for it (train_fire.py: the regulariser; train_trades.py:
+                the training step); not recorded
+    """
     name: str
     title: str
     weight: Optional[str] = None
     order: int = 5
+    reference: Optional[float] = None
+    aux_title: Optional[str] = None
+    checkpoint_rows: tuple = ()
+    self_adaptive: Optional["Method"] = None
+    fn: Optional[Callable] = field(default=None, compare=False)
+
+    def record(self):
+        """The fields every run and result records (args.method, args.method_title, ...)."""
+        return dict(method=self.name, method_title=self.title, method_weight=self.weight,
+                    method_order=self.order, method_reference=self.reference, method_aux_title=self.aux_title,
+                    method_checkpoint_rows=[list(row) for row in self.checkpoint_rows])
 
 
 TRAIN_RANGES = {
@@ -162,23 +186,32 @@ def base_parser(description):
     return p
 
 
-def finish_args(parser, argv, method):
-    """Parse, fill unset flags from the data set's preset, and check values. Exits 2 on bad input.
+def finish_args(parser, argv, methods, key):
+    """The run's arguments as the training script resolves them: parsed, its Method picked, the data
+    set's preset filled in where a flag was not given, every value and input file checked. Prints
+    nothing and raises UserError on bad input (under cli(): one line, exit 2); the plan of run_all.sh
+    calls it through the script's get_args to learn a run's identity (identity_hash).
 
-    `method(args)` -> Method: what the run is (recorded as args.method, method_title,
-    method_weight and method_order)."""
+    `methods` is the script's registry of methods ({value of --`key`: Method}); --self-adaptive
+    picks the entry's self_adaptive variant. The Method is recorded as args.method, args.method_*
+    (Method.record) and args.method_flags (the flags that choose and weight the script's methods,
+    which a table row's name shows)."""
     args = parser.parse_args(argv)
-    m = method(args)
-    args.method, args.method_title, args.method_weight, args.method_order = m.name, m.title, m.weight, m.order
+    m = methods[getattr(args, key)]
+    if args.self_adaptive:
+        if m.self_adaptive is None:
+            with_it = [k for k, v in methods.items() if v.self_adaptive is not None]
+            parser.error(f"--self-adaptive works with --{key} {' or '.join(with_it)}, not {getattr(args, key)}")
+        m = m.self_adaptive
+    weights = sorted({w.weight for v in methods.values() for w in (v, v.self_adaptive) if w and w.weight})
+    vars(args).update(m.record(), method_flags=[key, "self_adaptive", *weights])
     dataset = DATASETS[args.dataset]
     if args.norm == "l2" and not dataset.l2_preset and (args.eps is None or args.step_size is None):
         parser.error(f"--norm l2 has no preset for {args.dataset}: give --eps and --step-size (L2 "
                      f"radius and step), or add an l2_preset to its entry in data.py")
-    preset = dict(dataset.preset, **(dataset.aux_preset if args.aux_data else {}),
-                  **(dataset.l2_preset if args.norm == "l2" else {}))
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    for name, value in dataset.training_preset(args.norm, bool(args.aux_data)).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.val_size is None:
         args.val_size = dataset.val_size
     if args.out_dir is None:
@@ -188,14 +221,11 @@ def finish_args(parser, argv, method):
         (args.augment == "crop-flip" or dataset.authors_augment,
          f"--augment authors is for {', '.join(k for k, d in DATASETS.items() if d.authors_augment)} "
          f"(the authors' MNIST code does not augment)"),
+        (not (args.self_adaptive and args.aux_data),
+         "--self-adaptive with --aux-data is not supported (the paper uses neither together)"),
+        (not (args.self_adaptive and rank_and_world()[1] > 1),
+         "--self-adaptive keeps per-image targets in one process: use DataParallel, not torchrun"),
     ]
-    if hasattr(args, "self_adaptive"):
-        checks += [
-            (not (args.self_adaptive and args.aux_data),
-             "--self-adaptive with --aux-data is not supported (the paper uses neither together)"),
-            (not (args.self_adaptive and int(os.environ.get("WORLD_SIZE", 1)) > 1),
-             "--self-adaptive keeps per-image targets in one process: use DataParallel, not torchrun"),
-        ]
     for ok, message in checks:
         if not ok:
             parser.error(message)
@@ -208,17 +238,12 @@ def finish_args(parser, argv, method):
         parser.error(f"--planned {sorted(unknown)[0]!r} is not an input of this run (--init-from or --aux-data)")
     try:
         check_model_name(args.model)  # the name only: no network is built here
-        for path, flag in inputs:
-            # a file that a run planned before this one writes need not exist yet (--planned)
-            if path is not None and not (flag == "--resume" and path == "auto") and os.path.normpath(path) not in planned:
-                check_input_file(path, flag)
-    except (ValueError, UserError) as e:
+    except ValueError as e:
         parser.error(str(e))
-    if args.print_identity:
-        print(identity_hash(vars(args)))
-        raise IdentityPrinted(args)
-    for line in settings_warnings(vars(args)):
-        print(f"{parser.prog}: warning: {line}", file=sys.stderr, flush=True)
+    for path, flag in inputs:
+        # a file that a run planned before this one writes need not exist yet (--planned)
+        if path is not None and not (flag == "--resume" and path == "auto") and os.path.normpath(path) not in planned:
+            check_input_file(path, flag)
     return args
 
 
@@ -247,15 +272,6 @@ def settings_warnings(saved):
     return lines
 
 
-class IdentityPrinted(SystemExit):
-    """--print-identity printed the run's identity hash: exit 0, carrying the arguments as the
-    script resolved them (presets applied), for the plan of run_all.sh (plan.py)."""
-
-    def __init__(self, args):
-        super().__init__(0)
-        self.resolved = args
-
-
 def add_self_adaptive_flags(parser, row):
     parser.add_argument("--self-adaptive", action="store_true",
                         help=f"{row}: CE on soft targets (self-adaptive training, Huang et al. 2020)")
@@ -272,11 +288,10 @@ def add_self_adaptive_flags(parser, row):
 # (--print-identity) and a table never averages runs whose identities differ beyond the seed.
 NOT_IDENTITY = frozenset({"out_dir", "resume", "overwrite", "data_dir", "device", "workers",
                           "log_every", "compile", "channels_last", "trust_pickle", "stop_on_collapse",
-                          "print_identity", "planned", "init_from_sha256", "pretrain_time_s",
-                          "method_title", "method_weight", "method_order"})  # the last three: of `method`
-# A flag added after runs were named keeps their names: at its old behaviour it is left out of the
-# identity (DEFAULT_IDENTITY), so --norm linf, the only threat model before --norm, and a run on
-# real data (no --rehearsal) hash as before.
+                          "print_identity", "planned", "init_from_sha256", "pretrain_time_s"})
+# and every args.method_* field but `method` itself: what the method is called and shown as
+# Settings left out of the identity at these values, the paper's threat model and real data: an
+# identity names --norm and --rehearsal only when a run uses another threat model or stand-in data.
 DEFAULT_IDENTITY = {"norm": "linf", "rehearsal": False}
 IDENTITY_PATHS = ("aux_data", "init_from")  # compared as normalised paths: ./x and x are one file
 
@@ -305,7 +320,8 @@ def run_identity(saved):
     """The settings that define what a run computes: its arguments (a dict) minus NOT_IDENTITY
     and minus the DEFAULT_IDENTITY values, with each inert setting (INERT_UNLESS) at its default."""
     identity = {k: v for k, v in sorted(saved.items())
-                if k not in NOT_IDENTITY and not (k in DEFAULT_IDENTITY and v == DEFAULT_IDENTITY[k])}
+                if k not in NOT_IDENTITY and not k.startswith("method_")
+                and not (k in DEFAULT_IDENTITY and v == DEFAULT_IDENTITY[k])}
     for key, _ in inert_settings(identity):
         identity[key] = DEFAULTS[key]
     for key in IDENTITY_PATHS:

@@ -7,6 +7,7 @@ The training scripts, eval_autoattack.py, tables.py, benchmark.py and run_all.sh
 plan.py) read it; adding a data set is one entry here and its `load` function (docs/data.md).
 Every split yields (image in [0, 1], label, index).
 """
+import argparse
 import math
 import os
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from fire_repro.common import UserError, check_input_file, write_atomic
+from fire_repro.parallel import rank_and_world
 
 # The fixed seed of every split (test images of the bundled sets, the validation images), so every
 # run of every method selects its checkpoint on the same images whatever its --seed.
@@ -53,6 +55,16 @@ class DataSet:
     def train_images(self):
         """Training images after the validation split, with the default --val-size: one epoch."""
         return self.train_size - self.val_size
+
+    def training_preset(self, norm="linf", aux=False):
+        """The training flags this data set presets: the paper's, with --aux-data's and --norm l2's
+        changes (the radius and step without an l2_preset: the caller asks for them)."""
+        return dict(self.preset, **(self.aux_preset if aux else {}), **(self.l2_preset if norm == "l2" else {}))
+
+    def evaluation_radius(self, norm="linf"):
+        """AutoAttack's radius in `norm` where the paper (or RobustBench's board) evaluates at another
+        radius than training's, else None (evaluate at the training radius)."""
+        return self.l2_eval_eps if norm == "l2" else self.eval_eps
 
 
 IMAGENET32_FILES = [f"train_data_batch_{i}.npz" for i in range(1, 11)] + ["val_data.npz"]
@@ -251,7 +263,7 @@ class MixedBatches(torch.utils.data.Sampler):
         self.n_train, self.n_aux, self.batch_size, self.gen = n_train, n_aux, batch_size, generator
         self.n_lab = max(1, round(batch_size * (1 - fraction)))
         self.n_unl = batch_size - self.n_lab
-        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.rank, self.world = rank_and_world()
 
     def __len__(self):
         return steps_per_epoch(self.n_train, self.batch_size)
@@ -431,6 +443,13 @@ DATASETS = {
 # val_size + REHEARSAL_TRAIN training images and REHEARSAL_TEST test images. It checks a plan's
 # names, presets, radii and tables on a CPU, like the --dummy flag of PyTorch's ImageNet example.
 REHEARSAL_TRAIN, REHEARSAL_TEST = 64, 64
+# What every output of a rehearsal run says (its summary, result, tables, figures and the plan).
+REHEARSAL_NOTE = "REHEARSAL: generated stand-in data (--rehearsal); these numbers are not results"
+
+
+def rehearsal_title(title):
+    """The title of a table or figure of rehearsal runs: it says so first."""
+    return f"REHEARSAL: {title}"
 
 
 def rehearsal_images(name, n, seed):
@@ -464,6 +483,39 @@ def load_rehearsal(args):
 def test_size(args):
     """Images in the test split of args.dataset (args.rehearsal: the stand-in's)."""
     return REHEARSAL_TEST if getattr(args, "rehearsal", False) else DATASETS[args.dataset].test_size
+
+
+def split_of(saved, split="test", data_dir=None):
+    """The test or validation split of a run's data set, from its arguments `saved` (dataset,
+    val_size, data_dir, rehearsal): the images a run was validated and tested on."""
+    spec = argparse.Namespace(dataset=saved["dataset"], val_size=saved["val_size"],
+                              data_dir=data_dir or saved.get("data_dir") or "data",
+                              rehearsal=saved.get("rehearsal", False))
+    _, val_set, test_set = get_datasets(spec)
+    return test_set if split == "test" else val_set
+
+
+def first_images(dataset, n=None):
+    """The first n (default all) images and labels of a split, as CPU tensors (images in [0, 1])."""
+    n = len(dataset) if n is None else min(n, len(dataset))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=500)
+    xs, ys = zip(*[(x, y) for x, y, _ in loader])
+    return torch.cat(xs), torch.cat(ys)
+
+
+def test_split(dataset, n=None, data_dir="data"):
+    """(images, labels) of the first n (default all) test images of `dataset` (a name of DATASETS),
+    as tensors: images (N, C, H, W) in [0, 1], what load_model's networks take, and integer labels.
+
+        images, labels = test_split("digits")   # the 360 test images of the bundled digits
+    """
+    if dataset not in DATASETS:
+        raise UserError(f"unknown data set {dataset!r}; choose from {', '.join(DATASETS)}")
+    saved = dict(dataset=dataset, val_size=DATASETS[dataset].val_size, data_dir=data_dir)
+    return first_images(split_of(saved, "test"), n)
+
+
+test_split.__test__ = False  # not a test, for pytest, in a test file that imports it
 
 
 def get_datasets(args):

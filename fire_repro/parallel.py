@@ -27,11 +27,16 @@ def setup_device(args, timeout=None):
 
 
 def is_main():
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """Whether this is the process that logs and writes files (rank 0, or the only one)."""
+    return rank_and_world()[0] == 0
 
 
 def rank_and_world():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    """(this process's rank, the number of processes): torch.distributed's once it is set up, else
+    what torchrun gives the process (RANK, WORLD_SIZE), else (0, 1)."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def over_all_gpus(model, device):

@@ -13,7 +13,7 @@ from fire_repro.run_folder import missing_run_file
 
 RESULT_FORMAT = "fire-repro-autoattack/1"  # the `format` of a result JSON
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")  # AutoAttack's standard order
-RESULT_FIELDS = {"defense": str, "method": str, "method_title": str, "method_order": int, "dataset": str,
+RESULT_FIELDS = {"defense": (str, type(None)), "method": str, "method_title": str, "method_order": int, "dataset": str,
                  "model": str, "eps": (int, float), "seed": (int, type(None)), "natural": (int, float),
                  "autoattack": (int, float), "avg_acc": (int, float), "n_examples": int, "split": str,
                  "train_identity": dict}  # seed None: a model without one (a RobustBench entry)

@@ -162,14 +162,22 @@ def resume_checkpoint(args):
     return ckpt
 
 
+def finished_run(out_dir, epochs):
+    """The summary.json of the run in `out_dir` if it finished `epochs` epochs and its test, else
+    None: the one answer to "is this training done", for a resumed training and for the plan of
+    run_all.sh."""
+    summary = read_json(os.path.join(out_dir, "summary.json"))  # None: killed before it was written
+    return summary if isinstance(summary, dict) and summary.get("epochs") == epochs else None
+
+
 def finished_summary(args, ckpt):
     """The summary of a run that `ckpt` shows finished (--epochs epochs committed, summary.json of
     those epochs written), after one line saying so: resuming it would only repeat its test. None
     when the run has epochs or its test left to do."""
     if ckpt is None or ckpt["epoch"] != args.epochs:
         return None
-    summary = read_json(os.path.join(args.out_dir, "summary.json"))  # None: killed before it was written
-    if not (isinstance(summary, dict) and summary.get("epochs") == args.epochs):
+    summary = finished_run(args.out_dir, args.epochs)
+    if summary is None:
         return None
     if is_main():
         print(f"{args.out_dir}: already finished (--epochs {args.epochs} done, summary.json written); "

@@ -1,13 +1,19 @@
-"""The paper's tables and figures from finished AutoAttack results (the JSON and per-image .npz
-that eval_autoattack.py writes beside each checkpoint).
+"""The paper's tables (and, through figures.py, its sweep figures) from finished AutoAttack results
+(the JSON and per-image .npz that eval_autoattack.py writes beside each checkpoint).
 
     find_results(dirs)         the usable result JSONs under some folders (one warning line per unusable
                                one, which is left out) or named files (each must be usable)
     summarize(results, ...)    Tables 1-3 as Markdown: one row per defense and setting, mean +- std over
-                               seeds, and each row's paired AutoAttack difference to FIRE
-    plot_sweep(results, ...)   Fig. 7 (accuracy against lambda) or Fig. 8 (the accuracy plane)
+                               seeds, and each row's paired AutoAttack difference to the reference (FIRE)
+    row_name, result_row_name  a row's name, from what a run or a result records
 
-Used through `eval_autoattack.py --summarize DIR...` and `--plot-sweep DIR...`.
+Commands (run_all.sh runs them for every block):
+    python -m fire_repro.tables runs/ --table-out table.md        # mean +- std over seeds, paired differences
+    python -m fire_repro.tables runs/ --quoted table2 --title "Table 2"   # + the rows the paper quotes
+    python -m fire_repro.tables runs/sweep --plot-kind lambda --plot-out fig7.png   # Fig. 7 (figures.py)
+    python -m fire_repro.tables runs/sweep --plot-kind plane --plot-out fig8.png    # Fig. 8
+Both exit with 3 when they wrote their output but left out results found under a folder (damaged,
+incomplete, their checkpoint changed); a file named on the command line must be a valid result (exit 2).
 """
 import json
 import math
@@ -18,12 +24,11 @@ import sys
 import numpy as np
 from scipy.stats import bootstrap
 
-from fire_repro.common import UserError, eps_text, write_atomic
+from fire_repro.common import ArgumentParser, UserError, check_output, cli, eps_text, fmt_hours, write_atomic
 from fire_repro.config import never_starts, run_identity
-from fire_repro.data import DATASETS
+from fire_repro.data import DATASETS, REHEARSAL_NOTE, rehearsal_title
 from fire_repro.results import RESULT_FORMAT, read_per_image, result_problem
 
-FIRE_LAM = 12.0  # the paper's lambda and train_fire.py's default: the reference row of the paired comparison
 N_BOOTSTRAP = 10_000
 # Rows quoted without training them: those the paper quotes from other papers (Table 2), as printed
 # there, and the RobustBench entries the `modern` block compares with (source: robustbench.github.io).
@@ -48,9 +53,6 @@ QUOTED = {"table2": [
          aux_data=False, natural=0.8867, autoattack=0.6768, avg_acc=0.78175, source="RobustBench"),
 ]}
 
-REHEARSAL_MARK = "REHEARSAL (generated data, not results): "
-REHEARSAL_NOTE = ("**REHEARSAL: these runs trained on generated stand-in images (--rehearsal) with a "
-                  "tiny network and a few steps; the numbers check the plan, they are not results.**")
 
 
 def rehearsal(results):
@@ -59,7 +61,7 @@ def rehearsal(results):
 
 
 def norm_of(r):
-    """A result's threat model: its `norm`, linf for results and quoted rows from before --norm."""
+    """A result's threat model: its `norm`; linf (the paper's) for a result or quoted row without one."""
     return r.get("norm") or "linf"
 
 
@@ -72,15 +74,14 @@ def dataset_title(name):
     return DATASETS[name].title if name in DATASETS else name
 
 
-def row_name(saved, checkpoint):
-    """A result's row name, from its checkpoint's training arguments: the method's title (its
-    config.Method), its weight, extra data, today's recipe and a non-best checkpoint, e.g.
-    'FIRE (lam=12)' or 'TRADES (beta=6) + AWP + EMA'.
-
-    Madry's adversarial training gives two rows of Table 2: its last epoch ('Madry et al.') and
-    its checkpoint chosen on validation robust accuracy, i.e. early stopping ('Overfitting',
-    Rice et al. 2020). TRADES on extra data is Carmon et al.'s 'RST-adv'; a run fine-tuned from
-    another (--init-from) is Hendrycks et al.'s 'Pre-training'.
+def row_name(saved, checkpoint="best"):
+    """A row's name from a run's training arguments `saved` (or a result's recorded training
+    identity and method fields) and its checkpoint ('best', 'last', ...): the method's title (its
+    config.Method, args.method_*), its weight, extra data, today's recipe and a checkpoint other
+    than best.pt, e.g. 'FIRE (lam=12)' or 'TRADES (beta=6) + AWP + EMA'. A method's own rows for
+    some checkpoints (Method.checkpoint_rows: Madry's last epoch 'Madry et al.', its best checkpoint
+    'Overfitting') and its title with extra data (Method.aux_title: TRADES' 'RST-adv') come from
+    its Method; a run fine-tuned from another (--init-from) is Hendrycks et al.'s 'Pre-training'.
     """
     if saved.get("robustbench"):  # an entry of RobustBench's model zoo (robustbench_io.py)
         return f"{saved['robustbench']} (RobustBench)"
@@ -93,11 +94,10 @@ def row_name(saved, checkpoint):
               + (f" + clip {saved['clip_grad_norm']:g}" if saved.get("clip_grad_norm") else ""))
     if saved.get("init_from"):
         return "Pre-training" + recipe + ("" if stem == "best" else f" [{stem}]")
-    if saved["method"] == "madry" and stem in ("best", "last"):
-        return ("Madry et al." if stem == "last" else "Overfitting (Madry, early stopping)") + recipe
-    name = saved["method_title"]
-    if saved["method"] == "trades" and saved.get("aux_data"):
-        name = "RST-adv"  # Carmon et al. 2019: TRADES on the extra pseudo-labelled data
+    rows = {row[0]: row[1] for row in saved.get("method_checkpoint_rows") or ()}
+    if stem in rows:
+        return rows[stem] + recipe
+    name = (saved.get("aux_data") and saved.get("method_aux_title")) or saved["method_title"]
     key = saved.get("method_weight")
     if key and isinstance(saved.get(key), (int, float)):
         name += f" ({key}={saved[key]:g})"
@@ -109,6 +109,35 @@ def row_name(saved, checkpoint):
     if stem != "best":
         name += f" [{stem}]"
     return name
+
+
+def result_row_name(r):
+    """A result's row: its `defense` when eval_autoattack.py --defense named it, else row_name of
+    what it records (its training identity, method fields and checkpoint)."""
+    if r.get("defense"):
+        return r["defense"]
+    method = {k: v for k, v in r.items() if k.startswith("method")}
+    return row_name({**(r.get("train_identity") or {}), **method}, r.get("checkpoint_kind") or "best")
+
+
+def weight_of(r):
+    """The value of a result's (or run's) method weight (lam, beta, ...); None without one."""
+    key = r.get("method_weight")
+    value = r.get(key) if key else None
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def is_reference(r):
+    """Whether a result is the reference of the paired comparisons: its method at the weight its
+    Method names (method_reference; FIRE at lam 12)."""
+    return not r.get("quoted") and r.get("method_reference") is not None and weight_of(r) == r["method_reference"]
+
+
+def checkpoint_order(r):
+    """A result's place among the rows: its method's order, or the order its Method gives its
+    checkpoint (Madry's best checkpoint, 'Overfitting', comes just before FIRE)."""
+    rows = {row[0]: row[2] for row in r.get("method_checkpoint_rows") or ()}
+    return rows.get(r.get("checkpoint_kind"), r["method_order"])
 
 
 def warn(message):
@@ -162,6 +191,7 @@ def find_results(dirs):
             left_out.append(path)
             continue
         record["_path"] = path
+        record["defense"] = result_row_name(record)
         results.append(record)
         evaluated.add(os.path.dirname(real))
     waiting = [root for root, jsons in runs if os.path.realpath(root) not in evaluated
@@ -196,7 +226,7 @@ def rounded(value):
 def training_settings(r):
     """A result's training identity without the seed (config.run_identity of its checkpoint's
     arguments, recorded by eval_autoattack.py); None for a quoted row."""
-    identity = r.get("train_identity")  # again through run_identity: an older result's inert settings
+    identity = r.get("train_identity")  # again through run_identity: inert settings at their defaults
     return None if identity is None else {k: v for k, v in run_identity(identity).items() if k != "seed"}
 
 
@@ -211,11 +241,16 @@ def group_key(r):
             r.get("n_examples"), r.get("split"), r.get("aa_version"), bool(r.get("quoted")))
 
 
-# Training settings that a row already shows: in its name (method, weight, loss, regulariser,
-# self-adaptive targets, augmentation, extra data, pre-training) or a column (data set,
-# architecture, training eps, the threat model in the ε column).
-SHOWN_IN_ROW = frozenset({"method", "lam", "beta", "loss", "distance", "self_adaptive", "augment",
-                          "aux_data", "init_from", "dataset", "model", "eps", "norm"})
+# Training settings that a row already shows: in its name (the method, augmentation, extra data,
+# pre-training) or a column (data set, architecture, training eps, the threat model in the ε column);
+# and each result's method flags (shown_in_row).
+SHOWN_IN_ROW = frozenset({"method", "augment", "aux_data", "init_from", "dataset", "model", "eps", "norm"})
+
+
+def shown_in_row(r):
+    """The training settings a result's row shows: SHOWN_IN_ROW, the flags that chose its method
+    (method_flags: --distance, --loss, --self-adaptive) and its weight flag."""
+    return SHOWN_IN_ROW | set(r.get("method_flags") or ()) | {r.get("method_weight")} - {None}
 
 
 def varies(settings, key):
@@ -226,16 +261,17 @@ def varies(settings, key):
 def training_columns(groups):
     """Per data set, the training settings its rows must show: those that differ between them,
     bar the ones the row name or a column already shows, unless rows of one name differ in them."""
-    named = {}
+    named, in_row = {}, {}
     for rows in groups:
         if not rows[0].get("quoted") and training_settings(rows[0]) is not None:
             named.setdefault(rows[0]["dataset"], []).append((rows[0]["defense"], training_settings(rows[0])))
+            in_row.setdefault(rows[0]["dataset"], set()).update(shown_in_row(rows[0]))
     shown = {}
     for dataset, pairs in named.items():
         settings = [s for _, s in pairs]
         same_name = [[s for d, s in pairs if d == name] for name in {d for d, _ in pairs}]
         shown[dataset] = [k for k in sorted(set().union(*settings)) if varies(settings, k) and (
-            k not in SHOWN_IN_ROW or any(varies(group, k) for group in same_name))]
+            k not in in_row[dataset] or any(varies(group, k) for group in same_name))]
     return shown
 
 
@@ -279,16 +315,6 @@ def fmt_pm(values, scale=100):
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
 
-def fmt_hours(seconds):
-    """The paper's RunTime format: 11h00 (hours and minutes); seconds below one minute."""
-    if not math.isfinite(seconds):
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.0f}s"
-    minutes = round(seconds / 60)
-    return f"{minutes // 60}h{minutes % 60:02d}"
-
-
 def fmt_runtime(rows):
     """Mean training time; '<pre-training> + <fine-tuning>' for runs initialised from another."""
     def finite_mean(key):
@@ -313,16 +339,14 @@ def extra_data(r):
 
 def row_order(r):
     """The paper's row order: without extra data first; by data set (in data.DATASETS' order);
-    quoted rows, then by each method's `method_order` (config.Method: Madry, Self Adaptive (or
-    MART), TRADES, Hellinger, FIRE + Self-Adaptive, a new method, FIRE), Overfitting (Madry's
-    best-on-validation checkpoint) just before FIRE."""
-    method = -1 if r.get("quoted") else r["method_order"]
-    if r["method"] == "madry" and r.get("checkpoint_kind") == "best":
-        method = 5
+    quoted rows, then by each method's order (config.Method: Madry, Self Adaptive (or MART),
+    TRADES, Hellinger, FIRE + Self-Adaptive, a new method, Overfitting, FIRE; checkpoint_order),
+    then by weight."""
+    method = -1 if r.get("quoted") else checkpoint_order(r)
     datasets = list(DATASETS)
     order = datasets.index(r["dataset"]) if r["dataset"] in datasets else len(datasets)
     return (extra_data(r), order, norm_of(r), r["eps"], r["model"],
-            method, r.get("lam") or 0, r.get("beta") or 0, r["defense"], r.get("n_examples") or 0,
+            method, weight_of(r) or 0, r["defense"], r.get("n_examples") or 0,
             r.get("split") or "", r.get("train_eps") or 0)
 
 
@@ -369,17 +393,17 @@ def matched_seeds(rows, ref):
 def shared_settings(a, b):
     """How many training settings, bar those a row's name or columns show, two results share."""
     sa, sb = training_settings(a) or {}, training_settings(b) or {}
-    return sum(sa[k] == sb.get(k) for k in sa if k in sb and k not in SHOWN_IN_ROW)
+    shown = shown_in_row(a) | shown_in_row(b)
+    return sum(sa[k] == sb.get(k) for k in sa if k in sb and k not in shown)
 
 
 def paired_cells(groups):
-    """For each row, its paired AutoAttack difference to FIRE (lam 12) in points with the 95%
-    interval: the FIRE row of the same data set, split and evaluation norm and eps, preferring the same
-    extra data, architecture and other training settings, with the most matched seeds; '-' when
-    nothing can be paired. A FIRE (lam 12) row is its own reference."""
+    """For each row, its paired AutoAttack difference to the reference (FIRE at lam 12: is_reference)
+    in points with the 95% interval: the reference row of the same data set, split and evaluation
+    norm and eps, preferring the same extra data, architecture and other training settings, with
+    the most matched seeds; '-' when nothing can be paired. A reference row is its own reference."""
     cells = {}
-    fire = [rows for rows in groups.values() if not rows[0].get("quoted")
-            and rows[0]["method"] == "fire" and rows[0].get("lam") == FIRE_LAM]
+    fire = [rows for rows in groups.values() if is_reference(rows[0])]
     for key, rows in groups.items():
         r, best = rows[0], None
         if r.get("quoted"):
@@ -411,7 +435,8 @@ def paired_cells(groups):
 
 def summarize(results, title=None, quoted=(), left_out=()):
     """The paper's table (Tables 1-3) as Markdown: one row per defense and setting, mean +- std
-    over seeds, and each row's paired AutoAttack difference to FIRE; it ends with a note naming
+    over seeds, and each row's paired AutoAttack difference to the reference (FIRE at lam 12:
+    is_reference); it ends with a note naming
     the result files `left_out` (see find_results), if any."""
     groups = {}
     for r in sorted([*results, *quoted], key=row_order):
@@ -421,14 +446,18 @@ def summarize(results, title=None, quoted=(), left_out=()):
     training = training_columns(groups.values())
     training_keys = sorted(set().union(*training.values()))
     paired = paired_cells(groups)
+    refs = [r for r in results if is_reference(r)]
+    ref_title = refs[0]["method_title"] if refs else "reference"
+    ref_text = (f"that of {ref_title} ({refs[0]['method_weight']}={refs[0]['method_reference']:g})" if refs
+                else "that of the reference method (method_reference; none in this table)")
     extra = [k for k in ("pgd20", "cw") if any(k in r for r in results)]
     header = ["Defense", "Dataset", "ε", "Structure", *[label for _, label, _ in settings],
               *["Training"] * bool(training_keys),
               "Natural", "AutoAttack", "Avg. Acc.", *[{"pgd20": "PGD-20", "cw": "CW-20"}[k] for k in extra],
-              "RunTime", "Seeds", "ΔAA vs FIRE [95% CI]"]
-    lines = [] if title is None else [f"### {REHEARSAL_MARK if rehearsal(results) else ''}{title}", ""]
+              "RunTime", "Seeds", f"ΔAA vs {ref_title} [95% CI]"]
+    lines = [] if title is None else [f"### {rehearsal_title(title) if rehearsal(results) else title}", ""]
     if rehearsal(results):
-        lines += [REHEARSAL_NOTE, ""]
+        lines += [f"**{REHEARSAL_NOTE}: the runs trained a tiny network for a few steps; they check the plan.**", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     sections = len({extra_data(r) for r in [*results, *quoted]}) > 1
     current = None
@@ -468,7 +497,7 @@ def summarize(results, title=None, quoted=(), left_out=()):
                   f"{'/'.join(map(str, sorted(n)))} {'/'.join(sorted({r['split'] for r in results}))} "
                   f"images; Avg. Acc. = (Natural + AutoAttack) / 2; RunTime = mean wall-clock "
                   f"training time (pre-training + fine-tuning for runs initialised from another). "
-                  f"ΔAA vs FIRE = AutoAttack accuracy minus that of FIRE (lam={FIRE_LAM:g}) on the same "
+                  f"ΔAA vs {ref_title} = AutoAttack accuracy minus {ref_text} on the same "
                   f"data set, seeds and images, in points, averaged over the matched seeds, with a "
                   f"95% paired bootstrap interval over images ({N_BOOTSTRAP:,} resamples); - = no "
                   f"per-image results to pair."]
@@ -484,79 +513,67 @@ def summarize(results, title=None, quoted=(), left_out=()):
         lines += ["", f"**Note: rows of the same data set differ in {', '.join(differ)}; compare rows "
                       f"only where these agree.**"]
     if smoke:
-        lines += ["", "**Smoke run: AutoAttack with reduced iterations (--smoke-aa) on a toy "
-                      "training budget; these numbers only show that the pipeline works.**"]
+        lines += ["", "**AutoAttack with reduced iterations and queries (eval_autoattack.py --smoke-aa): "
+                      "these numbers are not comparable with the standard AutoAttack's.**"]
     if left_out:
         lines += ["", left_out_note(left_out)]
     return "\n".join(lines) + "\n"
 
 
-def figure_formats():
-    """File formats matplotlib's Agg canvas writes (png, pdf, svg, ...)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    return FigureCanvasAgg.get_supported_filetypes()
+# ---- the command line -----------------------------------------------------------------------------
+LEFT_OUT = 3  # exit status: the table or figure was written, but results under a folder were left out
 
 
-# Training settings a curve's label (the method) and key (data set, architecture, training eps)
-# show, with the weight on the x-axis.
-CURVE_SHOWN = SHOWN_IN_ROW - {"augment", "aux_data", "init_from"}
+def get_args(argv=None):
+    from fire_repro.figures import figure_formats
+    p = ArgumentParser(prog="python -m fire_repro.tables", description=__doc__.splitlines()[0])
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="folders searched (recursively) for result JSONs of eval_autoattack.py, or result files")
+    p.add_argument("--quoted", type=str, default=None, choices=sorted(QUOTED),
+                   help="add the rows this table quotes from other papers or RobustBench (marked, no std)")
+    p.add_argument("--table-out", type=str, default=None, help="also write the Markdown table here")
+    p.add_argument("--title", type=str, default=None, help="heading written above the table")
+    p.add_argument("--plot-kind", type=str, default="lambda", choices=["lambda", "plane"],
+                   help="with --plot-out: lambda = natural and AutoAttack accuracy against the weight (Fig. 7); "
+                        "plane = AutoAttack against natural accuracy, one curve per method (Fig. 8)")
+    p.add_argument("--plot-out", type=str, default=None,
+                   help="draw the sweep figure into this file instead of the table; its extension picks the "
+                        "format (png, pdf, svg, ...)")
+    args = p.parse_args(argv)
+    if args.plot_out is not None:
+        ext = os.path.splitext(args.plot_out)[1].lstrip(".").lower()
+        if ext not in figure_formats():
+            p.error(f"--plot-out {args.plot_out!r}: the extension must name a figure format "
+                    f"({', '.join(sorted(figure_formats()))})")
+        for flag in ("quoted", "table_out", "title"):
+            if getattr(args, flag) is not None:
+                p.error(f"--{flag.replace('_', '-')} goes with the table, not with --plot-out")
+    return args
 
 
-def sweep_weight(r):
-    """The weight a sweep varies: the value of the method's weight flag (lam, beta)."""
-    return r.get(r.get("method_weight") or "lam")
-
-
-def plot_sweep(results, path, kind="lambda"):
-    """Fig. 7 (kind='lambda': natural and AutoAttack accuracy against the weight) or Fig. 8
-    (kind='plane': AutoAttack against natural accuracy, one curve per method); mean over seeds.
-    Results that differ in anything but the weight and the seed (any other training setting,
-    evaluation eps, images, split, AutoAttack version) are separate curves, never averaged into
-    one point."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, renders with Agg
-    curves, settings = {}, {}
-    for r in results:
-        label = r["method_title"] + (" + extra data" if r.get("aux_data") else "")
-        training = training_settings(r)  # bar what the label and the key show, and the weight
-        training = None if training is None else {k: v for k, v in training.items() if k not in CURVE_SHOWN}
-        key = (label, r["dataset"], r["model"], rounded(r.get("train_eps")), rounded(r["eps"]),
-               r["n_examples"], r["split"], r.get("aa_version") or "", json.dumps(training, sort_keys=True))
-        settings[key[8]] = training
-        curves.setdefault(key, {}).setdefault(sweep_weight(r), []).append(r)
-    differ = [i for i in range(1, 9) if len({k[i] for k in curves}) > 1]
-    recorded = [s for s in settings.values() if s is not None]
-    keys = [k for k in sorted(set().union(*recorded)) if varies(recorded, k)]
-    describe = {1: dataset_title, 2: fmt_model,
-                3: lambda v: "train ε " + ("-" if v is None else eps_text(v)),
-                4: lambda v: "ε " + eps_text(v), 5: lambda v: f"{v} images", 6: str, 7: str,
-                8: lambda v: settings_text(settings[v], keys)}
-    fig = Figure(figsize=(6, 4.2))
-    ax = fig.add_subplot()
-    for n_curve, (key, points) in enumerate(sorted(curves.items(), key=lambda kv: str(kv[0]))):
-        weights = sorted(points, key=lambda w: (w is None, w or 0))
-        nat = [100 * statistics.fmean(x["natural"] for x in points[w]) for w in weights]
-        adv = [100 * statistics.fmean(x["autoattack"] for x in points[w]) for w in weights]
-        name = key[0] if not differ else f"{key[0]} ({', '.join(describe[i](key[i]) for i in differ)})"
-        color = f"C{n_curve}"
-        if kind == "lambda":
-            ax.plot(weights, nat, "o-", color=color, label=f"{name}: natural")
-            ax.plot(weights, adv, "s--", color=color, label=f"{name}: AutoAttack")
-        else:
-            ax.plot(nat, adv, "o-", color=color, label=name)
-            for w, a, b in zip(weights, nat, adv):
-                ax.annotate(f"{w:g}", (a, b), textcoords="offset points", xytext=(3, 3), fontsize=7)
-    mark = REHEARSAL_MARK if rehearsal(results) else ""
-    if kind == "lambda":
-        ax.set_xlabel("λ (FIRE, Hellinger) / β (TRADES, MART)")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_title(mark + "Natural and AutoAttack accuracy against λ", fontsize=9 if mark else None)
+def main(argv=None):
+    """The table (printed, written to --table-out, returned) or the sweep figure (--plot-out; its path
+    is returned)."""
+    from fire_repro import figures
+    args = get_args(argv)
+    if args.plot_out or args.table_out:
+        check_output(args.plot_out or args.table_out, "--plot-out" if args.plot_out else "--table-out")
+    found, left_out = find_results(args.paths)
+    if args.plot_out:
+        figures.plot_sweep(found, args.plot_out, args.plot_kind)
+        print(f"{len(found)} results -> {args.plot_out}")
+        if left_out:
+            print(left_out_note(left_out))
+        output = args.plot_out
     else:
-        ax.set_xlabel("natural accuracy (%)")
-        ax.set_ylabel("AutoAttack accuracy (%)")
-        ax.set_title(mark + "Natural / adversarial accuracy plane (labels: λ or β)", fontsize=9 if mark else None)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    ext = os.path.splitext(path)[1].lstrip(".").lower()
-    write_atomic(path, lambda f: fig.savefig(f, format=ext, dpi=120), binary=True)
-    return sorted(curves)
+        output = summarize(found, args.title, quoted_rows(args.quoted), left_out)
+        print(output, end="")
+        if args.table_out:
+            write_atomic(args.table_out, lambda f: f.write(output))
+    if left_out:
+        sys.exit(LEFT_OUT)
+    return output
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -33,10 +33,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fire_repro.attacks import attack_pgd_ce, evaluate, perturbation_norm, pgd_step, upcast_half  # noqa: F401  (attack_pgd_ce, pgd_step: for the scripts)
-from fire_repro.checkpoints import checkpoint_state, load_checkpoint, model_from_args, init_from, restore, save_checkpoint
+from fire_repro.checkpoints import (checkpoint_state, init_from, load_checkpoint, load_train_state, model_from_args,
+                                    save_checkpoint)
 from fire_repro.common import UserError, cli, write_atomic  # noqa: F401  (cli: the scripts' command line)
-from fire_repro.config import Method, add_self_adaptive_flags, allowed, base_parser, finish_args  # noqa: F401  (re-exported: the scripts import harness alone)
-from fire_repro.data import DATASETS, eval_loader, get_datasets, load_aux_data, train_loader
+from fire_repro.config import (Method, add_self_adaptive_flags, allowed, base_parser, finish_args,  # noqa: F401  (for the scripts)
+                               identity_hash, settings_warnings)
+from fire_repro.data import DATASETS, REHEARSAL_NOTE, eval_loader, get_datasets, load_aux_data, train_loader
 from fire_repro.parallel import is_main, over_all_gpus, setup_device, training_networks
 from fire_repro.run_folder import (claim_run_dir, finished_summary, resume_checkpoint, settle_replaced_run,
                         start_run_dir)
@@ -254,7 +256,7 @@ class WeightPerturbation:
 
 class TrainState:
     """Everything a training carries from epoch to epoch (checkpoints.checkpoint_state writes it,
-    checkpoints.restore reads it back): the model, its optimiser, schedule, gradient scaler, AWP,
+    checkpoints.load_train_state reads it back): the model, its optimiser, schedule, gradient scaler, AWP,
     the weight average, the self-adaptive targets, the epoch, the best validation accuracy, time
     and history."""
 
@@ -356,7 +358,15 @@ def train(args, train_step):
     x_adv=None) -> (loss, logits, x_adv)` (a given x_adv skips the attack), choose the checkpoint
     on validation PGD accuracy, report test accuracy. Returns the summary dict (also written to
     <out-dir>/summary.json). A finished run given again with --resume is left as it is (one line;
-    its summary is returned)."""
+    its summary is returned). With --print-identity, prints the run's identity hash and returns None.
+
+    First, one warning line for each setting that changes nothing in this run (config.settings_warnings)."""
+    if is_main():
+        for line in settings_warnings(vars(args)):
+            print(f"{os.path.basename(sys.argv[0])}: warning: {line}", file=sys.stderr, flush=True)
+    if args.print_identity:
+        print(identity_hash(vars(args)))
+        return None
     device = setup_device(args)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: cuDNN's autotuning pays off
     lock = claim_run_dir(args)
@@ -393,7 +403,7 @@ def train_and_test(args, train_step, device, ckpt, signals):
         train_set = torch.utils.data.ConcatDataset([train_set, load_aux_data(args, train_set)])
     state = new_train_state(args, train_set, device)
     if ckpt is not None:
-        restore(state, ckpt, args.resume, device, lr_factor(args))
+        load_train_state(state, ckpt, args.resume, device, lr_factor(args))
     if is_main():  # every input is checked: only now may an old run's files go (--overwrite)
         start_run_dir(args, ckpt)
     log = Logger(args.out_dir)
@@ -423,8 +433,8 @@ def train_and_test(args, train_step, device, ckpt, signals):
                             f"{state.best_epoch}, for 2 epochs; best.pt is kept (at high lr this is usually "
                             f"an optimisation blow-up: try --clip-grad-norm 5 or a lower --lr; docs/modern-recipe.md)")
     summary = final_test(state, args, eval_model, test_set, device)
-    if getattr(args, "rehearsal", False):
-        summary["rehearsal"] = "REHEARSAL: generated stand-in data (--rehearsal); these numbers are not results"
+    if args.rehearsal:
+        summary["rehearsal"] = REHEARSAL_NOTE
     if is_main():
         write_atomic(os.path.join(args.out_dir, "summary.json"), lambda f: json.dump(summary, f, indent=1))
         log(json.dumps(summary))
@@ -554,10 +564,9 @@ def final_test(state, args, eval_model, test_set, device):
     state.evaluated_model().load_state_dict(best_ckpt["model"])  # with --ema, the average
     test_nat, test_pgd = evaluate(eval_model, eval_loader(test_set, args, device), args.eps,
                                   args.eval_steps, device, args.norm)
-    return dict(method=args.method, method_title=args.method_title, distance=getattr(args, "distance", None),
-                dataset=args.dataset, model=args.model, norm=args.norm, eps=args.eps,
-                lam=getattr(args, "lam", None), beta=getattr(args, "beta", None),
-                aux_data=args.aux_data, seed=args.seed, epochs=args.epochs, best_epoch=best_ckpt["epoch"],
+    weight = {args.method_weight: getattr(args, args.method_weight)} if args.method_weight else {}
+    return dict(method=args.method, method_title=args.method_title, method_weight=args.method_weight, **weight,
+                dataset=args.dataset, model=args.model, norm=args.norm, eps=args.eps, aux_data=args.aux_data, seed=args.seed, epochs=args.epochs, best_epoch=best_ckpt["epoch"],
                 val_nat=best_ckpt["history"][-1]["val_nat"], val_pgd=best_ckpt["best_val_pgd"],
                 test_nat=test_nat, test_pgd=test_pgd, eval_steps=args.eval_steps, ema=args.ema,
                 collapsed=any(r.get("collapsed", False) for r in state.history),

@@ -51,7 +51,7 @@ def few_digits(monkeypatch):
     def first_images(args):
         train, val, test = real(args)
         return data.Indexed(train.base, train.indices[:192], train.transform), val, test
-    monkeypatch.setattr(harness, "get_datasets", first_images)
+    monkeypatch.setattr(training, "get_datasets", first_images)
 
 
 class FakeCIFAR(torch.utils.data.Dataset):
@@ -110,6 +110,8 @@ def write_result(folder, name, robust, method="fire", seed=0, index=None, npz=Tr
     title, order = METHODS[method]
     record = dict(format=results.RESULT_FORMAT, defense=extra.pop("defense", title), method=method,
                   method_title=title, method_order=order, method_weight="lam" if lam else "beta" if beta else None,
+                  method_reference=12.0 if method == "fire" else None,
+                  method_flags=["distance" if method in ("fire", "hellinger") else "loss", "self_adaptive"],
                   dataset="cifar10", model="wrn-34-10", eps=8 / 255, train_eps=0.031,
                   lam=lam, beta=beta, seed=seed, natural=0.9, autoattack=robust.mean().item(),
                   avg_acc=(0.9 + robust.mean().item()) / 2, n_examples=len(robust), split="test",

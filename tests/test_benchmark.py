@@ -138,7 +138,7 @@ def test_benchmark_cuda_without_a_gpu_exits_2(capsys):
         pytest.skip("a CUDA device is visible")
     for args in (["--device", "cuda"], ["--clock", "cpu", "--device", "cuda"]):
         with pytest.raises(SystemExit) as e:
-            benchmark.get_args(args)
+            common.cli(benchmark.get_args, args)
         assert e.value.code == 2
         one_benchmark_error_line(capsys.readouterr().err, "--device cuda")
 
@@ -155,7 +155,7 @@ def test_benchmark_boundary_values_are_accepted():
 
 @pytest.mark.parametrize("case", ["shape", "model", "json-out"])
 def test_benchmark_bad_input_on_the_command_line(case, tmp_path):
-    """The cases that were tracebacks (--shape too small, --model wrn-10-0, an unwritable --json-out
+    """Input only found wrong at run time (--shape too small, --model wrn-10-0, an unwritable --json-out
     found only after the timing): one line, exit 2, refused before any timing, no file written."""
     if case == "json-out" and not os.path.isdir("/proc"):
         pytest.skip("no /proc")
@@ -192,10 +192,25 @@ def test_benchmark_failed_json_write_keeps_the_old_file(tmp_path, capsys, monkey
         f.write('{"config": ')
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(benchmark, "json", SimpleNamespace(dump=dump_half_then_fail))
+    monkeypatch.setattr(common, "json", SimpleNamespace(dump=dump_half_then_fail))
     with pytest.raises(SystemExit) as e:
         common.cli(benchmark.main, [*BENCH_TINY, "--json-out", str(out)])
     assert e.value.code == 2
     one_benchmark_error_line(capsys.readouterr().err, "--json-out")
     assert out.read_text() == '{"old": 1}'
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]
+
+
+def test_autoattack_throughput_is_timed_and_projected(fire_run, tmp_path, capsys):
+    """--autoattack N: images/s of the standard (here the reduced) AutoAttack and the projected time for
+    10,000 test images, on a fresh model of the data set's shape or on a checkpoint's test images."""
+    timing = benchmark.main(["--autoattack", "4", "--dataset", "digits", "--smoke-aa", "--device", "cpu",
+                             "--json-out", str(tmp_path / "t.json")])
+    assert json.loads((tmp_path / "t.json").read_text()) == timing and timing["images"] == 4
+    assert timing["projected_test_set_s"] == pytest.approx(10_000 / timing["images_per_s"])
+    assert timing["natural"] == 1.0  # labelled with its own predictions: every image is attacked
+    assert timing["eps"] == data.DATASETS["digits"].preset["eps"]  # digits evaluates at its training radius
+    assert "images/s" in capsys.readouterr().out
+    timing = benchmark.main(["--autoattack", "3", "--checkpoint", str(fire_run[0] / "best.pt"), "--smoke-aa",
+                             "--device", "cpu"])
+    assert (timing["images"], timing["norm"], timing["eps"]) == (3, "linf", 0.1)

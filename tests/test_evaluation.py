@@ -42,16 +42,13 @@ def test_autoattack_is_bounded_by_natural_and_pgd(fire_run, tmp_path):
 
 
 def test_load_model_gives_the_evaluated_network(fire_run):
-    """checkpoints.load_model (README's three lines): the trained network in eval mode, images in
+    """load_model and test_split (README's lines): the trained network in eval mode, images in
     [0, 1] in, logits out; its natural accuracy on the test images is the run's test_nat."""
-    from fire_repro import checkpoints
-    import eval_autoattack as ea
+    import fire_repro
     out, summary = fire_run
-    model = checkpoints.load_model(str(out / "best.pt"))
+    model = fire_repro.load_model(str(out / "best.pt"))
     assert not any(m.training for m in model.modules())
-    saved = torch.load(out / "best.pt", weights_only=True)["args"]
-    test_set = ea.split_dataset(saved, "test")
-    x, y = ea.first_images(test_set, len(test_set))
+    x, y = fire_repro.test_split("digits")
     assert x.min() >= 0 and x.max() <= 1
     with torch.no_grad():
         logits = model(x)
@@ -162,7 +159,7 @@ def test_eval_per_sample_npz_matches_the_json(eval_reference):
 
 def test_eval_is_tied_to_its_checkpoint(fire_run, tmp_path, capsys):
     """--overwrite retrains beside an old result: the result names the checkpoint's SHA-256, so
-    --summarize leaves it out with a warning and a new evaluation replaces it; the same checkpoint
+    the tables leave it out with a warning and a new evaluation replaces it; the same checkpoint
     and settings are not evaluated twice."""
     import eval_autoattack as ea
     run = tmp_path / "run"
@@ -178,7 +175,7 @@ def test_eval_is_tied_to_its_checkpoint(fire_run, tmp_path, capsys):
     torch.save(ckpt, run / "best.pt")
     write_result(tmp_path / "other", "aa", np.arange(10) < 5)
     with pytest.raises(SystemExit) as status:  # the table is written, a result was left out
-        ea.main(["--summarize", str(tmp_path)])
+        tables.main([str(tmp_path)])
     table, err = capsys.readouterr()
     err = err.strip().splitlines()
     assert status.value.code == 3 and "1 result file left out" in table
@@ -208,16 +205,6 @@ def test_eval_default_names_keep_splits_and_radii_apart(fire_run, tmp_path):
     assert json.loads((tmp_path / "autoattack-val.json").read_text()) == val and val["split"] == "val"
 
 
-def test_autoattack_throughput_is_timed_and_projected(tmp_path, capsys):
-    import eval_autoattack as ea
-    timing, = ea.main(["--time-images", "4", "--time-model", "smallcnn", "--time-dataset", "digits",
-                       "--smoke-aa", "--device", "cpu", "--out", str(tmp_path / "t.json")])
-    assert json.loads((tmp_path / "t.json").read_text()) == timing and timing["images"] == 4
-    assert timing["projected_test_set_s"] == pytest.approx(10_000 / timing["images_per_s"])
-    assert timing["natural"] == 1.0  # labelled with its own predictions: every image is attacked
-    assert "images/s" in capsys.readouterr().out
-
-
 # ---- Bad input: one line, exit 2, nothing written
 
 
@@ -235,16 +222,15 @@ def eval_error(monkeypatch, capsys, argv):
 
 @pytest.mark.parametrize("case,needle", [
     (["--chunk-size", "0"], "--chunk-size"), (["--seed", "-1"], "--seed"), (["--seed", str(2 ** 32)], "--seed"),
-    (["--eps", "nan"], "--eps"), (["--eps", "2"], "--eps"), (["--time-images", "0"], "--time-images"),
-    (["--quoted", "table2"], "--quoted"), (["--n-examples", "0"], "--n-examples"),
+    (["--eps", "nan"], "--eps"), (["--eps", "2"], "--eps"), (["--n-examples", "0"], "--n-examples"),
     (["--out", "DIR/aa.npz"], ".json"), (["--n-examples", "1000000000"], "--n-examples"),
     (["--chunk-size", "1000000000"], "--chunk-size"), (["--batch-size", "1000000000"], "--batch-size"),
     (["OUT_IS_DIR"], "is a folder"), (["OUT_UNDER_FILE"], "cannot write --out"),
-    (["SUMMARY", "--table-out", "UNDER_FILE/t.md"], "--table-out"),
-    (["PLOT", "--plot-out", "DIR/x.foo"], "--plot-out"), (["PLOT", "--plot-out", "UNDER_FILE/x.png"], "--plot-out"),
     (["NO_MODEL"], "no model name"), (["STRING_EPS"], "eps must be a number"), (["NO_EPS"], "eps must be a number"),
     (["BAD_MODEL"], "6n+4"), (["BAD_DATASET"], "unknown dataset"),
-    (["--time-images", "2", "--time-model", "wrn-35-10"], "6n+4"),
+    # the modes that are other commands now: one line naming the command
+    (["--summarize", "DIR"], "use python -m fire_repro.tables"), (["--plot-sweep", "DIR"], "use python -m fire_repro.tables"),
+    (["--time-images", "2"], "use python benchmark.py --autoattack"), (["--time-model=smallcnn"], "use python benchmark.py --autoattack"),
 ])
 def test_eval_bad_input_catalogue(case, needle, fire_run, tmp_path, monkeypatch, capsys):
     """Each user mistake: one line, exit 2, before any attack runs, and no file left behind."""
@@ -262,17 +248,14 @@ def test_eval_bad_input_catalogue(case, needle, fire_run, tmp_path, monkeypatch,
             torch.save(saved, tmp_path / "bad.pt")
             argv.append(str(tmp_path / "bad.pt"))
         else:
-            argv.append({"OUT_IS_DIR": best, "OUT_UNDER_FILE": best, "SUMMARY": "--summarize",
-                         "PLOT": "--plot-sweep"}.get(word, word.replace("UNDER_FILE", str(tmp_path / "file.txt"))
-                                                     .replace("DIR", str(tmp_path))))
-            if word in ("SUMMARY", "PLOT"):
-                argv.append(str(tmp_path / "results"))
+            argv.append({"OUT_IS_DIR": best, "OUT_UNDER_FILE": best}.get(
+                word, word.replace("UNDER_FILE", str(tmp_path / "file.txt")).replace("DIR", str(tmp_path))))
     if "OUT_IS_DIR" in case:
         (tmp_path / "dir.json").mkdir()
         argv += ["--out", str(tmp_path / "dir.json")]
     if "OUT_UNDER_FILE" in case:
         argv += ["--out", str(tmp_path / "file.txt" / "aa.json")]
-    if not any(w in case for w in ("SUMMARY", "PLOT", "--time-model")) and not argv[0].endswith(".pt"):
+    if not argv[0].endswith(".pt"):
         argv.insert(0, best)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     assert needle in eval_error(monkeypatch, capsys, argv)
@@ -281,7 +264,7 @@ def test_eval_bad_input_catalogue(case, needle, fire_run, tmp_path, monkeypatch,
 
 
 def test_eval_out_folder_fails_at_once_on_the_command_line(fire_run, tmp_path):
-    """Before: the whole attack ran, then a traceback left a temporary file in the folder."""
+    """An --out that is a folder is refused before the attack runs, and nothing is left in it."""
     folder = tmp_path / "aa.json"
     folder.mkdir()
     r = subprocess.run([PY, os.path.join(ROOT, "eval_autoattack.py"), str(fire_run[0] / "best.pt"),
@@ -376,8 +359,8 @@ def test_eval_and_training_share_the_run_folder_lock(fire_run, tmp_path, monkeyp
     finally:
         lock.close()
     assert "is in use" in line and results_in(ckpt.parent) == {}
-    plan = ea.Plan(str(ckpt), ea.get_args([str(ckpt), *SMALL]), None)
-    locks = ea.lock_folders([plan], [plan.out])
+    job = ea.Evaluation(str(ckpt), ea.get_args([str(ckpt), *SMALL]), None)
+    locks = ea.lock_folders([job], [job.out])
     try:
         code, lines = cli_error(train_fire.main, ["--epochs", "1", "--out-dir", str(ckpt.parent)], capsys)
     finally:

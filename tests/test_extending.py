@@ -1,6 +1,7 @@
 """Extending the repository as the README says: a regulariser added to train_fire.REGULARISERS is a
-method of its own, and a data set added as one entry of data.DATASETS trains, is evaluated and
-gets its table rows, with no other edit."""
+method of its own, a training script of a new method with its own weight flag is recorded, tabled and
+paired with FIRE like the others, and a data set added as one entry of data.DATASETS trains, is
+evaluated and gets its table rows, with no other edit."""
 import json
 
 import pytest
@@ -31,11 +32,11 @@ def table_rows(folder):
 
 def test_a_new_regulariser_is_a_method_of_its_own(tmp_path, monkeypatch, few_digits):
     monkeypatch.setitem(train_fire.REGULARISERS, "sym-kl",
-                        (symmetric_kl, training.Method("sym-kl", "Symmetric KL", "lam", order=5)))
+                        training.Method("sym-kl", "Symmetric KL", "lam", order=5, fn=symmetric_kl))
     monkeypatch.chdir(tmp_path)  # default run folders: runs/<method>-digits-s0
-    for distance in ("fisher-rao", "sym-kl"):
+    for distance, method in (("fisher-rao", "fire"), ("sym-kl", "sym-kl")):
         summary = train_fire.main([*TINY, "--distance", distance])
-        assert summary["distance"] == distance
+        assert summary["method"] == method
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["fire-digits-s0", "sym-kl-digits-s0"]
     summary = json.loads((tmp_path / "runs" / "sym-kl-digits-s0" / "summary.json").read_text())
     assert (summary["method"], summary["method_title"]) == ("sym-kl", "Symmetric KL")
@@ -46,6 +47,48 @@ def test_a_new_regulariser_is_a_method_of_its_own(tmp_path, monkeypatch, few_dig
     assert list(rows)[1:] == ["Symmetric KL (lam=12)", "FIRE (lam=12)"]  # its own row, before FIRE
     assert rows["FIRE (lam=12)"][-1] == "reference"  # FIRE stays the reference
     assert rows["Symmetric KL (lam=12)"][-1].startswith(("+", "-")) and "[" in rows["Symmetric KL (lam=12)"][-1]
+
+
+# A method written the way train_trades.py writes its methods, with a weight flag of its own (--gamma):
+# MART's loss on TRADES' attack, a stand-in for a researcher's new method in a script of their own.
+def gamma_step(args, model, attack_model, x, y, idx, soft_targets=None, x_adv=None):
+    if x_adv is None:
+        attack_model.eval()
+        x_adv = train_trades.attack_trades(attack_model, x, args.eps, args.step_size, args.attack_steps, args.norm)
+    model.train()
+    logits_nat, logits_adv = model(x), model(x_adv)
+    return train_trades.mart_loss(logits_nat, logits_adv, y, args.gamma), logits_nat, x_adv
+
+
+GAMMA = {"gamma-mart": training.Method("gamma-mart", "Gamma-MART", "gamma", fn=gamma_step)}
+
+
+def gamma_main(argv):
+    parser = training.base_parser("a new method")
+    parser.add_argument("--loss", type=str, default="gamma-mart", choices=list(GAMMA))
+    parser.add_argument("--gamma", type=float, default=3.0, help="its weight, in [0, 100]")
+    training.add_self_adaptive_flags(parser, "none")
+    args = training.finish_args(parser, argv, GAMMA, "loss")
+    return training.train(args, GAMMA[args.loss].fn)
+
+
+def test_a_method_with_its_own_weight_flag_is_recorded_tabled_and_paired(tmp_path, few_digits):
+    """Nothing outside a method's script names it or its weight: a new method weighted by --gamma is
+    recorded (summary, result), named by the table from what it records ('Gamma-MART (gamma=3)'),
+    ordered by its Method and paired with FIRE, the reference."""
+    runs = tmp_path / "runs"
+    summary = gamma_main([*TINY, "--out-dir", str(runs / "gamma")])
+    assert (summary["method"], summary["method_weight"], summary["gamma"]) == ("gamma-mart", "gamma", 3.0)
+    train_fire.main([*TINY, "--out-dir", str(runs / "fire")])
+    for run in ("gamma", "fire"):
+        result = eval_autoattack.main([str(runs / run / "best.pt"), *EVAL])[0]
+    result = json.loads((runs / "gamma" / "autoattack.json").read_text())
+    assert (result["method_weight"], result["gamma"], result["defense"]) == ("gamma", 3.0, None)
+    rows = table_rows(runs)
+    assert list(rows)[1:] == ["Gamma-MART (gamma=3)", "FIRE (lam=12)"], rows
+    assert rows["FIRE (lam=12)"][-1] == "reference"
+    assert rows["Gamma-MART (gamma=3)"][-1].startswith(("+", "-")) and "[" in rows["Gamma-MART (gamma=3)"][-1]
+    assert "Training" not in rows["Defense"]  # --gamma and --lam are each shown by their row's name
 
 
 def bars(args):

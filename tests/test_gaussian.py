@@ -156,7 +156,7 @@ def test_main_writes_results_and_figures(tmp_path):
 def test_cli_rejects_bad_sigma(capsys):
     """An asymmetric covariance is refused by the parser: exit code 2 and one line naming --sigma."""
     with pytest.raises(SystemExit) as e:
-        gd.get_args(["--sigma", "1", "2", "3", "1"])
+        common.cli(gd.get_args, ["--sigma", "1", "2", "3", "1"])
     assert e.value.code == 2
     one_error_line(capsys.readouterr().err, "--sigma")
 
@@ -204,7 +204,7 @@ def test_gaussian_bad_flags_exit_2_with_one_line(args, needle, tmp_path):
 def test_gaussian_every_numeric_flag_has_a_range(args, needle, capsys):
     """The same parser in-process (fast): each remaining flag's rule; the subprocess test covers the CLI."""
     with pytest.raises(SystemExit) as e:
-        gd.get_args(args)
+        common.cli(gd.get_args, args)
     assert e.value.code == 2
     one_error_line(capsys.readouterr().err, needle)
 

@@ -1,4 +1,4 @@
-"""plan.py, the plan of run_all.sh: the rehearsal of a block on generated stand-in data of the real
+"""fire_repro/plan.py, the plan of run_all.sh: the rehearsal of a block on generated stand-in data of the real
 data sets (every planned result file is the one eval_autoattack.py writes, a run that trains at
 its evaluation radius included; a second invocation starts nothing; a damaged result is evaluated
 again), the full-scale dry run's step counts and costs, settings checked against each other,
@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from fire_repro import plan
+from fire_repro import launchers, plan
 from fire_repro.common import UserError
 from conftest import ROOT, PY
 from fire_repro.data import DATASETS, IMAGENET32_FILES, steps_per_epoch
@@ -94,7 +94,7 @@ def test_full_scale_dry_run_counts_the_extra_data_epoch_as_carmon_and_prices_it(
                                             ("1-0:10", 87000), ("1-00:00:05", 86405), ("UNLIMITED", None)])
 def test_slurm_time_formats(limit, seconds):
     """SLURM's time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, UNLIMITED."""
-    assert plan.slurm_seconds(limit) == seconds
+    assert launchers.slurm_seconds(limit) == seconds
 
 
 @pytest.mark.parametrize("env, message", [
@@ -105,7 +105,7 @@ def test_slurm_time_formats(limit, seconds):
     (dict(TRAIN_FLAGS="--lam=3"), "TRAIN_FLAGS may not set --lam"),
     (dict(TRAIN_FLAGS="--out 3"), "TRAIN_FLAGS may not set --out-dir"),
     (dict(REHEARSAL="1", OUT_DIR="runs/paper"), "REHEARSAL=1 would write its rehearsal into runs/paper"),
-    (dict(REHEARSAL="1", SMOKE="1"), "choose one"),
+    (dict(REHEARSAL="1", SMOKE="1"), "SMOKE is not read: REHEARSAL=1 runs every block on the CPU"),
 ])
 def test_settings_checked_against_each_other_in_one_line(tmp_path, env, message):
     """A stop signal at or past the time limit (every job would be stopped at its start), a flag
@@ -119,7 +119,7 @@ def test_settings_checked_against_each_other_in_one_line(tmp_path, env, message)
 
 
 def test_a_failing_table_fails_its_block_and_the_others_carry_on(tmp_path):
-    """A table step that exits non-zero (eval_autoattack.py --summarize: 3 when it left results
+    """A table step that exits non-zero (python -m fire_repro.tables: 3 when it left results
     out) fails its block; the next block still runs, and the exit status (1) and the last line
     name the incomplete block."""
     out = tmp_path / "out"

@@ -13,7 +13,7 @@ import torch.nn as nn
 from fire_repro import attacks
 from fire_repro import checkpoints
 from fire_repro import data
-from fire_repro import training
+from fire_repro import tables, training
 import train_fire
 import train_trades
 
@@ -68,7 +68,7 @@ def test_awp_step_is_the_sgd_update_at_the_perturbed_point(script, flags):
     training.sgd_update(script.train_step(args, perturbed, perturbed, x, y, idx, None, x_adv)[0],
                        reference.optimizer, reference.scaler)
     update = {k: perturbed.state_dict()[k] - at_perturbed[k] for k in before}
-    # The harness's step
+    # The training loop's step
     run = training.TrainState(args, model, None, torch.device("cpu"))
     torch.manual_seed(5)
     run.step(args, script.train_step, (model, model), x, y, idx, epoch=0)
@@ -228,7 +228,7 @@ def test_clipping_bounds_the_step_and_is_counted():
     (["--ema-start", "0"], "--ema-start")])
 def test_bad_recipe_flags_are_one_line(flags, needle, capsys):
     with pytest.raises(SystemExit) as e:
-        train_fire.get_args(flags)
+        training.cli(train_fire.get_args, flags)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and needle in err[0]
 
@@ -271,7 +271,7 @@ def test_recipe_run_resumes_exactly_and_evaluates_the_average(tmp_path):
     import eval_autoattack
     result, = eval_autoattack.main([str(tmp_path / "a" / "best.pt"), "--smoke-aa", "--n-examples", "16",
                                     "--batch-size", "16", "--device", "cpu"])
-    assert result["ema"] == 0.9 and result["defense"] == "FIRE (lam=12) + AWP + EMA + clip 0.12"
+    assert result["ema"] == 0.9 and tables.result_row_name(result) == "FIRE (lam=12) + AWP + EMA + clip 0.12"
     with torch.no_grad():
         first = net(torch.stack([test_set[i][0] for i in range(16)])).argmax(1)
     assert result["natural"] == (first == torch.tensor([test_set[i][1] for i in range(16)])).float().mean().item()

@@ -12,7 +12,7 @@ import torch
 from fire_repro import data
 import eval_autoattack
 import export_robustbench
-from fire_repro import robustbench_io
+from fire_repro import robustbench_io, tables
 import train_fire
 from conftest import FakeCIFAR, cli_error
 from models import get_model
@@ -127,12 +127,12 @@ def test_zoo_entry_evaluated_offline_and_summarised_beside_fire(l2_cifar):
     torch.save(net.state_dict(), folder / "Ding2020MMA.pt")
     zoo = eval_autoattack.main(["robustbench:cifar10/L2/Ding2020MMA", "--robustbench-dir", str(root / "models"),
                                 "--smoke-aa", "--n-examples", "4", "--device", "cpu"])[0]
-    assert zoo["defense"] == "Ding2020MMA (RobustBench)" and zoo["norm"] == "l2" and zoo["eps"] == 0.5
+    assert tables.result_row_name(zoo) == "Ding2020MMA (RobustBench)" and zoo["norm"] == "l2" and zoo["eps"] == 0.5
     assert zoo["natural"] == 0 and zoo["n_examples"] == 4 and zoo["seed"] is None
     assert (folder / "autoattack-Ding2020MMA-l2.json").is_file() and (folder / "autoattack-Ding2020MMA-l2.npz").is_file()
-    table = eval_autoattack.main(["--summarize", str(root / "fire"), str(root / "models")])
+    table = tables.main([str(root / "fire"), str(root / "models")])
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if "L2 0.5" in line}
-    assert set(rows) == {fire["defense"], "Ding2020MMA (RobustBench)"}, table
+    assert set(rows) == {tables.result_row_name(fire), "Ding2020MMA (RobustBench)"}, table
     paired = rows["Ding2020MMA (RobustBench)"].split(" | ")[-1]
     assert "[" in paired, table  # a paired difference to FIRE on the same 4 images
     # a name outside the zoo, and an entry whose weights are not there offline: one line each

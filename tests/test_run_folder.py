@@ -265,7 +265,7 @@ def test_unwritable_folder_mid_run_is_one_line(tmp_path, monkeypatch, capsys):
     line and exit 2, not a traceback."""
     def refuse(state, path):
         raise PermissionError(13, "Permission denied", path)
-    monkeypatch.setattr(harness, "save_checkpoint", refuse)
+    monkeypatch.setattr(training, "save_checkpoint", refuse)
     monkeypatch.setattr(sys, "argv", ["train_fire.py"])
     with pytest.raises(SystemExit) as exit_info:
         common.cli(lambda: train_fire.main(["--epochs", "1", "--attack-steps", "1", "--eval-steps", "1",

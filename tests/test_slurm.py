@@ -1,4 +1,4 @@
-"""run_all.sh under a real SLURM (LAUNCHER=slurm, docs/cluster.md): a smoke block run through SLURM
+"""run_all.sh under a real SLURM (LAUNCHER=slurm, docs/cluster.md): a rehearsed block run through SLURM
 gives the local launcher's table, a training requeued in the middle of its run resumes to the same
 summary.json, a second invocation while the jobs are queued submits nothing, the dry run lists
 what a run starts, and a bad partition is one line.
@@ -20,9 +20,10 @@ import pytest
 from conftest import ROOT, PY
 
 RUN_ALL = os.path.join(ROOT, "run_all.sh")
-# One seed of the smoke Table 1 (TRADES, FIRE lam 12, FIRE lam 5 on the digits), 2 epochs so that
-# a training can be requeued between its two epochs.
-BLOCK = dict(SMOKE="1", SEEDS="0", TRAIN_FLAGS="--epochs 2", PYTHON=PY)
+# One seed of the rehearsed Table 1 on MNIST's stand-in (TRADES, FIRE lam 12, FIRE lam 5): its 2
+# epochs, of 32 steps of 2 images with PGD-8 (seconds each), so that a training can be requeued
+# between them.
+BLOCK = dict(REHEARSAL="1", DATASETS="mnist", SEEDS="0", TRAIN_FLAGS="--batch-size 2 --attack-steps 8", PYTHON=PY)
 
 
 def slurm_or_skip():
@@ -69,7 +70,7 @@ def table_numbers(path):
 
 
 def run_block(tmp_path):
-    """The smoke block run locally and through SLURM, with what each step printed. One training job
+    """The rehearsed block run locally and through SLURM, with what each step printed. One training job
     is requeued (`scontrol requeue`) after its first epoch is committed."""
     t0 = time.time()
     local, cluster = tmp_path / "local", tmp_path / "slurm"
@@ -103,13 +104,13 @@ def run_block(tmp_path):
         time.sleep(2)
     b.finished = run_all(cluster, "table1", LAUNCHER="slurm")
     b.seconds = time.time() - t0
-    print(f"\nthe smoke block: locally {b.local_seconds:.0f} s (its dry run included), through SLURM "
+    print(f"\nthe rehearsed block: locally {b.local_seconds:.0f} s (its dry run included), through SLURM "
           f"{time.time() - t1:.0f} s (from the submission to the rebuilt table), {b.seconds:.0f} s in all")
     return b
 
 
-def test_smoke_block_through_slurm(tmp_path):
-    """One scenario (one test, so that `pytest -n 2` runs it once): the smoke Table 1 locally, its
+def test_rehearsed_block_through_slurm(tmp_path):
+    """One scenario (one test, so that `pytest -n 2` runs it once): the rehearsed Table 1 locally, its
     dry run, then through SLURM, the same command again while its jobs are queued, a requeue in the
     middle of a training, and the command once more after every job has finished."""
     slurm_or_skip()
@@ -185,7 +186,7 @@ def test_stop_signal_during_a_commit_waits_for_last_pt(tmp_path):
     """SIGTERM (SLURM's preemption) that arrives while an epoch is being committed stops the
     training only once last.pt is written (exit 130, as Ctrl-C), and --resume auto goes on with the
     next epoch. Needs no SLURM."""
-    code = ("import os, signal, sys, harness, train_fire\n"
+    code = ("import os, signal, sys, train_fire\nfrom fire_repro import training\n"
             "commit = training.commit_epoch\n"
             "def commit_after_a_stop(*args):\n"
             "    os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of the commit\n"

@@ -1,4 +1,4 @@
-"""The paper's tables and figures from result files (tables.py, through eval_autoattack.py --summarize):
+"""The paper's tables and figures from result files (python -m fire_repro.tables; figures.py):
 mean and sample std over seeds, the paired bootstrap interval against FIRE, and which rows are kept apart."""
 import json
 
@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 
 from fire_repro import results
-from fire_repro import tables
+from fire_repro import figures, tables
 from fire_repro.common import cli
 from conftest import METHODS, write_result
 
 
 def test_summary_table_mean_and_sample_std(tmp_path):
-    import eval_autoattack as ea
 
     def record(seed, natural, aa, method="fire", **extra):
         title, order = METHODS[method]
@@ -27,7 +26,7 @@ def test_summary_table_mean_and_sample_std(tmp_path):
     for i, r in enumerate(records):
         (tmp_path / f"r{i}.json").write_text(json.dumps(r))
     (tmp_path / "other.json").write_text(json.dumps({"format": "something else"}))
-    table = ea.main(["--summarize", str(tmp_path), "--table-out", str(tmp_path / "t.md")])
+    table = tables.main([str(tmp_path), "--table-out", str(tmp_path / "t.md")])
     assert (tmp_path / "t.md").read_text() == table
     rows = [line for line in table.splitlines() if line.startswith("| FIRE") or line.startswith("| TRADES")]
     assert rows[0].startswith("| TRADES") and rows[1].startswith("| FIRE")  # the paper's order
@@ -43,14 +42,13 @@ def test_summary_table_mean_and_sample_std(tmp_path):
 
 def test_pretraining_row_sits_with_the_additional_data_as_in_the_paper(tmp_path):
     """Table 2 lists Pre-training (a run with --init-from) under "With additional data"."""
-    import eval_autoattack as ea
     common = dict(format=results.RESULT_FORMAT, method="madry", method_title="Madry et al.", method_order=0,
                   train_identity=dict(method="madry", seed=0), dataset="cifar10", model="wrn-28-10",
                   eps=8 / 255, seed=0, natural=0.8, autoattack=0.5, avg_acc=0.65, n_examples=100,
                   split="test", aa_version="standard", checkpoint_kind="best", train_time_s=60.0)
     (tmp_path / "a.json").write_text(json.dumps(dict(common, defense="Pre-training", init_from="p/best.pt")))
     (tmp_path / "b.json").write_text(json.dumps(dict(common, defense="Madry et al.")))
-    lines = ea.main(["--summarize", str(tmp_path)]).splitlines()
+    lines = tables.main([str(tmp_path)]).splitlines()
     where = {name: next(i for i, line in enumerate(lines) if line.startswith(f"| {name}"))
              for name in ("**Without additional data**", "Madry et al.", "**With additional data**", "Pre-training")}
     assert list(where.values()) == sorted(where.values()), lines
@@ -75,12 +73,11 @@ def table_rows(table):
 
 
 def summarize(capsys, *argv):
-    """`eval_autoattack.py --summarize argv` in this process: (the table, the exit status, the
+    """`python -m fire_repro.tables argv` in this process: (the table, the exit status, the
     warning lines)."""
-    import eval_autoattack as ea
     capsys.readouterr()
     try:
-        cli(ea.main, ["--summarize", *argv])  # the command line's one error path
+        cli(tables.main, [*argv])  # the command line's one error path
         status = 0
     except SystemExit as e:
         status = e.code
@@ -89,7 +86,6 @@ def summarize(capsys, *argv):
 
 
 def test_summarize_pairs_each_row_with_fire_on_the_same_images(tmp_path):
-    import eval_autoattack as ea
     base = np.arange(100) < 50
     for seed in (0, 1):
         write_result(tmp_path / f"fire{seed}", "aa", base, seed=seed)
@@ -97,7 +93,7 @@ def test_summarize_pairs_each_row_with_fire_on_the_same_images(tmp_path):
         write_result(tmp_path / f"mart{seed}", "aa", base, method="mart", seed=seed, npz=False)
         write_result(tmp_path / f"hel{seed}", "aa", base, method="hellinger", seed=seed,
                      index=np.arange(100) + 100)  # other images: nothing to pair
-    rows = table_rows(ea.main(["--summarize", str(tmp_path)]))
+    rows = table_rows(tables.main([str(tmp_path)]))
     assert rows["Defense"][-1] == "ΔAA vs FIRE [95% CI]" and rows["FIRE"][-1] == "reference"
     delta = rows["TRADES"][-1]  # robust on 20 more of 100 images in both seeds: +20 points
     assert delta.startswith("+20.00 [+") and float(delta.split("[")[1].split(",")[0]) > 0, delta
@@ -105,23 +101,22 @@ def test_summarize_pairs_each_row_with_fire_on_the_same_images(tmp_path):
 
 
 def test_summarize_keys_rows_by_every_setting_and_says_so(tmp_path):
-    import eval_autoattack as ea
     robust = np.arange(10) < 5
     write_result(tmp_path / "a", "aa", robust)
     write_result(tmp_path / "b", "aa", robust, eps=0.05)  # differs only in the evaluation eps
-    table = ea.main(["--summarize", str(tmp_path)])
+    table = tables.main([str(tmp_path)])
     rows = [line for line in table.splitlines() if line.startswith("| FIRE")]
     assert len(rows) == 2 and all("| 1 (0) |" in row for row in rows)  # not "2 (0,0)"
     assert "differ in evaluation ε;" in table
     write_result(tmp_path / "c", "aa", np.arange(20) < 5)  # more images
-    table = ea.main(["--summarize", str(tmp_path)])
+    table = tables.main([str(tmp_path)])
     assert "| Images |" in table and "evaluation ε, number of images" in table
     assert len([line for line in table.splitlines() if line.startswith("| FIRE")]) == 3
-    curves = tables.plot_sweep(tables.find_results([str(tmp_path)])[0], str(tmp_path / "f.png"))
+    curves = figures.plot_sweep(tables.find_results([str(tmp_path)])[0], str(tmp_path / "f.png"))
     assert len(curves) == 3  # eps 0.05 and 8/255, 10 and 20 images: never averaged into one point
     # a single setting: no extra columns, no note; a fine-tuned run shows its pre-training time
     write_result(tmp_path / "d" / "x", "aa", robust, pretrain_time_s=40 * 3600.0, train_time_s=1200.0)
-    table = ea.main(["--summarize", str(tmp_path / "d"), "--quoted", "table2"])
+    table = tables.main([str(tmp_path / "d"), "--quoted", "table2"])
     assert "Note:" not in table and "| Images |" not in table
     assert "| 40h00 + 0h20 |" in table
     quoted = table_rows(table)["UAT (quoted from the paper)"]
@@ -131,12 +126,11 @@ def test_summarize_keys_rows_by_every_setting_and_says_so(tmp_path):
 def test_summarize_never_averages_runs_trained_with_other_settings(tmp_path, capsys):
     """FIRE at lr 0.1 and at lr 0.01, two seeds each: two rows, each showing its lr, and a note;
     a result that records no training settings is not a result: left out with one warning line."""
-    import eval_autoattack as ea
     robust = np.arange(10) < 5
     for seed in (0, 1):
         write_result(tmp_path / f"a{seed}", "aa", robust, seed=seed)
         write_result(tmp_path / f"b{seed}", "aa", robust, seed=seed, training=dict(lr=0.01))
-    table = ea.main(["--summarize", str(tmp_path)])
+    table = tables.main([str(tmp_path)])
     rows = [line for line in table.splitlines() if line.startswith("| FIRE")]
     assert len(rows) == 2 and all("| 2 (0,1) |" in row for row in rows), table
     assert sorted(row.split("|")[5].strip() for row in rows) == ["--lr 0.01", "--lr 0.1"]
@@ -153,10 +147,9 @@ def test_summarize_never_averages_runs_trained_with_other_settings(tmp_path, cap
 
 def test_an_attack_run_on_some_seeds_only_says_which(tmp_path):
     """PGD-20 on seed 1 only: the cell is seed 1's value and says so, not a silent 'mean'."""
-    import eval_autoattack as ea
     write_result(tmp_path / "s0", "aa", np.arange(10) < 5, seed=0)
     write_result(tmp_path / "s1", "aa", np.arange(10) < 5, seed=1, pgd20=0.62)
-    fire = table_rows(ea.main(["--summarize", str(tmp_path)]))["FIRE"]
+    fire = table_rows(tables.main([str(tmp_path)]))["FIRE"]
     assert fire[-4] == "62.00 (only seed 1)" and fire[-2] == "2 (0,1)"
 
 
@@ -180,13 +173,12 @@ def test_damaged_result_files_are_named_and_left_out(tmp_path, capsys):
 
 @pytest.mark.parametrize("edit", [dict(natural=7.5), dict(autoattack=float("nan")), dict(avg_acc=-3),
                                   dict(n_examples=0), dict(eps=2.0), dict(seed=1.5), dict(seed=True),
-                                  dict(pgd20=float("inf")), dict(train_time_s=-1.0), dict(defense=None)])
+                                  dict(pgd20=float("inf")), dict(train_time_s=-1.0), dict(defense=5)])
 def test_a_result_is_validated_before_it_counts(edit, tmp_path, capsys):
     """An impossible value of the right type (an accuracy of 7.5, NaN, n_examples 0, a seed of
     1.5) is not a result for any reader: in a folder it is left out with one warning line, the
     table says so and the exit status is 3; named on the command line it is an error (one line,
     exit 2, no table written); results.finished (the plan's question) does not take it."""
-    import eval_autoattack as ea
     write_result(tmp_path / "good", "aa", np.arange(10) < 5)
     bad = write_result(tmp_path / "bad", "aa", np.arange(10) < 5, **{"seed": 1, **edit})
     path = str(tmp_path / "bad" / "aa.json")
@@ -195,13 +187,13 @@ def test_a_result_is_validated_before_it_counts(edit, tmp_path, capsys):
     assert table_rows(table)["FIRE"][-2] == "1 (0)"
     assert f"**Note: 1 result file left out (damaged or not valid; see the warnings): {path}.**" in table
     _, status, err = summarize(capsys, str(tmp_path / "good" / "aa.json"), path, "--table-out", str(tmp_path / "t.md"))
-    assert status == 2 and len(err) == 1 and err[0].startswith("eval_autoattack.py: error: ") and path in err[0]
+    assert status == 2 and len(err) == 1 and err[0].startswith("tables.py: error: ") and path in err[0]
     assert not (tmp_path / "t.md").exists()
     bad.update(checkpoint_sha256="0" * 64, settings={})
     (tmp_path / "bad" / "aa.json").write_text(json.dumps(bad))
     assert results.finished(path, "0" * 64, {}) == (None, results.value_problem(bad))
     with pytest.raises(SystemExit) as e:  # a figure too
-        ea.main(["--plot-sweep", str(tmp_path), "--plot-out", str(tmp_path / "f.png")])
+        tables.main([str(tmp_path), "--plot-out", str(tmp_path / "f.png")])
     assert e.value.code == 3 and (tmp_path / "f.png").exists() and "1 result file left out" in capsys.readouterr().out
 
 
@@ -242,3 +234,20 @@ def test_results_of_runs_that_differ_in_inert_settings_are_one_row(tmp_path, cap
     write_result(tmp_path / "s2", "aa", robust, seed=2, training=dict(awp_gamma=0.005, awp_warmup=3, ema=None, ema_start=1))
     table, status, err = summarize(capsys, str(tmp_path))
     assert len([line for line in table.splitlines() if line.startswith("| FIRE")]) == 2 and "--awp-gamma" in table
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["RESULTS", "--table-out", "UNDER_FILE/t.md"], "--table-out"),
+    (["RESULTS", "--plot-out", "DIR/x.foo"], "--plot-out"), (["RESULTS", "--plot-out", "UNDER_FILE/x.png"], "--plot-out"),
+    (["RESULTS", "--plot-out", "DIR/x.png", "--quoted", "table2"], "--quoted"), (["DIR/missing"], "does not exist"),
+])
+def test_tables_bad_input_is_one_line(argv, needle, tmp_path, capsys):
+    """python -m fire_repro.tables: each mistake one line, exit 2, nothing written."""
+    write_result(tmp_path / "results", "aa", np.arange(4) < 2)
+    (tmp_path / "file.txt").write_text("")
+    argv = [a.replace("RESULTS", str(tmp_path / "results")).replace("UNDER_FILE", str(tmp_path / "file.txt"))
+            .replace("DIR", str(tmp_path)) for a in argv]
+    before = sorted(tmp_path.rglob("*"))
+    _, status, err = summarize(capsys, *argv)
+    assert status == 2 and len(err) == 1 and err[0].startswith("tables.py: error: ") and needle in err[0], err
+    assert sorted(tmp_path.rglob("*")) == before

@@ -251,7 +251,7 @@ def test_collapse_is_logged_recorded_and_can_stop_the_run(tmp_path, monkeypatch,
     metrics.jsonl and summary.json; --stop-on-collapse ends the run there with one line, keeping
     best.pt (epoch 2)."""
     scripted = iter([(0.9, 0.5), (0.9, 0.6), (0.9, 0.1), (0.9, 0.1), (0.9, 0.5)])  # 4 epochs, then test
-    monkeypatch.setattr(harness, "evaluate", lambda *a, **k: next(scripted))
+    monkeypatch.setattr(training, "evaluate", lambda *a, **k: next(scripted))
     argv = ["--epochs", "4", "--attack-steps", "1", "--eval-steps", "1", "--out-dir", str(tmp_path)]
     if stop:
         with pytest.raises(common.UserError, match="stopped at epoch 4 .*best.pt is kept"):
