@@ -12,29 +12,16 @@ Commands:
     python benchmark.py --dataset cifar10 --device cuda --batch-size 256 --dtype bfloat16 \
         --channels-last --compile --compile-mode reduce-overhead   # + torch.compile with CUDA graphs
 
-Each timed step is the training loop's own step, training.TrainState.step: the train_step of train_fire.py or
-train_trades.py, then the SGD update, and training.EpochStats as training.train runs them, on one
-fixed synthetic batch of the data set's shape already on the device (data loading is not timed):
-    model.eval(); x' = attack(model, x)                       # K PGD steps, natural logits once
-    model.train(); loss = loss(model(x), model(x'), y)        # two forwards, one backward
-    zero_grad; backward; SGD (Nesterov) step; loss/NaN statistics kept on the device.
-On CUDA the settings are training's: cudnn.benchmark on and a fused SGD step (--no-cudnn-benchmark,
---no-fused-sgd time the step without them).
-
-The floor is the same network work with nothing else: in eval mode one forward without gradients
-(the natural softmax), then K forwards each followed by a backward to the input only
-(torch.autograd.grad with respect to the input: no weight gradients); in train mode the natural
-and the adversarial forward and one backward of a trivial loss (logits.sum()), and the SGD step
-(its learning rate is 0, so the floor does not move the weights; the work is the same). The loss,
-projections, sign, random start, Python, copies and synchronisation are what a step costs above
-its floor. A fourth step, TRADES-public, is the TRADES step with the natural forward recomputed
-at every attack step, as TRADES' public code (and the paper's timing of it) does. Two more,
-FIRE+AWP and FIRE+EMA, are the FIRE step with adversarial weight perturbation (gamma 0.005) and
-with the weight average (decay 0.999), as training.TrainState.step runs them (docs/modern-recipe.md). All
-share one model and are timed in interleaved repetitions (their order rotates every repetition)
-in one process; the figures are medians. The floor's FLOPs (convolutions and matrix products, as
-torch.utils.flop_counter counts them) are counted once, and over its median time give the
-achieved TFLOP/s of the floor.
+Each timed step is the training loop's own step (training.TrainState.step: the script's train_step,
+the SGD update, training.EpochStats) on one fixed synthetic batch on the device (data loading is not
+timed), with training's CUDA settings (cudnn.benchmark, fused SGD). The floor is the same network work
+and nothing else: one forward without gradients, K forwards each with a backward to the input only,
+the natural and adversarial training forwards, one backward and an SGD step at lr 0. TRADES-public
+recomputes the natural forward at every attack step, as TRADES' public code does; FIRE+AWP and
+FIRE+EMA add adversarial weight perturbation (gamma 0.005) and the weight average (decay 0.999). All
+share one model and run in interleaved repetitions (their order rotates) in one process; the figures
+are medians, and the floor's FLOPs (torch.utils.flop_counter) over its median time give its TFLOP/s.
+Details and measurements: docs/performance.md.
 """
 import argparse
 import os
