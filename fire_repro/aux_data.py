@@ -178,7 +178,7 @@ def load_aux_data(args, train_set):
     if labels.ndim != 1 or len(labels) == 0 or not np.issubdtype(labels.dtype, np.integer):
         raise UserError(f"--aux-data labels must be a non-empty 1-D array of integer class indices "
                         f"(not one-hot), got {labels.dtype} of shape {labels.shape}")
-    labels = labels.astype(np.int64)
+    labels = labels.astype(np.int64, copy=False)
     if len(labels) != len(images) or labels.min() < 0 or labels.max() >= num_classes:
         raise UserError(f"--aux-data labels must be {len(images)} integers in [0, {num_classes}), got "
                         f"{len(labels)} in [{labels.min()}, {labels.max()}]")

@@ -337,7 +337,7 @@ def steps_per_epoch_of(step):
     if a.aux_data:
         n_lab, n_unl = batch_split(a.batch_size, a.unsup_fraction)
         mixed = (" (half labelled, half extra data)" if n_lab == n_unl else
-                 f" ({n_lab} labelled + {n_unl} extra data each)")
+                 f" ({n_lab} labelled + {n_unl} extra images each)")
     lo, hi = step.cost
     return (f"{n} steps/epoch x {a.epochs} epochs of {a.batch_size} images{mixed}, "
             f"{hours(lo)}-{hours(hi)} GPU-hours")
