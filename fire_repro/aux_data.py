@@ -5,6 +5,7 @@ bundled data sets, written in the published format.
     load_aux_data(args, train_set)  the --aux-data images and labels, checked, as a Dataset
     read_aux_file(path, ...)        (images, labels) of a file: images mapped (MappedArray), labels in memory
     store(src, dst)                 a compressed .npz rewritten uncompressed, streamed
+    join(dst, parts)                the parts of a set (DM-Improves-AT's 20M, 50M) as one .npz, streamed
     generate(dataset, ...)          images from a Gaussian mixture per class of the training split
 
 The formats (docs/generated-data.md):
@@ -21,6 +22,7 @@ a batch draws it. A 20M-image file (61 GB) needs neither 61 GB of memory nor a c
 
 Commands:
     python -m fire_repro.aux_data store 1m_compressed.npz 1m.npz     # compressed -> mappable, streamed
+    python -m fire_repro.aux_data join 20m.npz 20m_part1.npz 20m_part2.npz   # parts -> one file, streamed
     python -m fire_repro.aux_data generate digits data/digits_gmm.npz --seed 0   # generated digits
 """
 import argparse
@@ -202,6 +204,37 @@ def store(src, dst):
         raise UserError(f"cannot read {src!r}: {e}") from None
 
 
+def join(dst, parts):
+    """One .npz in DM-Improves-AT's format (`image`, `label`, uncompressed) of the images and labels
+    of `parts` in order (DM-Improves-AT's 20m_part1.npz, 20m_part2.npz: their 20M set), copied
+    through a 64 MiB buffer: the memory stays small whatever the files' sizes (their merge-data.py
+    loads every part, about twice the joined size). Every part must be mappable (store() first);
+    `dst` is written atomically."""
+    arrays = [read_aux_file(path, flag="join") for path in parts]
+    shapes = {(tuple(images.shape[1:]), images.dtype.str) for images, _ in arrays}
+    if len(shapes) != 1 or any(not isinstance(images, MappedArray) for images, _ in arrays):
+        raise UserError(f"join: the parts must be .npz files of images of one shape and type, got "
+                        f"{sorted(shapes)}")
+    (shape, descr), = shapes
+    total = sum(len(images) for images, _ in arrays)
+    labels = np.concatenate([np.asarray(y).astype(np.int64, copy=False) for _, y in arrays])
+    if len(labels) != total:
+        raise UserError(f"join: {len(labels)} labels for {total} images")
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+            with z.open("image.npy", "w", force_zip64=True) as w:
+                np.lib.format.write_array_header_2_0(w, dict(descr=descr, fortran_order=False, shape=(total, *shape)))
+                for images, _ in arrays:
+                    rows = max(1, (64 << 20) // max(1, images.dtype.itemsize * int(np.prod(shape))))
+                    for start in range(0, len(images), rows):
+                        w.write(np.ascontiguousarray(images.array()[start:start + rows]).tobytes())
+            with z.open("label.npy", "w", force_zip64=True) as w:
+                np.lib.format.write_array(w, labels)
+    write_atomic(dst, write, binary=True)
+    return total
+
+
 # ---- generated images for the bundled data sets ---------------------------------------------------
 def generate(dataset, ratio=20.0, keep=0.2, components=5, dims=40, seed=0, data_dir="data"):
     """Class-conditional generated images of `dataset` (digits, mnist5k), fitted to its training
@@ -255,6 +288,10 @@ def main(argv=None):
     s = sub.add_parser("store", help="rewrite a compressed .npz uncompressed (mappable), streamed")
     s.add_argument("src", help="the compressed .npz (np.savez_compressed)")
     s.add_argument("dst", help="the .npz to write (uncompressed)")
+    j = sub.add_parser("join", help="one .npz of several parts' images and labels (DM-Improves-AT's 20M and "
+                                    "50M sets come in parts), streamed")
+    j.add_argument("dst", help="the .npz to write (image, label; uncompressed)")
+    j.add_argument("parts", nargs="+", help="the parts, in order (each uncompressed: store them first)")
     g = sub.add_parser("generate", help="class-conditional images from a Gaussian mixture per class of the "
                                         "training split, in DM-Improves-AT's format (image, label)")
     g.add_argument("dataset", choices=[k for k, v in DATASETS.items() if v.in_memory],
@@ -273,6 +310,9 @@ def main(argv=None):
     if a.command == "store":
         store(a.src, a.dst)
         print(f"{a.dst}: {os.path.getsize(a.dst):,} bytes, uncompressed")
+        return 0
+    if a.command == "join":
+        print(f"{a.dst}: {join(a.dst, a.parts):,} images of {len(a.parts)} parts")
         return 0
     if not (a.ratio > 0 and 0 < a.keep <= 1 and a.components >= 1 and a.dims >= 1):
         p.error("--ratio must be > 0, --keep in (0, 1], --components and --dims >= 1")

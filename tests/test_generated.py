@@ -100,6 +100,22 @@ def test_a_compressed_file_is_one_line_naming_the_rewrite_and_the_rewrite_maps(t
         assert np.array_equal(raw["image"], images)
 
 
+def test_parts_are_joined_into_one_mappable_file(tmp_path):
+    """python -m fire_repro.aux_data join: DM-Improves-AT's parts (20m_part1.npz, 20m_part2.npz) as one
+    file, the images and labels in order; parts of different shapes are one line."""
+    first, second = published_npz(tmp_path / "p1.npz", n=70, seed=1), published_npz(tmp_path / "p2.npz", n=50, seed=2)
+    r = subprocess.run([PY, "-m", "fire_repro.aux_data", "join", str(tmp_path / "all.npz"), str(tmp_path / "p1.npz"),
+                        str(tmp_path / "p2.npz")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0 and "120 images of 2 parts" in r.stdout, r.stderr
+    images, labels = aux_data.read_aux_file(str(tmp_path / "all.npz"))
+    assert np.array_equal(images.array(), np.concatenate([first[0], second[0]]))
+    assert np.array_equal(labels, np.concatenate([first[1], second[1]]))
+    published_npz(tmp_path / "p3.npz", n=10, shape=(32, 32, 3))
+    with pytest.raises(common.UserError, match="one shape"):
+        aux_data.join(str(tmp_path / "bad.npz"), [str(tmp_path / "p1.npz"), str(tmp_path / "p3.npz")])
+    assert not (tmp_path / "bad.npz").exists()
+
+
 @pytest.mark.parametrize("damage, needle", [
     ("truncated", "cannot read"), ("float", "uint8"), ("cifar-shaped", "uint8 of shape (N, 28, 28, 1)"),
     ("label 10", "integers in [0, 10)"), ("one-hot", "not one-hot"), ("keys", "expected `images`"),
