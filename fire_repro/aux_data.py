@@ -37,8 +37,8 @@ import torch
 from fire_repro.common import ArgumentParser, UserError, check_input_file, cli, write_atomic
 from fire_repro.data import DATASETS, first_images, get_datasets
 
-# The .npz keys of each format: (images, labels) -> its name in messages
-NPZ_KEYS = {("images", "labels"): "this repository's", ("image", "label"): "DM-Improves-AT's"}
+# The .npz keys (images, labels) of this repository's format and of DM-Improves-AT's
+NPZ_KEYS = (("images", "labels"), ("image", "label"))
 
 
 class MappedArray:
@@ -82,7 +82,7 @@ def npz_member(path, zf, name):
         local = f.read(30)  # the member's local header: its name and extra field come next
         if len(local) < 30 or local[:4] != b"PK\x03\x04":
             raise ValueError(f"no local header for {name}")
-        name_len, extra_len = struct.unpack("<HH", local[26:30])  # the local ones: the central directory's extra differs
+        name_len, extra_len = struct.unpack("<HH", local[26:30])  # not the central directory's: they differ
         start = info.header_offset + 30 + name_len + extra_len
         f.seek(start)
         version = np.lib.format.read_magic(f)
