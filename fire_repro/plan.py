@@ -326,8 +326,8 @@ def describe(step, queued, slurm):
 
 
 def steps_per_epoch_of(step):
-    """'196 steps/epoch x 200 epochs of 256 (49,000 labelled + extra ...), 18.5-22.2 GPU-hours' for
-    a priced training; '' for one on the CPU."""
+    """'192 steps/epoch x 200 epochs of 256 images (half labelled, half extra data), 74-89 GPU-hours'
+    (or '(154 labelled + 358 extra images each)') for a priced training; '' for one on the CPU."""
     if step.cost[1] == 0:
         return ""
     folder = step.name
