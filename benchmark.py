@@ -271,7 +271,7 @@ class Bench:
         a = self.args
         # with the training loop's settings of TrainState.step: AWP and the average from the first step, no clipping
         common = dict(eps=a.eps, step_size=a.step_size, attack_steps=k, dtype=a.dtype, clip_grad_norm=None,
-                      awp_warmup=1, ema_start=1, norm=a.norm)
+                      awp_warmup=1, ema_start=1, norm=a.norm, label_smoothing=0.0)
         fire = argparse.Namespace(**common, lam=a.lam, distance="fisher-rao")
         fire_linf = argparse.Namespace(**dict(common, norm="linf", eps=a.linf_eps, step_size=a.linf_step_size),
                                        lam=a.lam, distance="fisher-rao")

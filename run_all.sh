@@ -2,7 +2,7 @@
 # Reproduce the paper's tables and figures: train, evaluate with AutoAttack, summarise.
 #
 #   ./run_all.sh                     # every block, at the paper's scale (GPUs, weeks of GPU time)
-#   ./run_all.sh table1 fig7         # only these blocks: table1 table2 table3 fig6 fig7 fig8 mnist5k modern l2
+#   ./run_all.sh table1 fig7         # only these blocks: table1 table2 table3 fig6 fig7 fig8 mnist5k modern l2 generated
 #   DRY_RUN=1 ./run_all.sh           # the plan: what would be trained and evaluated, GPU-hours
 #   GPUS=0 JOBS=12 SEEDS="0 1 2" ./run_all.sh mnist5k   # real-MNIST stability table, one GPU
 #   SEEDS="0 1" GPUS=0,1 ./run_all.sh table1
@@ -59,6 +59,7 @@ TRAIN_FLAGS="${TRAIN_FLAGS:-}"   # extra flags for every training, e.g. "--dtype
 if [[ $REHEARSAL == 1 ]]; then
     # The full-scale plan on generated stand-in data (docs/reproducing.md#the-rehearsal)
     if [[ -n ${AUX_DATA+set} ]]; then die "AUX_DATA is not used with REHEARSAL=1 (a generated stand-in takes its place): unset it"; fi
+    if [[ -n ${GENERATED_DATA+set} ]]; then die "GENERATED_DATA is not used with REHEARSAL=1 (a generated stand-in takes its place): unset it"; fi
     setting SEEDS "0"; setting SWEEP_SEEDS "0"; setting JOBS 2; setting OUT_DIR runs/rehearsal
     if [[ $(realpath -m "$OUT_DIR") == $(realpath -m runs/paper) ]]; then
         die "REHEARSAL=1 would write its rehearsal into runs/paper, the folder of real runs: choose another OUT_DIR"
@@ -72,6 +73,7 @@ else
     setting OUT_DIR runs/paper
     setting DATA_DIR data         # MNIST / CIFAR (torchvision layout); not part of a run's identity
     setting AUX_DATA "$DATA_DIR/ti_500K_pseudo_labeled.npz"  # Carmon et al.'s 500K, as .npz
+    setting GENERATED_DATA "$DATA_DIR/1m.npz"  # Wang et al.'s 1M generated images (DM-Improves-AT's cifar10/1m.npz)
     setting DATASETS "mnist cifar10 cifar100"
     setting NPROC 1               # >1: torchrun with NPROC processes (DDP); 1: DataParallel
     [[ $DATASETS =~ ^[[:space:]]*[a-z0-9]+([[:space:]]+[a-z0-9]+)*[[:space:]]*$ ]] ||
@@ -104,8 +106,8 @@ BLOCKS=("$@")
 (( ${#BLOCKS[@]} )) || BLOCKS=(table1 table2 table3 fig6 fig7 fig8 mnist5k)
 for b in "${BLOCKS[@]}"; do
     case $b in
-        table1|table2|table3|fig6|fig7|fig8|mnist5k|modern|l2) ;;
-        *) die "unknown block '$b' (table1 table2 table3 fig6 fig7 fig8 mnist5k modern l2)" ;;
+        table1|table2|table3|fig6|fig7|fig8|mnist5k|modern|l2|generated) ;;
+        *) die "unknown block '$b' (table1 table2 table3 fig6 fig7 fig8 mnist5k modern l2 generated)" ;;
     esac
 done
 
@@ -120,6 +122,7 @@ LAMS_FIG7="1 2 4 6 8 10 12 16 20 24"       # Fig. 7: FIRE's lambda on CIFAR-10
 LAMS_FIG8="0 1 2 4 6 8 12 16 24 32 50"     # Fig. 8 (Appendix A): lambda in [0, 50] (0: natural training)
 BETAS_FIG8="0 1 2 4 6 8 12 16 24 32 50"
 FIG8_LR="0.01"                             # Appendix A: lr 0.01, /10 at 75, 90, 100
+LAMS_GENERATED="6 24"                      # generated: FIRE's lambda besides 12, on SWEEP_SEEDS
 TRAIN_COMMON=(--data-dir "$DATA_DIR")
 EVAL_COMMON=(--data-dir "$DATA_DIR" --batch-size 500)
 GAUSSIAN_FLAGS=()
@@ -141,6 +144,8 @@ if [[ $REHEARSAL == 1 ]]; then
     GAUSSIAN_FLAGS=(--quick)
     AUX_DATA="$OUT_DIR/rehearsal_aux.npz"
     REHEARSAL_AUX_PY='import sys; from fire_repro import data; data.write_rehearsal_aux(sys.argv[1], sys.argv[2])'
+    GENERATED_DATA="$OUT_DIR/rehearsal_generated.npz"  # in DM-Improves-AT's format (image, label)
+    REHEARSAL_GEN_PY='import sys; from fire_repro import data; data.write_rehearsal_aux(sys.argv[1], sys.argv[2], published=True)'
 fi
 IMAGENET32="$DATA_DIR/imagenet32"  # where train_*.py --dataset imagenet32 read it
 EVAL_EXTRA=()  # a block's own evaluation flags (mnist5k: --pgd20)
@@ -371,6 +376,37 @@ l2() {
         madry "$FIG_DATASET" "$s" --norm l2; runs+=("$RUN")
     done
     report l2 "The L2 threat model: FIRE, TRADES and Madry at 0.5" "${runs[@]}"
+}
+
+# generated: FIRE in the leaderboard's regime, Wang et al. (2023)'s recipe with 1M generated images
+# (DM-Improves-AT's cifar10/1m.npz at GENERATED_DATA; docs/generated-data.md): TRADES beta 5 (theirs)
+# and FIRE lam 12 for every seed, FIRE lam LAMS_GENERATED for every sweep seed, on CIFAR-10 with
+# WRN-28-10: batch 512 of which 70% generated, 400 epochs of ceil(50,000 / 512) = 98 steps (their
+# sampler's epoch), lr 0.2 on their one-cycle schedule, label smoothing 0.1, weight averaging 0.995
+# from epoch 11 (their 2.5% warm-up), PGD-10 of 2/255 at 8/255; AutoAttack at 8/255 on the 10,000
+# test images, next to Wang et al.'s and Bartoldson et al.'s rows, quoted. Skipped without
+# GENERATED_DATA. Not in the default blocks: ./run_all.sh generated.
+generated() {
+    local s lam runs=() QUOTED=generated average=(--ema 0.995 --ema-start 11)
+    if [[ $REHEARSAL == 1 ]]; then  # the epochs shrink to TRAIN_COMMON's 2: the average starts with them
+        average=(--ema 0.995 --ema-start 1)
+        emit prepare "$GENERATED_DATA" "$PY" -c "$REHEARSAL_GEN_PY" "$GENERATED_DATA" "$AUX_DATASET"
+    fi
+    if [[ ! -f $GENERATED_DATA && $REHEARSAL == 0 ]]; then
+        echo "  SKIP generated: $GENERATED_DATA not found (set GENERATED_DATA to DM-Improves-AT's cifar10/1m.npz; docs/generated-data.md)"
+        return 0
+    fi
+    local recipe=(--model wrn-28-10 --batch-size 512 --epochs 400 --lr 0.2 --schedule onecycle
+                  --unsup-fraction 0.7 --aux-epoch full --label-smoothing 0.1 "${average[@]}"
+                  --eps 0.03137254901960784 --step-size 0.00784313725490196 --attack-steps 10)
+    for s in $SEEDS; do
+        trades "$AUX_DATASET" "$s" 5 --aux-data "$GENERATED_DATA" "${recipe[@]}"; runs+=("$RUN")
+        fire "$AUX_DATASET" "$s" 12 --aux-data "$GENERATED_DATA" "${recipe[@]}"; runs+=("$RUN")
+    done
+    for lam in $LAMS_GENERATED; do
+        for s in $SWEEP_SEEDS; do fire "$AUX_DATASET" "$s" "$lam" --aux-data "$GENERATED_DATA" "${recipe[@]}"; runs+=("$RUN"); done
+    done
+    report generated "FIRE and TRADES on 1M generated images (Wang et al. 2023's recipe)" "${runs[@]}"
 }
 
 # ---- main ----------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The losses, distances and attacks: the paper's theorems checked numerically (Eq. 15, Theorems
-1-4, Proposition 1), the FIRE, TRADES, MART, Madry and Hellinger losses, and the PGD attacks' invariants."""
+1-4, Proposition 1), the FIRE, TRADES, MART, Madry and Hellinger losses (and label smoothing on each
+method's cross-entropy), and the PGD attacks' invariants."""
 import math
 
 import pytest
@@ -237,6 +238,57 @@ def test_self_adaptive_targets_and_ce():
 def test_madry_loss_is_adversarial_ce():
     b, y = random_logits(6, 4, 2.0, 34), torch.tensor([0, 1, 2, 3, 0, 1])
     assert torch.allclose(train_trades.madry_loss(b, y), F.cross_entropy(b, y))
+
+
+def smoothed_ce(logits, y, ls):
+    """Wang et al. (2023)'s SmoothCrossEntropyLoss written out: (1 - ls)(-log p_y) + ls mean_k(-log p_k)."""
+    log_p = F.log_softmax(logits, 1)
+    return ((1 - ls) * -log_p[torch.arange(len(y)), y] - ls * log_p.mean(1)).mean()
+
+
+def every_loss(a, b, y, soft):
+    """{name: loss(label_smoothing)} for every method's loss, on natural logits a and adversarial b."""
+    return {"fire": lambda ls: fire_loss(a, b, y, 12.0, label_smoothing=ls),
+            "hellinger": lambda ls: fire_loss(a, b, y, 3.0, hellinger_sq, ls),
+            "trades": lambda ls: trades_loss(a, b, y, 6.0, ls),
+            "self-adaptive": lambda ls: trades_loss(a, b, soft, 6.0, ls),
+            "madry": lambda ls: train_trades.madry_loss(b, y, ls),
+            "mart": lambda ls: mart_loss(a, b, y, 5.0, ls)}
+
+
+def test_label_smoothing_zero_changes_no_loss():
+    """--label-smoothing 0 (the default) gives every method's loss bit for bit as without the flag."""
+    a, b, y = random_logits(seed=40).float(), random_logits(seed=41).float(), torch.arange(64) % 10
+    soft = 0.8 * F.one_hot(y, 10).float() + 0.2 * F.softmax(random_logits(seed=42).float(), 1)
+    plain = {"fire": fire_loss(a, b, y, 12.0), "hellinger": fire_loss(a, b, y, 3.0, hellinger_sq),
+             "trades": trades_loss(a, b, y, 6.0), "self-adaptive": trades_loss(a, b, soft, 6.0),
+             "madry": train_trades.madry_loss(b, y), "mart": mart_loss(a, b, y, 5.0)}
+    for name, loss in every_loss(a, b, y, soft).items():
+        assert torch.equal(loss(0.0), plain[name]), name
+
+
+@pytest.mark.parametrize("ls", [0.1, 0.4])
+def test_label_smoothing_changes_each_methods_ce_as_the_formula_says(ls):
+    """--label-smoothing ls replaces each method's cross-entropy by the CE against (1 - ls) one-hot + ls / M
+    and leaves the rest of its loss alone: FIRE, Hellinger and TRADES smooth the CE of the natural
+    logits (not their regulariser), Madry its CE of x', MART the -log q'(y) of its boosted CE (not the
+    margin term or the KL's weight 1 - q(y|x)); self-adaptive soft targets t are smoothed to
+    (1 - ls) t + ls / M, weighted by max_j t_j as before."""
+    a, b, y = random_logits(seed=43), random_logits(seed=44), torch.arange(64) % 10
+    soft = 0.8 * F.one_hot(y, 10).double() + 0.2 * F.softmax(random_logits(seed=45), 1)
+    natural = smoothed_ce(a, y, ls) - F.cross_entropy(a, y)       # what smoothing adds to a natural CE
+    adversarial = smoothed_ce(b, y, ls) - F.cross_entropy(b, y)   # ... to a CE of x'
+    w = soft.max(1).values
+    soft_ce = lambda t: (w * -(t * F.log_softmax(a, 1)).sum(1)).sum() / w.sum()  # noqa: E731
+    added = {"fire": natural, "hellinger": natural, "trades": natural, "madry": adversarial,
+             "mart": adversarial, "self-adaptive": soft_ce((1 - ls) * soft + ls / 10) - soft_ce(soft)}
+    for name, loss in every_loss(a, b, y, soft).items():
+        assert torch.allclose(loss(ls) - loss(0.0), added[name], rtol=0, atol=1e-12), name
+        assert added[name].abs() > 1e-3, name  # and the change is not nothing
+    assert torch.allclose(train_trades.madry_loss(b, y, ls), smoothed_ce(b, y, ls), rtol=0, atol=1e-12)
+    # one-hot soft targets are the labels: the smoothed soft CE is the smoothed label CE
+    assert torch.allclose(training.natural_ce(a, F.one_hot(y, 10).double(), ls), smoothed_ce(a, y, ls),
+                          rtol=0, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -77,13 +77,14 @@ REGULARISERS = {
 }
 
 
-def fire_loss(logits_nat, logits_adv, targets, lam, regulariser=fisher_rao_sq):
+def fire_loss(logits_nat, logits_adv, targets, lam, regulariser=fisher_rao_sq, label_smoothing=0.0):
     """FIRE risk, Eq. 7: CE on the natural logits + lam * mean d^2(q_nat, q_adv).
 
     `targets` are labels (B,), or soft targets (B, M) for self-adaptive training (see
-    training.natural_ce). With regulariser=hellinger_sq it is the Hellinger risk of Eq. 48.
+    training.natural_ce, which also smooths the labels of the CE with --label-smoothing; the
+    regulariser is not smoothed). With regulariser=hellinger_sq it is the Hellinger risk of Eq. 48.
     """
-    return natural_ce(logits_nat, targets) + lam * regulariser(logits_nat, logits_adv).mean()
+    return natural_ce(logits_nat, targets, label_smoothing) + lam * regulariser(logits_nat, logits_adv).mean()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,7 +123,7 @@ def train_step(args, model, attack_model, x, y, idx, soft_targets=None, x_adv=No
     logits_nat, logits_adv = model(x), model(x_adv)
     # Self-adaptive training (Huang et al. 2020) replaces the labels by soft targets; same loss.
     targets = y if soft_targets is None else soft_targets.update(idx, logits_nat)
-    return fire_loss(logits_nat, logits_adv, targets, args.lam, regulariser), logits_nat, x_adv
+    return fire_loss(logits_nat, logits_adv, targets, args.lam, regulariser, args.label_smoothing), logits_nat, x_adv
 
 
 def main(argv=None):

@@ -45,28 +45,32 @@ def kl_per_sample(logits_p, logits_q):
     return (log_p.exp() * (log_p - log_q)).sum(dim=1)
 
 
-def trades_loss(logits_nat, logits_adv, targets, beta):
+def trades_loss(logits_nat, logits_adv, targets, beta, label_smoothing=0.0):
     """TRADES: CE on the natural logits + beta * KL(q_nat || q_adv) averaged over the batch.
 
     `targets` are labels (B,), or soft targets (B, M) for self-adaptive training (Huang et al.'s
-    TRADES-based version; see training.natural_ce)."""
-    return natural_ce(logits_nat, targets) + beta * kl_per_sample(logits_nat, logits_adv).mean()
+    TRADES-based version; see training.natural_ce). --label-smoothing smooths the CE's labels, not
+    the KL (Wang et al. 2023's TRADES)."""
+    return natural_ce(logits_nat, targets, label_smoothing) + beta * kl_per_sample(logits_nat, logits_adv).mean()
 
 
-def madry_loss(logits_adv, y):
-    """Adversarial cross-entropy, Eq. 4."""
-    return F.cross_entropy(upcast_half(logits_adv), y)
+def madry_loss(logits_adv, y, label_smoothing=0.0):
+    """Adversarial cross-entropy, Eq. 4 (with --label-smoothing, against the smoothed labels)."""
+    return F.cross_entropy(upcast_half(logits_adv), y, label_smoothing=label_smoothing)
 
 
-def mart_loss(logits_nat, logits_adv, y, beta):
+def mart_loss(logits_nat, logits_adv, y, beta, label_smoothing=0.0):
     """MART: boosted CE on x' + beta * mean of KL(q_nat || q_adv) weighted by 1 - q_nat(y).
 
     Boosted CE = -log q'(y) - log(1 - max_{j != y} q'(j)) (the margin term pushes down the most
     likely wrong class). Probabilities come from log-softmax, so no 1e-12 fudge is needed.
+    --label-smoothing smooths the labels of its CE term, -log q'(y), and leaves the margin term and
+    the weight 1 - q_nat(y), which name the true class, as they are.
     """
     log_q_adv = F.log_softmax(upcast_half(logits_adv), dim=1)
     wrong = log_q_adv.scatter(1, y[:, None], float("-inf")).max(dim=1).values
-    boosted_ce = F.nll_loss(log_q_adv, y) - torch.log1p(-wrong.exp()).mean()
+    ce = F.cross_entropy(upcast_half(logits_adv), y, label_smoothing=label_smoothing)
+    boosted_ce = ce - torch.log1p(-wrong.exp()).mean()
     q_nat_y = F.softmax(upcast_half(logits_nat), dim=1).gather(1, y[:, None]).squeeze(1)
     return boosted_ce + beta * (kl_per_sample(logits_nat, logits_adv) * (1 - q_nat_y)).mean()
 
@@ -107,7 +111,7 @@ def trades_step(args, model, attack_model, x, y, idx, soft_targets=None, x_adv=N
     logits_nat, logits_adv = model(x), model(x_adv)
     # Self-adaptive training (Huang et al. 2020) replaces the labels by soft targets; same loss.
     targets = y if soft_targets is None else soft_targets.update(idx, logits_nat)
-    return trades_loss(logits_nat, logits_adv, targets, args.beta), logits_nat, x_adv
+    return trades_loss(logits_nat, logits_adv, targets, args.beta, args.label_smoothing), logits_nat, x_adv
 
 
 def madry_step(args, model, attack_model, x, y, idx, soft_targets=None, x_adv=None):
@@ -117,7 +121,7 @@ def madry_step(args, model, attack_model, x, y, idx, soft_targets=None, x_adv=No
         x_adv = attack_pgd_ce(attack_model, x, y, args.eps, args.step_size, args.attack_steps, norm=args.norm)
     model.train()
     logits_adv = model(x_adv)
-    return madry_loss(logits_adv, y), logits_adv, x_adv
+    return madry_loss(logits_adv, y, args.label_smoothing), logits_adv, x_adv
 
 
 def mart_step(args, model, attack_model, x, y, idx, soft_targets=None, x_adv=None):
@@ -128,7 +132,7 @@ def mart_step(args, model, attack_model, x, y, idx, soft_targets=None, x_adv=Non
                               start="normal", norm=args.norm)
     model.train()
     logits_nat, logits_adv = model(x), model(x_adv)
-    return mart_loss(logits_nat, logits_adv, y, args.beta), logits_nat, x_adv
+    return mart_loss(logits_nat, logits_adv, y, args.beta, args.label_smoothing), logits_nat, x_adv
 
 
 # --loss: the method each objective's runs are (config.Method: run folder, table rows' title and order,

@@ -69,6 +69,7 @@ TRAIN_RANGES = {
     "sa_start": Range(1, 10_000), "clip_grad_norm": Range(0, 1e6, low_open=True),
     "awp_gamma": Range(0, 1, high_open=True), "awp_warmup": Range(1, 10_000),
     "ema": Range(0, 1, low_open=True, high_open=True), "ema_start": Range(1, 10_000),
+    "label_smoothing": Range(0, 1, high_open=True),
 }
 # --norm l2: an L2 radius and step may exceed 1 (MNIST's radius is 2.0; the [0, 1] box's diagonal
 # is sqrt(pixels), 55 for CIFAR)
@@ -78,7 +79,7 @@ L2_RANGES = {"eps": Range(0, 100), "step_size": Range(0, 100, low_open=True)}
 # Defaults of the settings that only matter when another setting is on (INERT_UNLESS); run_identity
 # puts an inert one back to its default, so the flags and the identity read them from here.
 DEFAULTS = {"awp_warmup": 10, "ema_start": 1, "sa_alpha": 0.9, "sa_start": 70, "unsup_fraction": 0.5,
-            "lr_milestones": [0.75, 0.9]}
+            "lr_milestones": [0.75, 0.9], "aux_epoch": "train"}
 
 
 def allowed(name):
@@ -103,8 +104,11 @@ def base_parser(description):
     p.add_argument("--lr", type=float, default=None, help=f"initial learning rate, {allowed('lr')} (default: preset)")
     p.add_argument("--momentum", type=float, default=0.9, help=f"SGD momentum (Nesterov), {allowed('momentum')}")
     p.add_argument("--weight-decay", type=float, default=5e-4, help=f"SGD weight decay, {allowed('weight_decay')}")
-    p.add_argument("--schedule", type=str, default=None, choices=["step", "cosine"],
-                   help="lr schedule: step = /10 at each milestone, cosine = cosine decay to 0")
+    p.add_argument("--schedule", type=str, default=None, choices=["step", "cosine", "onecycle"],
+                   help="lr schedule, stepped once per epoch: step = /10 at each milestone, cosine = cosine "
+                        "decay to 0, onecycle = PyTorch's OneCycleLR as Wang et al. (2023) train (their "
+                        "cosinew): a half cosine from lr/25 up to lr over the first 2.5%% of the epochs, "
+                        "then down to lr/25e4")
     p.add_argument("--lr-milestones", type=float, nargs="+", default=list(DEFAULTS["lr_milestones"]),
                    help=f"step schedule milestones as fractions of --epochs, each {allowed('lr_milestones')} "
                         f"(0.75 0.9 = epochs 75, 90 of 100)")
@@ -124,11 +128,21 @@ def base_parser(description):
                    help=f"steps of the CE PGD used for validation/test (step 2.5 * eps / steps), "
                         f"{allowed('eval_steps')} (default: preset)")
     p.add_argument("--aux-data", type=str, default=None,
-                   help=".npz with `images` (N, H, W, C) uint8 and `labels` (N,): extra pseudo-labelled "
-                        "images mixed into every batch (Carmon et al.'s 500K; with cifar10 the preset "
-                        "becomes WRN-28-10, cosine, 200 epochs)")
+                   help="extra labelled images mixed into every batch: an uncompressed .npz (np.savez) with "
+                        "`images` (N, H, W, C) uint8 and `labels` (N,), or DM-Improves-AT's generated data "
+                        "(`image`, `label`: Wang et al. 2023's 1m.npz ... 50m_part*.npz), memory-mapped, "
+                        "never read whole; or Carmon et al.'s 500K pickle (--trust-pickle). With cifar10 the "
+                        "preset becomes WRN-28-10, cosine, 200 epochs (docs/generated-data.md)")
     p.add_argument("--unsup-fraction", type=float, default=DEFAULTS["unsup_fraction"],
-                   help=f"share of each batch drawn from --aux-data, {allowed('unsup_fraction')}")
+                   help=f"share of each batch drawn from --aux-data, {allowed('unsup_fraction')} "
+                        f"(Carmon et al.: 0.5; Wang et al.: 0.7)")
+    p.add_argument("--aux-epoch", type=str, default=DEFAULTS["aux_epoch"], choices=["train", "full"],
+                   help="with --aux-data, one epoch is ceil(N / batch size) batches of mixed images: N = the "
+                        "training images after the validation split (train), or the whole training set "
+                        "before it (full: Carmon et al.'s and Wang et al.'s code, 50,000 for CIFAR-10)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, metavar="LS",
+                   help=f"smooth the labels of every method's cross-entropy term, {allowed('label_smoothing')}: "
+                        "CE against (1 - LS) one-hot + LS / classes (Wang et al. 2023: 0.1). 0 = off")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow --aux-data in the public pickle format (unpickling runs code: "
                         "only for files you trust; prefer converting to .npz)")
@@ -290,9 +304,11 @@ NOT_IDENTITY = frozenset({"out_dir", "resume", "overwrite", "data_dir", "device"
                           "log_every", "compile", "channels_last", "trust_pickle", "stop_on_collapse",
                           "print_identity", "planned", "init_from_sha256", "pretrain_time_s"})
 # and every args.method_* field but `method` itself: what the method is called and shown as
-# Settings left out of the identity at these values, the paper's threat model and real data: an
-# identity names --norm and --rehearsal only when a run uses another threat model or stand-in data.
-DEFAULT_IDENTITY = {"norm": "linf", "rehearsal": False}
+# Settings left out of the identity at these values, the paper's threat model, real data, no label
+# smoothing and the extra data's epoch as it was always counted: an identity names --norm, --rehearsal,
+# --label-smoothing and --aux-epoch only when a run uses another value (so the runs without them keep
+# their folders).
+DEFAULT_IDENTITY = {"norm": "linf", "rehearsal": False, "label_smoothing": 0.0, "aux_epoch": "train"}
 IDENTITY_PATHS = ("aux_data", "init_from")  # compared as normalised paths: ./x and x are one file
 
 
@@ -305,7 +321,8 @@ INERT_UNLESS = [
     ("sa_alpha", "--self-adaptive", lambda a: bool(a.get("self_adaptive"))),
     ("sa_start", "--self-adaptive", lambda a: bool(a.get("self_adaptive"))),
     ("unsup_fraction", "--aux-data", lambda a: bool(a.get("aux_data"))),
-    ("lr_milestones", "--schedule step", lambda a: a.get("schedule") != "cosine"),
+    ("aux_epoch", "--aux-data", lambda a: bool(a.get("aux_data"))),
+    ("lr_milestones", "--schedule step", lambda a: a.get("schedule") not in ("cosine", "onecycle")),
 ]
 
 
@@ -319,11 +336,10 @@ def inert_settings(saved):
 def run_identity(saved):
     """The settings that define what a run computes: its arguments (a dict) minus NOT_IDENTITY
     and minus the DEFAULT_IDENTITY values, with each inert setting (INERT_UNLESS) at its default."""
-    identity = {k: v for k, v in sorted(saved.items())
-                if k not in NOT_IDENTITY and not k.startswith("method_")
-                and not (k in DEFAULT_IDENTITY and v == DEFAULT_IDENTITY[k])}
+    identity = {k: v for k, v in sorted(saved.items()) if k not in NOT_IDENTITY and not k.startswith("method_")}
     for key, _ in inert_settings(identity):
         identity[key] = DEFAULTS[key]
+    identity = {k: v for k, v in identity.items() if not (k in DEFAULT_IDENTITY and v == DEFAULT_IDENTITY[k])}
     for key in IDENTITY_PATHS:
         if isinstance(identity.get(key), str):
             identity[key] = os.path.normpath(identity[key])

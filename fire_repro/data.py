@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from fire_repro.common import UserError, check_input_file, write_atomic
+from fire_repro.common import UserError, write_atomic
 from fire_repro.parallel import rank_and_world
 
 # The fixed seed of every split (test images of the bundled sets, the validation images), so every
@@ -186,87 +186,44 @@ def _torchvision_split(cls, root, train):
         return cls(root, train=train, download=True)
 
 
-class AuxData(torch.utils.data.Dataset):
-    """Extra pseudo-labelled images (uint8, N x H x W x C) with the training set's augmentation."""
-
-    def __init__(self, images, labels, transform):
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        img = self.images[i]
-        if self.transform is not None:  # torchvision pipelines start from PIL images
-            from PIL import Image
-            x = self.transform(Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img))
-        else:
-            x = torch.from_numpy(img).permute(2, 0, 1).float() / 255
-        return x, int(self.labels[i]), -1
-
-
-def load_aux_data(args, train_set):
-    """Read --aux-data safely (.npz without pickles; the public pickle only with --trust-pickle)."""
-    path = args.aux_data
-    num_classes = DATASETS[args.dataset].classes
-    check_input_file(path, "--aux-data")
-    try:
-        if path.endswith((".pickle", ".pkl")):
-            if not args.trust_pickle:
-                raise UserError(f"refusing to unpickle {path!r} (unpickling runs code): convert it "
-                                f"to .npz (see README) or pass --trust-pickle if you trust the file")
-            import pickle
-            with open(path, "rb") as f:
-                raw = pickle.load(f)
-            images, labels = raw["data"], raw["extrapolated_targets"]
-        else:
-            with open(path, "rb") as f:
-                magic = f.read(6)
-            if not magic.startswith(b"PK") and magic != b"\x93NUMPY":
-                raise UserError(f"--aux-data {path!r} is not an .npz file (no zip header)")
-            with np.load(path, allow_pickle=False) as raw:
-                images, labels = raw["images"], raw["labels"]
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001  (bad zip, missing key, object arrays, ...)
-        raise UserError(f"cannot read --aux-data {path!r}: {type(e).__name__}: {str(e)[:150]}") from None
-    images, labels = np.asarray(images), np.asarray(labels)
-    if images.ndim == 3:
-        images = images[..., None]
-    shape = tuple(train_set[0][0].shape)  # (C, H, W) of the training images
-    if images.dtype != np.uint8 or images.shape[1:] != (shape[1], shape[2], shape[0]):
-        raise UserError(f"--aux-data images must be uint8 of shape (N, {shape[1]}, {shape[2]}, "
-                        f"{shape[0]}) for {args.dataset}, got {images.dtype} {images.shape}")
-    if labels.ndim != 1 or len(labels) == 0 or not np.issubdtype(labels.dtype, np.integer):
-        raise UserError(f"--aux-data labels must be a non-empty 1-D array of integer class indices "
-                        f"(not one-hot), got {labels.dtype} of shape {labels.shape}")
-    labels = labels.astype(np.int64)
-    if len(labels) != len(images) or labels.min() < 0 or labels.max() >= num_classes:
-        raise UserError(f"--aux-data labels must be {len(images)} integers in [0, {num_classes})")
-    return AuxData(images, labels, train_set.transform)
-
-
 def steps_per_epoch(n_train, batch_size):
-    """Batches in one training epoch: as many images as the (labelled) training set, with or
-    without --aux-data. With it, each batch is half labelled, half extra: Carmon et al. count an
-    epoch as 50,000 data points (ceil(50000 / batch_size) batches), not one pass over the labels."""
+    """Batches in one training epoch of n_train images: ceil(n_train / batch_size). With
+    --aux-data (epoch_steps) n_train counts the mixed batches' images, not one pass over the labelled
+    ones: Carmon et al. and Wang et al. count an epoch as 50,000 data points."""
     return math.ceil(n_train / batch_size)
 
 
-class MixedBatches(torch.utils.data.Sampler):
-    """Batches of indices into ConcatDataset([train, aux]), steps_per_epoch of them: a share
-    `fraction` of every batch is drawn at random from the aux set, the rest from the training set
-    in a random order that carries over from one epoch to the next (Carmon et al.).
-    Under torchrun every rank builds the same batches and keeps its slice of each."""
+def epoch_steps(n_train, args):
+    """Batches in one epoch of a run (args: batch_size, val_size, aux_data, aux_epoch) whose training
+    split holds n_train images: ceil(n_train / batch), or with --aux-data --aux-epoch full
+    ceil((n_train + val_size) / batch), the whole training set before the validation split, as
+    Carmon et al.'s and Wang et al.'s samplers count (ceil(50,000 / 512) = 98 on CIFAR-10)."""
+    whole = bool(getattr(args, "aux_data", None)) and getattr(args, "aux_epoch", "train") == "full"
+    return steps_per_epoch(n_train + (args.val_size if whole else 0), args.batch_size)
 
-    def __init__(self, n_train, n_aux, batch_size, fraction, generator):
+
+def batch_split(batch_size, fraction):
+    """(labelled, extra) images of a batch of which `fraction` are extra data (--unsup-fraction),
+    at least one labelled: 154 + 358 at 512 and 0.7, Wang et al.'s split."""
+    n_lab = max(1, round(batch_size * (1 - fraction)))
+    return n_lab, batch_size - n_lab
+
+
+class MixedBatches(torch.utils.data.Sampler):
+    """Batches of indices into ConcatDataset([train, aux]), `steps` of them (epoch_steps): a share
+    `fraction` of every batch (batch_split) drawn at random, with replacement, from the aux set, the
+    rest from the training set without replacement, in a new random order every epoch (Carmon et
+    al.'s and Wang et al.'s samplers). Under torchrun every rank builds the same batches and keeps its
+    slice of each."""
+
+    def __init__(self, n_train, n_aux, batch_size, fraction, generator, steps=None):
         self.n_train, self.n_aux, self.batch_size, self.gen = n_train, n_aux, batch_size, generator
-        self.n_lab = max(1, round(batch_size * (1 - fraction)))
-        self.n_unl = batch_size - self.n_lab
+        self.n_lab, self.n_unl = batch_split(batch_size, fraction)
+        self.steps = steps_per_epoch(n_train, batch_size) if steps is None else steps
         self.rank, self.world = rank_and_world()
 
     def __len__(self):
-        return steps_per_epoch(self.n_train, self.batch_size)
+        return self.steps
 
     def __iter__(self):
         # enough shuffled passes over the labelled images for this epoch's batches
@@ -283,8 +240,9 @@ def train_loader(dataset, args, epoch, device):
     gen = torch.Generator().manual_seed(args.seed * 100003 + epoch)
     workers = 0 if DATASETS[args.dataset].in_memory else args.workers
     if isinstance(dataset, torch.utils.data.ConcatDataset):  # training set + --aux-data
-        batches = MixedBatches(len(dataset.datasets[0]), len(dataset.datasets[1]), args.batch_size,
-                               args.unsup_fraction, gen)
+        n_train = len(dataset.datasets[0])
+        batches = MixedBatches(n_train, len(dataset.datasets[1]), args.batch_size, args.unsup_fraction, gen,
+                               epoch_steps(n_train, args))
         return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                                            pin_memory=device.type == "cuda")
     batch_size = args.batch_size
@@ -463,10 +421,13 @@ def rehearsal_images(name, n, seed):
     return np.clip(level + noise, 0, 255).astype(np.uint8), labels
 
 
-def write_rehearsal_aux(path, name, n=256):
-    """A stand-in for --aux-data (Carmon et al.'s 500K images) in its .npz layout, for data set `name`."""
+def write_rehearsal_aux(path, name, n=256, published=False):
+    """A stand-in for --aux-data, for data set `name`: Carmon et al.'s 500K images in this repository's
+    .npz layout (`images`, `labels`), or with `published` Wang et al.'s generated images in
+    DM-Improves-AT's (`image`, `label` int64; np.savez, as their files)."""
     images, labels = rehearsal_images(name, n, seed=2)
-    write_atomic(path, lambda f: np.savez(f, images=images, labels=labels), binary=True)
+    keys = ("image", "label") if published else ("images", "labels")
+    write_atomic(path, lambda f: np.savez(f, **dict(zip(keys, (images, labels.astype(np.int64))))), binary=True)
 
 
 def load_rehearsal(args):

@@ -48,7 +48,7 @@ from fire_repro import results
 from fire_repro.autoattack import threat_model
 from fire_repro.common import UserError, cli, eps_text, lock_folder, sha256_file
 from fire_repro.config import identity_hash
-from fire_repro.data import DATASETS, REHEARSAL_NOTE, steps_per_epoch, test_size
+from fire_repro.data import DATASETS, REHEARSAL_NOTE, batch_split, epoch_steps, steps_per_epoch, test_size
 from fire_repro.launchers import Local, Slurm, check_slurm, env
 from fire_repro.run_folder import finished_run
 
@@ -90,13 +90,19 @@ def hours_per_image(model):
     return tuple(h / passes for h in hours)
 
 
+def run_epoch_steps(args):
+    """Batches in one epoch of the training `args` at full scale (data.epoch_steps of the data set's
+    training split)."""
+    return epoch_steps(DATASETS[args.dataset].train_size - args.val_size, args)
+
+
 def cost_of(args):
     """(low, high) V100 GPU-hours of a training; (0, 0) on the CPU, for a rehearsal, or for a
     network the paper timed no run of."""
     per = hours_per_image(args.model)
     if args.device == "cpu" or args.rehearsal or per is None:
         return 0.0, 0.0
-    passes = images_per_epoch(args.dataset, args.batch_size) * args.epochs * (args.attack_steps + 1)
+    passes = run_epoch_steps(args) * args.batch_size * args.epochs * (args.attack_steps + 1)
     return tuple(GPUS_PER_RUN * p * passes for p in per)
 
 
@@ -320,16 +326,20 @@ def describe(step, queued, slurm):
 
 
 def steps_per_epoch_of(step):
-    """'196 steps/epoch x 200 epochs of 256 (49,000 labelled + extra ...), 18.5-22.2 GPU-hours' for
-    a priced training; '' for one on the CPU."""
+    """'192 steps/epoch x 200 epochs of 256 images (half labelled, half extra data), 74-89 GPU-hours'
+    (or '(154 labelled + 358 extra images each)') for a priced training; '' for one on the CPU."""
     if step.cost[1] == 0:
         return ""
     folder = step.name
     a = PLAN_ARGS[folder]
-    n = steps_per_epoch(DATASETS[a.dataset].train_images, a.batch_size)
-    half = " (half labelled, half extra data)" if a.aux_data else ""
+    n = run_epoch_steps(a)
+    mixed = ""
+    if a.aux_data:
+        n_lab, n_unl = batch_split(a.batch_size, a.unsup_fraction)
+        mixed = (" (half labelled, half extra data)" if n_lab == n_unl else
+                 f" ({n_lab} labelled + {n_unl} extra images each)")
     lo, hi = step.cost
-    return (f"{n} steps/epoch x {a.epochs} epochs of {a.batch_size} images{half}, "
+    return (f"{n} steps/epoch x {a.epochs} epochs of {a.batch_size} images{mixed}, "
             f"{hours(lo)}-{hours(hi)} GPU-hours")
 
 

@@ -31,7 +31,7 @@ from fire_repro.results import RESULT_FORMAT, read_per_image, result_problem
 
 N_BOOTSTRAP = 10_000
 # Rows quoted without training them: those the paper quotes from other papers (Table 2), as printed
-# there, and the RobustBench entries the `modern` block compares with (source: robustbench.github.io).
+# there, and the published rows the `modern`, `l2` and `generated` blocks compare with (robustbench.github.io).
 QUOTED = {"table2": [
     dict(defense="Atzmon et al.", dataset="mnist", model="cnn", eps=0.3, aux_data=False,
          natural=0.9935, autoattack=0.9085, avg_acc=0.9510),
@@ -51,6 +51,16 @@ QUOTED = {"table2": [
          eps=0.5, aux_data=False, natural=0.9083, autoattack=0.6924, avg_acc=0.80035, source="RobustBench"),
     dict(defense="Overfitting, Rice et al. 2020", dataset="cifar10", model="preactresnet-18", norm="l2", eps=0.5,
          aux_data=False, natural=0.8867, autoattack=0.6768, avg_acc=0.78175, source="RobustBench"),
+], "generated": [  # TRADES on diffusion-generated images: Wang et al. (2023)'s 1M row (their paper and
+    # DM-Improves-AT's README; not on RobustBench), and RobustBench's CIFAR-10 Linf 8/255 entries
+    dict(defense="Wang et al. 2023, 1M generated images", dataset="cifar10", model="wrn-28-10", eps=8 / 255,
+         aux_data=True, natural=0.9112, autoattack=0.6335, avg_acc=0.77235, source="Wang et al. 2023"),
+    dict(defense="Wang et al. 2023, 20M generated images", dataset="cifar10", model="wrn-28-10", eps=8 / 255,
+         aux_data=True, natural=0.9244, autoattack=0.6731, avg_acc=0.79875, source="RobustBench"),
+    dict(defense="Wang et al. 2023, 50M generated images", dataset="cifar10", model="wrn-70-16", eps=8 / 255,
+         aux_data=True, natural=0.9325, autoattack=0.7069, avg_acc=0.8197, source="RobustBench"),
+    dict(defense="Bartoldson et al. 2024, 300M generated images", dataset="cifar10", model="wrn-94-16",
+         eps=8 / 255, aux_data=True, natural=0.9368, autoattack=0.7371, avg_acc=0.83695, source="RobustBench"),
 ]}
 
 

@@ -33,12 +33,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fire_repro.attacks import attack_pgd_ce, evaluate, perturbation_norm, pgd_step, upcast_half  # noqa: F401  (attack_pgd_ce, pgd_step: for the scripts)
+from fire_repro.aux_data import load_aux_data
 from fire_repro.checkpoints import (checkpoint_state, init_from, load_checkpoint, load_train_state, model_from_args,
                                     save_checkpoint)
 from fire_repro.common import UserError, cli, write_atomic  # noqa: F401  (cli: the scripts' command line)
 from fire_repro.config import (Method, add_self_adaptive_flags, allowed, base_parser, finish_args,  # noqa: F401  (for the scripts)
                                identity_hash, settings_warnings)
-from fire_repro.data import DATASETS, REHEARSAL_NOTE, eval_loader, get_datasets, load_aux_data, train_loader
+from fire_repro.data import DATASETS, REHEARSAL_NOTE, eval_loader, get_datasets, train_loader
 from fire_repro.parallel import is_main, over_all_gpus, setup_device, training_networks
 from fire_repro.run_folder import (claim_run_dir, finished_summary, resume_checkpoint, settle_replaced_run,
                         start_run_dir)
@@ -48,13 +49,19 @@ from fire_repro.run_folder import (claim_run_dir, finished_summary, resume_check
 # Pieces of the losses that every method shares
 
 
-def natural_ce(logits, targets):
+def natural_ce(logits, targets, label_smoothing=0.0):
     """The cross-entropy term of every risk: mean CE for integer labels (B,); for soft targets
     (B, M), self-adaptive training's CE (Huang et al. 2020), -sum_i w_i sum_j t_ij log q_ij / sum_i w_i
-    with per-sample weight w_i = max_j t_ij (one-hot targets give the plain mean CE)."""
+    with per-sample weight w_i = max_j t_ij (one-hot targets give the plain mean CE).
+
+    --label-smoothing ls: the CE against (1 - ls) t + ls / M, i.e. (1 - ls) CE + ls mean_j(-log q_j),
+    PyTorch's `F.cross_entropy(label_smoothing=ls)` and Wang et al. (2023)'s SmoothCrossEntropyLoss;
+    soft targets are smoothed the same way, their weights w_i stay those of the unsmoothed targets."""
     if targets.dim() == 1:
-        return F.cross_entropy(upcast_half(logits), targets)
+        return F.cross_entropy(upcast_half(logits), targets, label_smoothing=label_smoothing)
     weights = targets.max(dim=1).values
+    if label_smoothing:
+        targets = (1 - label_smoothing) * targets + label_smoothing / targets.shape[1]
     ce = -(targets * F.log_softmax(upcast_half(logits), dim=1)).sum(dim=1)
     return (weights * ce).sum() / weights.sum()
 
@@ -111,10 +118,28 @@ class Logger:
 
 
 def lr_factor(args):
+    """--lr's factor at epoch e (0-based; the schedule steps once per epoch)."""
     if args.schedule == "cosine":
         return lambda e: 0.5 * (1 + math.cos(math.pi * e / args.epochs))
+    if args.schedule == "onecycle":
+        return lambda e: one_cycle(e, args.epochs)
     milestones = [round(m * args.epochs) for m in args.lr_milestones]
     return lambda e: 0.1 ** sum(e >= m for m in milestones)
+
+
+def one_cycle(e, epochs, warmup=0.025, div=25.0, final_div=1e4):
+    """PyTorch's OneCycleLR(max_lr=1, pct_start=warmup, total_steps=epochs) at step e, stepped once per
+    epoch, as Wang et al. (2023)'s `--scheduler cosinew` trains: from 1/div, a half cosine up to 1 at
+    epoch warmup * epochs, then a half cosine down to 1 / (div * final_div) at the last epoch (lr 0.2,
+    400 epochs: 0.008 at epoch 1, 0.2 at epoch 10, 8e-7 at epoch 400). Their OneCycleLR also cycles
+    SGD's momentum (0.95 -> 0.85 -> 0.95); here the momentum stays --momentum."""
+    low, peak = 1 / div, warmup * epochs - 1  # the epoch (0-based) at which the factor is 1
+
+    def cosine(start, end, share):
+        return end + (start - end) / 2 * (math.cos(math.pi * share) + 1)
+    if e <= peak:
+        return cosine(low, 1.0, e / peak) if peak > 0 else 1.0
+    return cosine(1.0, low / final_div, (e - peak) / (epochs - 1 - peak))
 
 
 
@@ -144,15 +169,16 @@ STAT_KEYS = ("loss", "ce", "train_nat", "images", "grad_norm", "attack_dist", "a
 
 class EpochStats:
     """Per-epoch sums (STAT_KEYS) of the loss, the cross-entropy of the returned logits (natural,
-    except Madry's adversarial ones), correct predictions, images, the gradient norm, the training
+    except Madry's adversarial ones; label-smoothed as the loss's, with --label-smoothing), correct predictions, images, the gradient norm, the training
     attack's displacement ||x' - x|| / eps in --norm, the samples it left stuck (displacement under one
     step: every step had a zero gradient, bar the 0.001 N(0, 1) start), the logit margin (top-1
     minus top-2: softmax saturates in float32 beyond ~17); the largest gradient norm; the first
     non-finite batch and what was non-finite in it (BAD_QUANTITY); with --clip-grad-norm, the
     steps it clipped. Kept on the device: the loop syncs with the host every --log-every batches."""
 
-    def __init__(self, device, eps, step_size, check_grad=True, clip=None, norm="linf"):
+    def __init__(self, device, eps, step_size, check_grad=True, clip=None, norm="linf", label_smoothing=0.0):
         self.eps, self.step_size, self.norm = eps, step_size, norm  # the training attack's, for its displacement
+        self.label_smoothing = label_smoothing  # the loss's CE term, so that `reg` = loss - ce stays the rest
         self.clip = clip  # --clip-grad-norm: count the steps whose gradient norm was above it
         self.clipped = torch.zeros((), device=device)
         self.sums = torch.zeros(len(STAT_KEYS), device=device)
@@ -174,7 +200,8 @@ class EpochStats:
         correct = (logits.argmax(1) == y).sum().float()
         moved = perturbation_norm(x_adv.detach() - x, self.norm).float()
         top2 = logits.topk(min(2, logits.shape[1]), dim=1).values
-        self.sums += torch.stack([loss * n, F.cross_entropy(logits, y) * n, correct,
+        ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        self.sums += torch.stack([loss * n, ce * n, correct,
                                   torch.ones_like(loss) * n, grad_norm.detach() * n,
                                   moved.sum() / max(self.eps, 1e-12),
                                   (moved < self.step_size).sum().float(),
@@ -487,7 +514,7 @@ def train_epoch(state, args, train_step, nets, train_set, epoch, device):
     if state.soft_targets is not None:
         state.soft_targets.set_epoch(epoch)
     stats = EpochStats(device, args.eps, args.step_size, check_grad=args.dtype != "float16",
-                       clip=args.clip_grad_norm, norm=args.norm)
+                       clip=args.clip_grad_norm, norm=args.norm, label_smoothing=args.label_smoothing)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                disable=None if is_main() else True)
     for i, (x, y, idx) in enumerate(bar):

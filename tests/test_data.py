@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from fire_repro import aux_data
 from fire_repro import checkpoints
 from fire_repro import common
 from fire_repro import data
@@ -174,7 +175,7 @@ def test_aux_data_pickle_needs_trust(tmp_path):
     assert r.returncode == 2 and "--trust-pickle" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     args = train_fire.get_args(["--aux-data", str(path), "--trust-pickle"])
     train_set = data.get_datasets(args)[0]
-    aux = data.load_aux_data(args, train_set)
+    aux = aux_data.load_aux_data(args, train_set)
     assert len(aux) == 10 and aux[0][0].shape == (1, 28, 28)
 
 
@@ -188,7 +189,7 @@ def test_aux_data_bad_files(content, needle, tmp_path):
     np.savez(tmp_path / "bad.npz", **content)
     args = train_fire.get_args(["--aux-data", str(tmp_path / "bad.npz")])
     with pytest.raises(common.UserError, match=needle):
-        data.load_aux_data(args, data.get_datasets(args)[0])
+        aux_data.load_aux_data(args, data.get_datasets(args)[0])
 
 
 def test_aux_data_preset_is_carmon():
@@ -208,7 +209,7 @@ def test_aux_data_labels_are_checked(tmp_path, labels, needle):
     np.savez(path, images=np.zeros((20, 28, 28, 1), dtype=np.uint8), labels=labels)
     args = train_fire.get_args(["--aux-data", str(path)])
     with pytest.raises(common.UserError, match=needle):
-        data.load_aux_data(args, data.get_datasets(args)[0])
+        aux_data.load_aux_data(args, data.get_datasets(args)[0])
 
 
 def test_aux_data_and_checkpoint_messages_say_what_is_wrong(tmp_path):
@@ -216,7 +217,7 @@ def test_aux_data_and_checkpoint_messages_say_what_is_wrong(tmp_path):
     (tmp_path / "random.npz").write_bytes(os.urandom(256))
     args = train_fire.get_args(["--aux-data", str(tmp_path / "random.npz")])
     with pytest.raises(common.UserError, match="not an .npz file"):
-        data.load_aux_data(args, data.get_datasets(args)[0])
+        aux_data.load_aux_data(args, data.get_datasets(args)[0])
     os.symlink(tmp_path / "loop", tmp_path / "loop")
     for path, needle in [(tmp_path, "is a directory"), (tmp_path / "loop", "link loop")]:
         for flag in ("--aux-data", "--resume"):
