@@ -171,7 +171,8 @@ class Evaluation:
         if not zoo and not os.path.lexists(path):
             raise UserError(f"checkpoint {path!r} {missing_run_file(path)}")
         ckpt = robustbench_io.zoo_checkpoint(path, args.robustbench_dir) if zoo else load_checkpoint(path)
-        self.path, self.saved, self.zoo = ckpt["path"] if zoo else path, ckpt["args"], zoo and args.robustbench_dir
+        self.path, self.saved, self.zoo = ckpt["path"] if zoo else path, ckpt["args"], zoo
+        self.zoo_model = ckpt.get("model")  # a zoo entry's network, its weights checked on loading
         self.train_identity = run_identity(self.saved)  # the run's settings, for table rows
         try:
             self.norm, self.eps = threat_model(self.saved, args.norm, args.eps)
@@ -265,9 +266,7 @@ def load_network(job, device):
     DataParallel when several GPUs are visible to one process (not under torchrun: there each
     process has its own GPU)."""
     if job.zoo:
-        s = job.saved
-        model = robustbench_io.load_zoo_model(s["dataset"], s["norm"], s["robustbench"], job.zoo)
-        return over_all_gpus(model.to(device).float().eval(), device)
+        return over_all_gpus(job.zoo_model.to(device).float().eval(), device)
     return over_all_gpus(load_model(job.path, device).float(), device)
 
 

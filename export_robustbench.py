@@ -36,12 +36,17 @@ def get_args(argv=None):
     p.add_argument("--reported", type=float, default=None,
                    help="robust accuracy in %% reported in the paper (default: this AutoAttack accuracy)")
     p.add_argument("--footnote", type=str, default=None, help="the leaderboard's footnote (default: none)")
+    p.add_argument("--external", type=float, default=None,
+                   help="robust accuracy in %% of a stronger evaluation than AutoAttack (model_info's "
+                        "`external`, which the leaderboard ranks by; default: none, not written)")
     p.add_argument("--out-dir", type=str, default="robustbench-export", help="folder the two files go into")
     args = p.parse_args(argv)
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.name):
         p.error(f"--name must be letters, digits, _ and -, got {args.name!r}")
-    if args.reported is not None and not 0 <= args.reported <= 100:
-        p.error(f"--reported is a percentage in [0, 100], got {args.reported}")
+    for flag in ("reported", "external"):
+        value = getattr(args, flag)
+        if value is not None and not 0 <= value <= 100:
+            p.error(f"--{flag} is a percentage in [0, 100], got {value}")
     return args
 
 
@@ -63,12 +68,13 @@ def main(argv=None):
     weights = robustbench_io.export_weights(ckpt["model"], record["model"], DATASETS[record["dataset"]].classes)
     info = robustbench_io.model_info(record, dict(link=args.link, name=args.paper, authors=args.authors,
                                                   venue=args.venue, reported=args.reported,
-                                                  footnote=args.footnote))
+                                                  footnote=args.footnote, external=args.external))
     import torch
     write_atomic(weights_path, lambda f: torch.save(weights, f), binary=True)
     write_json(info_path, info)
     print(f"{args.result}: {info['architecture']} {record['dataset']} {threat} eps {info['eps']}, clean "
-          f"{info['clean_acc']}%, AutoAttack {info['autoattack_acc']}% -> {info_path}, {weights_path}")
+          f"{info['clean_acc']}%, AutoAttack {info['autoattack_acc']}%"
+          + (" (unreliable: AutoAttack warned)" if info["unreliable"] else "") + f" -> {info_path}, {weights_path}")
     return info_path, weights_path
 
 

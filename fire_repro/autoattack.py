@@ -77,6 +77,13 @@ class CollectWarnings(logging.Handler):
             self.messages.append(message)
 
 
+def reduce_to_smoke(adversary):
+    """--smoke-aa: the same attacks, order and targets; a tenth of the iterations (APGD, FAB), 1/50
+    of Square's queries."""
+    adversary.apgd.n_iter = adversary.apgd_targeted.n_iter = adversary.fab.n_iter = 10
+    adversary.square.n_queries = 100
+
+
 def chunk_seed(seed, chunk):
     """The seed of chunk `chunk`: a resumed or sharded evaluation draws exactly the random
     numbers of an uninterrupted one."""
@@ -114,9 +121,8 @@ def evaluate_autoattack(model, x, y, eps, batch_size=500, seed=0, device="cpu", 
     try:
         adversary = AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps,
                                version="standard", device=device, seed=seed)
-        if smoke:  # same attacks, order and targets; a tenth of the iterations, 1/50 of the queries
-            adversary.apgd.n_iter = adversary.apgd_targeted.n_iter = adversary.fab.n_iter = 10
-            adversary.square.n_queries = 100
+        if smoke:
+            reduce_to_smoke(adversary)
         names = ["natural", *STANDARD_ATTACKS] + ["pgd20"] * pgd20 + ["cw"] * cw
         per_sample = {k: [] for k in names}
         max_pert, n = 0.0, 0

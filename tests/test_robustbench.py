@@ -5,7 +5,10 @@ zoo entry in RobustBench's model-folder layout (random weights written here) is 
 summarised beside a FIRE run on the same images."""
 import argparse
 import json
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,8 +17,16 @@ import eval_autoattack
 import export_robustbench
 from fire_repro import robustbench_io, tables
 import train_fire
-from conftest import FakeCIFAR, cli_error
+from conftest import ROOT, FakeCIFAR, cli_error
 from models import get_model
+
+
+# Every key of the leaderboard's model_info files (RobustBench's repository, model_info/{cifar10,
+# cifar100}/{Linf,L2}/*.json, commit 78fcc9e48a07: 158 files; `external` in 22, `footnote` in 98,
+# `unreliable` in 117, the others in all).
+LEADERBOARD_FIELDS = {"link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
+                      "architecture", "eps", "clean_acc", "reported", "autoattack_acc", "footnote", "external",
+                      "unreliable"}
 
 
 def randomise_batchnorm(model, seed=0):
@@ -91,7 +102,8 @@ def test_export_writes_model_info_and_weights_robustbench_loads(l2_cifar, tmp_pa
     info_path, weights_path = export_robustbench.main(export_argv(tmp_path / "protocol.json", tmp_path / "out",
                                                                   "--reported", "70.5"))
     info = json.loads(open(info_path).read())
-    assert tuple(info) == robustbench_io.INFO_FIELDS
+    assert tuple(info) == robustbench_io.INFO_FIELDS and set(info) == LEADERBOARD_FIELDS - {"external"}
+    assert info["unreliable"] is False  # AutoAttack did not warn
     assert info["dataset"] == "cifar10" and info["eps"] == "0.5" and info["architecture"] == "WideResNet-10-1"
     assert info["clean_acc"] == f"{100 * result['natural']:.2f}" and info["reported"] == "70.50"
     assert info["additional_data"] is False and info["number_forward_passes"] == 1
@@ -103,6 +115,11 @@ def test_export_writes_model_info_and_weights_robustbench_loads(l2_cifar, tmp_pa
     ours, x = load_model(str(root / "fire" / "best.pt")), torch.rand(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(theirs.eval()(x), ours(x), atol=1e-5)
+    # AutoAttack's warnings make the entry "unreliable"; a stronger evaluation goes to `external`
+    (tmp_path / "warned.json").write_text(json.dumps(dict(record, aa_warnings=["it seems to be a randomized defense!"])))
+    info_path, _ = export_robustbench.main(export_argv(tmp_path / "warned.json", tmp_path / "o3", "--external", "40"))
+    info = json.loads(open(info_path).read())
+    assert info["unreliable"] is True and info["external"] == "40.00" and set(info) == LEADERBOARD_FIELDS
     # another radius is refused
     (tmp_path / "other.json").write_text(json.dumps(dict(record, eps=1.0)))
     code, lines = cli_error(export_robustbench.main, export_argv(tmp_path / "other.json", tmp_path / "o2"), capsys)
@@ -140,3 +157,135 @@ def test_zoo_entry_evaluated_offline_and_summarised_beside_fire(l2_cifar):
                          ("robustbench:cifar10/Linf/Ding2020MMA", "could not download")):
         with pytest.raises(Exception, match=needle):
             eval_autoattack.main([spec, "--robustbench-dir", str(root / "models"), "--device", "cpu"])
+
+
+# ---- a zoo entry at its own radius; entries and weights files that are refused in one line
+
+
+def test_zoo_entry_is_evaluated_at_the_radius_robustbench_used(fake_cifar_module, tmp_path, monkeypatch):
+    # RobustBench evaluated these Linf entries at 0.031 (their model_info's eps), the others at 8/255
+    at_0031 = {"Zhang2019Theoretically", "Huang2020Self", "Cui2020Learnable_34_10", "Cui2020Learnable_34_20"}
+    robustbench_io.robustbench()
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+    for name in model_dicts[BenchmarkDataset("cifar10")][ThreatModel("Linf")]:
+        eps = robustbench_io.zoo_radius("cifar10", "linf", name)
+        assert eps == (0.031 if name in at_0031 else 8 / 255), name
+    assert robustbench_io.zoo_radius("cifar10", "l2", "Wu2020Adversarial") == 0.5
+    # the planned evaluation of such an entry (stand-in weights: a WRN-34-10 is not built here)
+    folder = tmp_path / "cifar10" / "Linf"
+    folder.mkdir(parents=True)
+    (folder / "Zhang2019Theoretically.pt").write_bytes(b"stand-in")
+    monkeypatch.setattr(robustbench_io, "load_zoo_model", lambda *a: torch.nn.Identity())
+    args = eval_autoattack.get_args(["robustbench:cifar10/Linf/Zhang2019Theoretically", "--robustbench-dir",
+                                     str(tmp_path), "--device", "cpu"])
+    job = eval_autoattack.Evaluation(args.checkpoints[0], args, None)
+    assert job.eps == 0.031 and job.key["settings"]["eps"] == 0.031 and job.out.endswith("autoattack-Zhang2019Theoretically.json")
+
+
+class RunsCode:
+    """Pickles to a call that creates `marker`: a weights file that runs code when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+def test_zoo_weights_that_cannot_be_loaded_end_in_one_line(tmp_path, capsys, monkeypatch):
+    robustbench_io.robustbench()
+    from robustbench.model_zoo.cifar10 import Ding2020MMANet, Rice2020OverfittingNet
+    path = tmp_path / "cifar10" / "L2" / "Ding2020MMA.pt"
+    path.parent.mkdir(parents=True)
+    whole = tmp_path / "whole.pt"
+    torch.save(Ding2020MMANet().state_dict(), whole)
+    marker = tmp_path / "pickle-ran"
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # torch.load's default is then a full unpickling
+    cases = {"truncated": whole.read_bytes()[: whole.stat().st_size // 2], "empty": b"",
+             "random bytes": bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8))}
+    for what, content in cases.items():
+        path.write_bytes(content)
+        code, lines = cli_error(eval_autoattack.main, ["robustbench:cifar10/L2/Ding2020MMA", "--robustbench-dir",
+                                                       str(tmp_path), "--device", "cpu"], capsys)
+        assert code == 2 and len(lines) == 1 and "cannot load RobustBench weights" in lines[0], (what, lines)
+    for what, obj, needle in (("another architecture", Rice2020OverfittingNet(depth=10, widen_factor=1).state_dict(),
+                               "do not fit Ding2020MMA's network"),
+                              ("a pickle", {"state_dict": RunsCode(str(marker))}, "cannot load RobustBench weights"),
+                              ("not tensors", {"state_dict": {"fc.weight": [1.0]}}, "not a state dict")):
+        torch.save(obj, path)
+        code, lines = cli_error(eval_autoattack.main, ["robustbench:cifar10/L2/Ding2020MMA", "--robustbench-dir",
+                                                       str(tmp_path), "--device", "cpu"], capsys)
+        assert code == 2 and len(lines) == 1 and needle in lines[0], (what, lines)
+    assert not marker.exists()  # the pickle's code never ran
+
+
+def test_zoo_entries_not_evaluated_here_are_refused_in_one_line(tmp_path, capsys):
+    # stand-in files where RobustBench would keep the weights: an ensemble's <name>.pt_m<i>.pt
+    folder = tmp_path / "cifar10" / "Linf"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        (folder / f"Chen2020Adversarial.pt_m{i}.pt").write_bytes(b"stand-in")
+    (folder / "Debenedetti2022Light_XCiT-S12.pt").write_bytes(b"stand-in")
+    for spec, needle in (("robustbench:cifar100/L2/Wu2020Adversarial", "RobustBench has no cifar100 L2 leaderboard"),
+                         ("robustbench:cifar10/Linf/Chen2020Adversarial", "is an ensemble of 3 networks"),
+                         ("robustbench:cifar10/Linf/Debenedetti2022Light_XCiT-S12", "is a timm model")):
+        code, lines = cli_error(eval_autoattack.main, [spec, "--robustbench-dir", str(tmp_path), "--device", "cpu"], capsys)
+        assert code == 2 and len(lines) == 1 and needle in lines[0], (spec, lines)
+
+
+def test_importing_robustbench_prints_no_deprecation_warnings():
+    code = ("import warnings; warnings.simplefilter('default'); from fire_repro import robustbench_io; "
+            "robustbench_io.robustbench()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0 and "pkg_resources" not in r.stderr and "torch.jit.interface" not in r.stderr, r.stderr
+
+
+# ---- RobustBench's own benchmark() on a model of ours agrees with eval_autoattack.py
+
+
+def write_cifar10_files(root, train_images, test_images, test_labels, seed=0):
+    """Stand-in CIFAR-10 in torchvision's layout (<root>/cifar-10-batches-py: data_batch_1..5,
+    test_batch, batches.meta; pickled dicts of uint8 rows (N, 3072) in CHW order and labels)."""
+    import pickle
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    batches = {f"data_batch_{i}": (rng.integers(0, 256, (train_images // 5, 3072), dtype=np.uint8),
+                                   rng.integers(0, 10, train_images // 5).tolist()) for i in range(1, 6)}
+    batches["test_batch"] = test_images, list(test_labels)
+    for name, (x, y) in batches.items():
+        (folder / name).write_bytes(pickle.dumps({"data": x, "labels": y}))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class{i}" for i in range(10)]}))
+
+
+def test_robustbench_benchmark_agrees_with_our_evaluation(tmp_path, monkeypatch):
+    """benchmark() (RobustBench's data loading, clean accuracy, AutoAttack and accuracy of x_adv)
+    through leaderboard_benchmark, and eval_autoattack.py, on the same 8 stand-in test images of a
+    1-epoch wrn-10-1 of ours, the same attacks (the reduced AutoAttack of --smoke-aa on both sides:
+    the standard one takes minutes on this CPU) and seed, in one batch: the same clean and robust
+    accuracy (to 1e-9, float rounding: the same attacks on the same points)."""
+    import torchvision.datasets.cifar
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a: True)  # stand-in files: no MD5
+    rng = np.random.default_rng(1)
+    test_x = rng.integers(0, 256, (8, 3072), dtype=np.uint8)
+    write_cifar10_files(tmp_path / "data", 40, test_x, [0] * 8)
+    train_fire.main(["--dataset", "cifar10", "--model", "wrn-10-1", "--epochs", "1", "--val-size", "20",
+                     "--batch-size", "20", "--attack-steps", "1", "--eval-steps", "1", "--workers", "0",
+                     "--device", "cpu", "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run")])
+    from fire_repro.checkpoints import load_model
+    model = load_model(str(tmp_path / "run" / "best.pt"))
+    x = torch.tensor(test_x).reshape(8, 3, 32, 32).float() / 255
+    with torch.no_grad():
+        labels = model(x).argmax(1).tolist()
+    write_cifar10_files(tmp_path / "data", 40, test_x, labels)  # every image right: each one is attacked
+    eps = 1 / 255
+    ours = eval_autoattack.main([str(tmp_path / "run" / "best.pt"), "--eps", "1/255", "--n-examples", "8",
+                                 "--batch-size", "8", "--seed", "0", "--smoke-aa", "--device", "cpu"])[0]
+    with robustbench_io.leaderboard_benchmark(seed=0, smoke=True) as benchmark:
+        clean, robust = benchmark(model, n_examples=8, dataset="cifar10", threat_model="Linf", eps=eps,
+                                  data_dir=str(tmp_path / "data"), batch_size=8, device=torch.device("cpu"))
+    assert ours["natural"] == 1.0 and abs(clean - ours["natural"]) < 1e-9
+    assert abs(robust - ours["autoattack"]) < 1e-9, (robust, ours["robust_after"])
+    assert 0 < ours["autoattack"] < 1, ours["robust_after"]  # some images fooled, some not
