@@ -289,3 +289,21 @@ def test_robustbench_benchmark_agrees_with_our_evaluation(tmp_path, monkeypatch)
     assert ours["natural"] == 1.0 and abs(clean - ours["natural"]) < 1e-9
     assert abs(robust - ours["autoattack"]) < 1e-9, (robust, ours["robust_after"])
     assert 0 < ours["autoattack"] < 1, ours["robust_after"]  # some images fooled, some not
+
+
+def test_quoted_robustbench_rows_carry_the_radius_robustbench_used():
+    """Each row quoted from RobustBench is labelled with the radius of its entry's model_info (the
+    TRADES row at 0.031, not 8/255)."""
+    entries = {("modern", "TRADES (beta=6), Zhang et al. 2019"): "Zhang2019Theoretically",
+               ("modern", "TRADES + AWP, Wu et al. 2020"): "Wu2020Adversarial",
+               ("l2", "TRADES + AWP, Wu et al. 2020"): "Wu2020Adversarial",
+               ("l2", "Engstrom et al. 2019 (robustness library)"): "Engstrom2019Robustness",
+               ("l2", "Overfitting, Rice et al. 2020"): "Rice2020Overfitting",
+               ("generated", "Wang et al. 2023, 20M generated images"): "Wang2023Better_WRN-28-10",
+               ("generated", "Wang et al. 2023, 50M generated images"): "Wang2023Better_WRN-70-16",
+               ("generated", "Bartoldson et al. 2024, 300M generated images"): "Bartoldson2024Adversarial_WRN-94-16"}
+    quoted = [(block, q) for block, rows in tables.QUOTED.items() for q in rows if q.get("source") == "RobustBench"]
+    assert {(block, q["defense"]) for block, q in quoted} == set(entries)
+    for block, q in quoted:
+        eps = robustbench_io.zoo_radius(q["dataset"], tables.norm_of(q), entries[block, q["defense"]])
+        assert q["eps"] == eps, (block, q["defense"], q["eps"], eps)
