@@ -45,7 +45,10 @@ QUOTED = {"table2": [
          aux_data=False, natural=0.8492, autoattack=0.5308, avg_acc=0.6900, source="RobustBench"),
     dict(defense="TRADES + AWP, Wu et al. 2020", dataset="cifar10", model="wrn-34-10", eps=8 / 255,
          aux_data=False, natural=0.8536, autoattack=0.5617, avg_acc=0.70765, source="RobustBench"),
-], "l2": [  # RobustBench's CIFAR-10 L2 0.5 leaderboard without extra data (robustbench 1.1.1's README)
+], "l2": [  # RobustBench's CIFAR-10 L2 0.5 leaderboard without extra data (robustbench 1.1.1's README):
+    # its best entry without extra or generated data, the best WRN-34-10, and two baselines
+    dict(defense="Gowal et al. 2020", dataset="cifar10", model="wrn-70-16", norm="l2", eps=0.5,
+         aux_data=False, natural=0.9090, autoattack=0.7450, avg_acc=0.827, source="RobustBench"),
     dict(defense="TRADES + AWP, Wu et al. 2020", dataset="cifar10", model="wrn-34-10", norm="l2", eps=0.5,
          aux_data=False, natural=0.8851, autoattack=0.7366, avg_acc=0.81085, source="RobustBench"),
     dict(defense="Engstrom et al. 2019 (robustness library)", dataset="cifar10", model="resnet-50", norm="l2",

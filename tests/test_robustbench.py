@@ -296,6 +296,7 @@ def test_quoted_robustbench_rows_carry_the_radius_robustbench_used():
     TRADES row at 0.031, not 8/255)."""
     entries = {("modern", "TRADES (beta=6), Zhang et al. 2019"): "Zhang2019Theoretically",
                ("modern", "TRADES + AWP, Wu et al. 2020"): "Wu2020Adversarial",
+               ("l2", "Gowal et al. 2020"): "Gowal2020Uncovering",
                ("l2", "TRADES + AWP, Wu et al. 2020"): "Wu2020Adversarial",
                ("l2", "Engstrom et al. 2019 (robustness library)"): "Engstrom2019Robustness",
                ("l2", "Overfitting, Rice et al. 2020"): "Rice2020Overfitting",
