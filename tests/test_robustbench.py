@@ -21,6 +21,8 @@ from conftest import ROOT, FakeCIFAR, cli_error
 from models import get_model
 
 
+TORCHVISION_SPLIT = data._torchvision_split  # torchvision's reader, which fake_cifar_module replaces
+
 # Every key of the leaderboard's model_info files (RobustBench's repository, model_info/{cifar10,
 # cifar100}/{Linf,L2}/*.json, commit 78fcc9e48a07: 158 files; `external` in 22, `footnote` in 98,
 # `unreliable` in 117, the others in all).
@@ -268,6 +270,7 @@ def test_robustbench_benchmark_agrees_with_our_evaluation(tmp_path, monkeypatch)
     accuracy (to 1e-9, float rounding: the same attacks on the same points)."""
     import torchvision.datasets.cifar
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a: True)  # stand-in files: no MD5
+    monkeypatch.setattr(data, "_torchvision_split", TORCHVISION_SPLIT)  # the files, not fake_cifar_module's images
     rng = np.random.default_rng(1)
     test_x = rng.integers(0, 256, (8, 3072), dtype=np.uint8)
     write_cifar10_files(tmp_path / "data", 40, test_x, [0] * 8)
