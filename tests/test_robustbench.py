@@ -2,7 +2,9 @@
 robustbench:<dataset>/<threat>/<name>), offline: our WideResNet's weights in RobustBench's class give
 our logits, the model_info JSON has every field, an evaluation off the protocol is refused, and a
 zoo entry in RobustBench's model-folder layout (random weights written here) is evaluated and
-summarised beside a FIRE run on the same images."""
+summarised beside a FIRE run on the same images, at the radius RobustBench used for it; weights and
+entries that cannot be evaluated end in one line; RobustBench's own benchmark() agrees with our
+evaluation on stand-in CIFAR-10 files."""
 import argparse
 import json
 import subprocess
