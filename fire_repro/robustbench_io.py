@@ -21,6 +21,7 @@ import importlib
 import json
 import logging
 import os
+import pickle
 import re
 import sys
 import warnings
@@ -142,16 +143,35 @@ def zoo_checkpoint(spec, model_dir):
     return dict(args=saved, path=path, model=load_zoo_model(entry, name, dataset, path))
 
 
+def data_only_globals():
+    """What a training script saves beside the tensors and weights_only=True may rebuild, as none
+    runs code of the file: numpy scalars and dtypes (a best accuracy), argparse.Namespace (the
+    arguments)."""
+    import argparse
+    import numpy as np
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+    return [core.multiarray.scalar, np.dtype, *dtypes, argparse.Namespace]
+
+
 def load_zoo_model(entry, name, dataset, path):
     """The zoo entry's network (images in [0, 1] in, logits out) in eval mode, on the CPU, its
     weights read from `path` with weights_only=True (no code of the file runs, whatever
-    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says) and unpacked as robustbench.utils.load_model does for
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says; numpy scalars and argparse arguments beside the tensors
+    are read as data) and unpacked as robustbench.utils.load_model does for
     CIFAR entries; UserError naming the file when it cannot be read or does not fit the network."""
     from robustbench.model_zoo.enums import BenchmarkDataset
     from robustbench.utils import _safe_load_state_dict, rm_substr_from_state_dict
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001  (truncated, empty, random bytes, unsafe pickles)
+        with torch.serialization.safe_globals(data_only_globals()):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # objects besides tensors: code would run to rebuild them
+        unsafe = re.search(r"GLOBAL (\S+)", str(e))
+        raise UserError(f"cannot load RobustBench weights {path!r} safely: it holds "
+                        f"{unsafe.group(1) if unsafe else 'objects other than tensors'}; only if you trust "
+                        f"the file, keep its tensors: python -c \"import torch; c = torch.load('{path}', "
+                        f"weights_only=False); torch.save(c.get('state_dict', c), '{path}')\"") from None
+    except Exception as e:  # noqa: BLE001  (truncated, empty, random bytes)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load RobustBench weights {path!r}: {first[:200]}") from None
     if isinstance(checkpoint, dict) and ("Kireev2021Effectiveness" in name or name == "Andriushchenko2020Understanding"):

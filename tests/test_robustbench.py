@@ -223,6 +223,16 @@ def test_zoo_weights_that_cannot_be_loaded_end_in_one_line(tmp_path, capsys, mon
                                                        str(tmp_path), "--device", "cpu"], capsys)
         assert code == 2 and len(lines) == 1 and needle in lines[0], (what, lines)
     assert not marker.exists()  # the pickle's code never ran
+    # what training scripts save beside the weights (numpy scalars, argparse arguments) is read as data
+    net = Ding2020MMANet().eval()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}, "best_acc": np.float64(0.5),
+                "args": argparse.Namespace(lr=0.1)}, path)
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+    entry = model_dicts[BenchmarkDataset("cifar10")][ThreatModel("L2")]["Ding2020MMA"]
+    loaded, x = robustbench_io.load_zoo_model(entry, "Ding2020MMA", "cifar10", str(path)), torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), net(x))
 
 
 def test_zoo_entries_not_evaluated_here_are_refused_in_one_line(tmp_path, capsys):
