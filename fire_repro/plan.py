@@ -17,8 +17,10 @@ everything else from the code the scripts themselves run, and launches what is n
 
 Plan lines end with \0 (a field may hold a newline), their fields separated by \x1f; "@N" in a field stands for the folder of the N-th training:
 
+    common FLAGS...                 flags of every training (run_all.sh's TRAIN_COMMON)
     block NAME                      the steps that follow belong to block NAME
-    train @N TAG SCRIPT FLAGS...    a training (TRAIN_FLAGS are appended here)
+    train @N TAG SCRIPT FLAGS...    a training: the block's FLAGS, then common's, then TRAIN_FLAGS
+                                    (which may not set a flag of FLAGS)
     evaluate @N/KIND.pt FLAGS...    AutoAttack on a checkpoint (the data set's radius is added here)
     table NAME TITLE ARGS...        python -m fire_repro.tables ARGS: @N/KIND.pt is its result
     plot NAME KIND ARGS...          python -m fire_repro.tables ARGS --plot-kind KIND (Figs. 7 and 8)
@@ -128,15 +130,32 @@ class Step:
 
 
 def train_flags():
-    """TRAIN_FLAGS split into flags; one that run_all.sh sets itself is refused."""
+    """TRAIN_FLAGS split into flags; one that run_all.sh sets itself is refused, and so is a request
+    for help (it would print the scripts' help in place of the plan)."""
     flags = env("TRAIN_FLAGS").split()
     for flag in flags:
+        if flag in ("-h", "--help") or (flag.startswith("--h") and "--help".startswith(flag.split("=")[0])):
+            raise UserError(f"TRAIN_FLAGS may not hold {flag}: it adds flags to every training "
+                            f"(train_fire.py -h and train_trades.py -h list them)")
         name = flag.split("=")[0]
         if name.startswith("--") and len(name) > 2 and any(o.startswith(name) for o in OWNED_FLAGS):
             owned = next(o for o in OWNED_FLAGS if o.startswith(name))
             raise UserError(f"TRAIN_FLAGS may not set {owned}: run_all.sh sets it for every run "
                             f"(SEEDS, DATASETS, the blocks; docs/reproducing.md)")
     return flags
+
+
+def overridden(block_flags, extra):
+    """The first flag of TRAIN_FLAGS (`extra`) that sets one of a block's own flags (`block_flags`,
+    argparse abbreviations and --flag=value included), or None."""
+    own = [f for f in block_flags if f.startswith("--")]
+    for flag in extra:
+        name = flag.split("=")[0]
+        if name.startswith("--") and len(name) > 2:
+            hit = next((o for o in own if o == name), None) or next((o for o in own if o.startswith(name)), None)
+            if hit:
+                return hit
+    return None
 
 
 def resolve(script, argv):
@@ -154,7 +173,7 @@ class Plan:
     one step), with what is finished already."""
 
     def __init__(self, lines, out_dir):
-        self.out_dir, self.extra = out_dir, train_flags()
+        self.out_dir, self.extra, self.common = out_dir, train_flags(), []
         self.steps, self.blocks, self.folders, self.args = [], {}, {}, {}
         self.by_key, self.evals = {}, {}   # de-duplication; checkpoint -> its evaluation
         self.shared = {}                   # block -> trainings shared with a block above
@@ -164,6 +183,9 @@ class Plan:
             if kind == "block":
                 block = fields[0]
                 self.blocks[block] = []
+                continue
+            if kind == "common":
+                self.common = fields
                 continue
             step = getattr(self, "add_" + kind)(block, *fields)
             if step is not None:
@@ -181,7 +203,8 @@ class Plan:
         return step, False
 
     def add_train(self, block, handle, tag, script, *flags):
-        argv = [self.ref(f) for f in flags] + self.extra
+        own = self.overridden_check(block, script, [self.ref(f) for f in flags])
+        argv = own + self.common + self.extra
         args, ident = resolve(script, [*argv, "--print-identity", *self.planned_inputs(argv)])
         folder = os.path.join(self.out_dir, "runs", f"{tag}-{ident}")
         self.folders[handle.lstrip("@")] = folder
@@ -200,6 +223,14 @@ class Plan:
         if seen:
             self.shared[block] = self.shared.get(block, 0) + 1
         return step
+
+    def overridden_check(self, block, script, flags):
+        """The block's own flags of a training; a UserError if TRAIN_FLAGS would override one."""
+        hit = overridden(flags, self.extra)
+        if hit:
+            raise UserError(f"TRAIN_FLAGS may not set {hit}: block {block} sets it for its runs "
+                            f"({script} {' '.join(flags)}); run another block, or train the run yourself")
+        return flags
 
     def planned_inputs(self, argv):
         """--planned FILE for each input (--init-from, --aux-data) that a step planned before

@@ -159,3 +159,16 @@ def test_rehearsal_refuses_a_folder_of_real_runs(tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "holds real runs" in r.stderr
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["command.txt", run.name, "runs"]
+
+
+@pytest.mark.parametrize("flags", ["--norm linf", "--norm=linf", "--nor linf"])
+def test_train_flags_may_not_override_a_flag_of_the_block(tmp_path, flags):
+    """TRAIN_FLAGS="--norm linf" ./run_all.sh l2 would fill the L2 table with Linf runs: one line,
+    exit 2, nothing created; a flag the block leaves alone (--norm in table1) is the user's."""
+    r = run_all("l2", timeout=120, DRY_RUN="1", SEEDS="0", TRAIN_FLAGS=flags, OUT_DIR=str(tmp_path / "out"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "TRAIN_FLAGS may not set --norm: block l2 sets it" in r.stderr, r.stderr
+    ok = run_all("table1", timeout=300, DRY_RUN="1", SEEDS="0", DATASETS="mnist", TRAIN_FLAGS=flags,
+                 OUT_DIR=str(tmp_path / "out"))
+    assert ok.returncode == 0, ok.stderr
+    assert not (tmp_path / "out").exists()
