@@ -36,6 +36,7 @@ table left results out (the blocks are named), 2 for bad settings.
 import getpass
 import glob
 import hashlib
+import json
 import math
 import os
 import re
@@ -443,12 +444,39 @@ def main():
 
 
 def refuse_real_runs(out_dir):
-    """A rehearsal never writes into a folder of real runs (one whose command.txt lacks --rehearsal)."""
-    for path in sorted(glob.glob(os.path.join(glob.escape(out_dir), "runs", "*", "command.txt"))):
+    """A rehearsal never writes into a folder of real runs or outputs: one with a run whose
+    arguments (the first line of its log.txt, which every training writes whatever launched it, or
+    the command.txt of the local launcher) are not a rehearsal's, or a table without the rehearsal's
+    note."""
+    for folder in sorted(glob.glob(os.path.join(glob.escape(out_dir), "runs", "*", ""))):
+        if real_run(folder):
+            raise UserError(f"REHEARSAL=1 would write into {out_dir!r}, which holds real runs "
+                            f"({os.path.normpath(folder)}): choose another OUT_DIR")
+    for path in sorted(glob.glob(os.path.join(glob.escape(out_dir), "tables", "*.md"))):
         with open(path, errors="replace") as f:
-            if "--rehearsal" not in f.read().split():
-                raise UserError(f"REHEARSAL=1 would write into {out_dir!r}, which holds real runs "
-                                f"({os.path.dirname(path)}): choose another OUT_DIR")
+            if REHEARSAL_NOTE not in f.read():
+                raise UserError(f"REHEARSAL=1 would write into {out_dir!r}, which holds real tables "
+                                f"({path}): choose another OUT_DIR")
+
+
+def real_run(folder):
+    """Whether the run folder holds a run that is not a rehearsal, by its log.txt's arguments line
+    (JSON; "rehearsal" false or absent), else its command.txt (without --rehearsal); a log.txt that
+    says neither counts as a real run's."""
+    log = os.path.join(folder, "log.txt")
+    if os.path.exists(log):
+        with open(log, errors="replace") as f:
+            try:
+                args = json.loads(f.readline())
+            except ValueError:
+                args = None
+        if isinstance(args, dict):
+            return args.get("rehearsal") is not True
+    command = os.path.join(folder, "command.txt")
+    if os.path.exists(command):
+        with open(command, errors="replace") as f:
+            return "--rehearsal" not in f.read().split()
+    return os.path.exists(log)
 
 
 if __name__ == "__main__":

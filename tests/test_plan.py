@@ -149,16 +149,43 @@ def test_plan_refuses_owned_flags_directly():
         del os.environ["TRAIN_FLAGS"]
 
 
-def test_rehearsal_refuses_a_folder_of_real_runs(tmp_path):
-    """REHEARSAL=1 into an OUT_DIR that holds a real run (its command.txt without --rehearsal): one
-    line, exit 2, the folder left as it was."""
+@pytest.mark.parametrize("files", [
+    {"command.txt": "train_fire.py --dataset mnist --seed 0 --lam 12\n"},            # the local launcher's
+    {"log.txt": json.dumps({"dataset": "mnist", "rehearsal": False}) + "\n3 epochs\n"},  # SLURM's: no command.txt
+    {"log.txt": json.dumps({"dataset": "mnist"}) + "\n"},                            # arguments from before --rehearsal
+    {"log.txt": "\x00garbled\n"},                                                    # cannot tell: refused
+    {"tables/table3.md": "| FIRE (lam=12) | 99.1 |\n"},                              # a real table, no run
+])
+def test_rehearsal_refuses_a_folder_of_real_runs(tmp_path, files):
+    """REHEARSAL=1 into an OUT_DIR that holds a real run, known by what every launcher writes (the
+    arguments line of its log.txt; the local launcher's command.txt) or a table without the
+    rehearsal's note: one line, exit 2, the folder left as it was. A rehearsal's own run is no
+    obstacle (see the next test)."""
     run = tmp_path / "runs" / "fire-mnist-lam12-s0-0123456789ab"
     run.mkdir(parents=True)
-    (run / "command.txt").write_text("train_fire.py --dataset mnist --seed 0 --lam 12\n")
+    for name, text in files.items():
+        path = tmp_path / name if "/" in name else run / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
     r = run_all("table3", timeout=300, REHEARSAL="1", DATASETS="mnist", OUT_DIR=str(tmp_path))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert "holds real runs" in r.stderr
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["command.txt", run.name, "runs"]
+    assert "holds real" in r.stderr
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_rehearsal_guard_passes_a_rehearsal_run():
+    """plan.real_run: a rehearsal's log.txt or command.txt is not a real run; an empty folder neither."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        assert not plan.real_run(d)
+        with open(os.path.join(d, "log.txt"), "w") as f:
+            f.write(json.dumps({"dataset": "mnist", "rehearsal": True}) + "\n")
+        assert not plan.real_run(d)
+        os.remove(os.path.join(d, "log.txt"))
+        with open(os.path.join(d, "command.txt"), "w") as f:
+            f.write("train_fire.py --dataset mnist --rehearsal\n")
+        assert not plan.real_run(d)
 
 
 @pytest.mark.parametrize("flags", ["--norm linf", "--norm=linf", "--nor linf"])
