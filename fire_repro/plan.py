@@ -52,7 +52,7 @@ from fire_repro.autoattack import threat_model
 from fire_repro.common import UserError, cli, eps_text, lock_folder, sha256_file
 from fire_repro.config import identity_hash
 from fire_repro.data import DATASETS, REHEARSAL_NOTE, batch_split, epoch_steps, steps_per_epoch, test_size
-from fire_repro.launchers import Local, Slurm, check_slurm, env
+from fire_repro.launchers import Local, Slurm, Stops, check_slurm, env
 from fire_repro.run_folder import finished_run
 
 SCRIPTS = {"train_fire.py": train_fire, "train_trades.py": train_trades}
@@ -423,15 +423,24 @@ def main():
     for folder in ("runs", "tables", "figures"):
         os.makedirs(os.path.join(out_dir, folder), exist_ok=True)
     start = time.time()
-    lock = lock_folder(out_dir, "OUT_DIR", "another run_all.sh is launching its plan there (wait for it to "
-                                           "end, or stop it, then run this command again)")
+    # one plan per OUT_DIR at a time, whichever the launcher (held until the local jobs end)
+    lock = lock_folder(out_dir, "OUT_DIR", "another run_all.sh holds OUT_DIR (wait for it to end, or stop "
+                                           "it: kill its PID; then run this command again)")
     try:
+        with Stops() as stops:
+            if slurm is not None:
+                slurm.stops = stops
+                n = slurm.run()
+                stopped = 0
+            else:
+                stopped = Local(plan, stops).run()
+        if stops.signum is not None:
+            print(stops.message(out_dir, stopped), file=sys.stderr, flush=True)
+            return 128 + stops.signum
         if slurm is not None:
-            n = slurm.run()
             print(f"== submitted {n} job(s) in {time.time() - start:.0f}s: squeue -u {getpass.getuser()} shows "
                   f"them; tables appear in {out_dir}/tables, figures in {out_dir}/figures")
         else:
-            Local(plan).run()
             print(f"== done in {time.time() - start:.0f}s: tables in {out_dir}/tables, figures in {out_dir}/figures")
     finally:
         lock.close()

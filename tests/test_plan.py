@@ -8,7 +8,9 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -199,3 +201,61 @@ def test_train_flags_may_not_override_a_flag_of_the_block(tmp_path, flags):
                  OUT_DIR=str(tmp_path / "out"))
     assert ok.returncode == 0, ok.stderr
     assert not (tmp_path / "out").exists()
+
+
+def processes_under(folder):
+    """PIDs of the processes whose command line names `folder` (the plan's jobs write there)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if str(folder).encode() in f.read():
+                    pids.append(int(entry))
+        except (OSError, ValueError):
+            pass
+    return pids
+
+
+def wait_until(predicate, timeout=600):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "gave up waiting"
+        time.sleep(0.5)
+
+
+def test_a_signal_to_run_all_stops_its_jobs_and_says_how_to_continue(tmp_path):
+    """run_all.sh is the planner's process (exec): SIGTERM to its PID, or SIGINT to its process group
+    (Ctrl-C), stops the plan and its running trainings, exit 128 + the signal, one line saying how to
+    continue; SIGKILL to it leaves no training behind (each gets SIGTERM when the planner dies); a
+    second run_all.sh on the same OUT_DIR is one line while the first runs; each attempt of a job is
+    appended to its train.out under its own header."""
+    env = dict(os.environ, PYTHON=PY, REHEARSAL="1", DATASETS="mnist", SEEDS="0", JOBS="2", OUT_DIR=str(tmp_path),
+               TRAIN_FLAGS="--epochs 400 --batch-size 2 --attack-steps 8")
+
+    def start():
+        proc = subprocess.Popen(["bash", RUN_ALL, "table1"], cwd=ROOT, env=env, start_new_session=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: len(list(tmp_path.glob("runs/*/log.txt"))) >= 2 and len(processes_under(tmp_path)) >= 2)
+        return proc
+
+    for how in ("TERM", "INT to the group", "KILL"):
+        proc = start()
+        if how == "TERM":
+            other = subprocess.run(["bash", RUN_ALL, "table1"], cwd=ROOT, env=env, capture_output=True,
+                                   text=True, timeout=300)
+            assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1, other.stderr
+            assert "another run_all.sh holds OUT_DIR" in other.stderr
+            proc.send_signal(signal.SIGTERM)
+        elif how == "KILL":
+            proc.kill()
+        else:
+            os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+        wait_until(lambda: not processes_under(tmp_path), timeout=120)  # no job outlives it
+        if how != "KILL":
+            assert proc.returncode == 128 + (signal.SIGTERM if how == "TERM" else signal.SIGINT), err[-2000:]
+            assert err.strip().splitlines()[-1].startswith("run_all.sh: stopped by SIG"), err[-2000:]
+            assert "run the same command again to continue" in err
+    logs = list(tmp_path.glob("runs/*/train.out"))
+    assert len(logs) == 2 and all(log.read_text().count("== attempt at ") == 3 for log in logs), \
+        [log.read_text()[:3000] for log in logs]
