@@ -321,6 +321,8 @@ class Slurm:
                 break
             step.jobid = ""
             after = [n.jobid for n in step.needs if n.jobid]
+            if step.state == "failed":  # refused by the plan (a damaged checkpoint), said above
+                continue
             if step.done:
                 print(f"  done   {step.output or step.name}")
                 step.state = "ok"

@@ -40,6 +40,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -53,7 +54,8 @@ from fire_repro.common import UserError, cli, eps_text, lock_folder, sha256_file
 from fire_repro.config import identity_hash
 from fire_repro.data import DATASETS, REHEARSAL_NOTE, batch_split, epoch_steps, steps_per_epoch, test_size
 from fire_repro.launchers import Local, Slurm, Stops, check_slurm, env
-from fire_repro.run_folder import finished_run
+from fire_repro.checkpoints import damaged_checkpoint
+from fire_repro.run_folder import damaged_metrics, finished_run, repair_metrics
 
 SCRIPTS = {"train_fire.py": train_fire, "train_trades.py": train_trades}
 # Flags that run_all.sh sets for every run itself: TRAIN_FLAGS may not override them.
@@ -128,6 +130,7 @@ class Step:
     note: str = ""               # a line for the dry run
     cost: tuple = (0.0, 0.0)
     state: str = "pending"       # pending, running, ok, failed
+    damage: str = ""             # a finished run's file that is damaged, and what to do about it
 
 
 def train_flags():
@@ -167,6 +170,13 @@ def resolve(script, argv):
     except UserError as e:
         raise UserError(f"{e} (in: {script} {' '.join(argv)})") from None
     return args, identity_hash(vars(args))
+
+
+def retrain_command(train):
+    """The command that trains a planned run again from scratch in its folder: the script and its
+    flags, --overwrite in place of --resume auto."""
+    i = next(i for i, c in enumerate(train.command) if c in SCRIPTS)
+    return shlex.join(["python", *train.command[i:-2], "--overwrite"])
 
 
 class Plan:
@@ -223,6 +233,9 @@ class Plan:
             note=f"{script} {' '.join(argv)}"))
         if seen:
             self.shared[block] = self.shared.get(block, 0) + 1
+        elif step.done:
+            why = damaged_metrics(folder, args.epochs)
+            step.damage = why and f"{folder}/metrics.jsonl is damaged ({why}): written again from last.pt's history"
         return step
 
     def overridden_check(self, block, script, flags):
@@ -259,8 +272,13 @@ class Plan:
         norm, eps = threat_model(vars(saved), eargs.norm, eargs.eps)
         n = min(eargs.n_examples or math.inf, test_size(saved))
         out = results.default_out(ckpt, eps, saved.eps, eargs.split, norm)
-        done, why = False, ""
-        if train.done and os.path.isfile(ckpt):
+        done, why, damage = False, "", ""
+        if train.done:
+            damage = damaged_checkpoint(ckpt) if os.path.isfile(ckpt) else "missing"
+        if damage:  # evaluating it would fail on every rerun: the run must be trained again
+            damage = (f"{ckpt} of a finished run is damaged ({damage}): train the run again with "
+                      f"`{retrain_command(train)}` (its old files are set aside), then run this command again")
+        elif train.done:
             record, why = results.finished(out, sha256_file(ckpt), eval_autoattack.settings_of(eargs, eps, n, norm))
             done = record is not None
         stem = os.path.splitext(os.path.basename(out))[0]
@@ -270,7 +288,9 @@ class Plan:
         step = Step("evaluate", block, ckpt, [sys.executable, "eval_autoattack.py", ckpt, *flags],
                     log=os.path.splitext(ckpt)[0] + "-eval.out", needs=[train, *before], done=done, output=out,
                     job=f"eval-{os.path.basename(folder)}-{stem}",
-                    note=f" at eps {eps_text(eps)}" + (f" (again: {why})" if why else ""))
+                    note=f" at eps {eps_text(eps)}" + (f" (again: {why})" if why else ""), damage=damage)
+        if damage:
+            step.state = "failed"
         self.evals[ckpt] = step
         self.steps.append(step)
         return step
@@ -337,6 +357,8 @@ def counts_line(name, steps, shared, queued):
 
 def describe(step, queued, slurm):
     if step.kind == "train":
+        if step.damage:
+            return f"  would repair {step.damage}"
         if step.done:
             return None
         if step in queued:
@@ -345,6 +367,8 @@ def describe(step, queued, slurm):
         steps = steps_per_epoch_of(step)
         return f"  would train  {step.name}{resumes}  ({step.note})" + (f"\n    {steps}" if steps else "")
     if step.kind == "evaluate":
+        if step.damage:
+            return f"  DAMAGED {step.damage}"
         if step.done:
             return None
         if step in queued:
@@ -427,6 +451,12 @@ def main():
     lock = lock_folder(out_dir, "OUT_DIR", "another run_all.sh holds OUT_DIR (wait for it to end, or stop "
                                            "it: kill its PID; then run this command again)")
     try:
+        for step in plan.steps:
+            if step.damage and step.kind == "train":
+                repair_metrics(step.name)
+                print(f"  repaired {step.damage}", flush=True)
+            elif step.damage:
+                print(f"DAMAGED: {step.damage}", file=sys.stderr, flush=True)
         with Stops() as stops:
             if slurm is not None:
                 slurm.stops = stops

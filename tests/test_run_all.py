@@ -45,6 +45,27 @@ def test_run_all_rehearsed_block_trains_evaluates_summarises_and_skips(tmp_path)
     assert again.returncode == 0 and again.stdout.count("  done ") == 3 + 3, again.stdout
     assert "train " not in again.stdout and "  evaluate " not in again.stdout, again.stdout
     assert (tmp_path / "tables" / "table3.md").read_text() == table
+    # a finished run's damaged files: metrics.jsonl is written again from last.pt's history; a cut
+    # best.pt is named as damaged with the command that trains the run again (in the dry run too)
+    runs = sorted(p.parent for p in tmp_path.glob("runs/*/summary.json"))
+    metrics = runs[0] / "metrics.jsonl"
+    whole = metrics.read_text()
+    metrics.write_text(whole[:-30])
+    best = runs[1] / "best.pt"
+    best.write_bytes(best.read_bytes()[:1000])
+    dry = subprocess.run(["bash", RUN_ALL, "table3"], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT, env=dict(env, DRY_RUN="1"))
+    assert dry.returncode == 0 and f"would repair {metrics} is damaged (line 2 is not whole JSON)" in dry.stdout, dry.stdout
+    assert f"DAMAGED {best} of a finished run is damaged (truncated" in dry.stdout, dry.stdout
+    assert "another checkpoint" not in dry.stdout and metrics.read_text() != whole
+    redo = subprocess.run(["bash", RUN_ALL, "table3"], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert redo.returncode == 1 and metrics.read_text() == whole, redo.stdout + redo.stderr
+    assert f"  repaired {metrics}" in redo.stdout and "train " not in redo.stdout
+    line = next(line for line in redo.stderr.splitlines() if line.startswith(f"DAMAGED: {best}"))
+    command = re.search(r"train the run again with `python (.*)`", line).group(1).split()
+    assert command[-1] == "--overwrite" and command[command.index("--out-dir") + 1] == str(runs[1])
+    ident = subprocess.run([PY, *command, "--print-identity"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert runs[1].name.endswith("-" + ident.stdout.strip()), ident.stdout + ident.stderr
     bad = subprocess.run(["bash", os.path.join(ROOT, "run_all.sh"), "table9"], capture_output=True,
                          text=True, timeout=60, cwd=ROOT, env=env)
     assert bad.returncode == 2 and "unknown block 'table9'" in bad.stderr
