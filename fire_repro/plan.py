@@ -59,7 +59,7 @@ from fire_repro.run_folder import damaged_metrics, finished_run, repair_metrics
 
 SCRIPTS = {"train_fire.py": train_fire, "train_trades.py": train_trades}
 # Flags that run_all.sh sets for every run itself: TRAIN_FLAGS may not override them.
-OWNED_FLAGS = ("--dataset", "--seed", "--out-dir", "--resume", "--overwrite", "--print-identity",
+OWNED_FLAGS = ("--dataset", "--seed", "--out-dir", "--resume", "--overwrite", "--print-identity", "--planned",
                "--lam", "--beta", "--loss", "--distance", "--self-adaptive", "--aux-data",
                "--init-from", "--rehearsal")
 

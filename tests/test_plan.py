@@ -137,7 +137,7 @@ def test_a_failing_table_fails_its_block_and_the_others_carry_on(tmp_path):
 
 def test_plan_refuses_owned_flags_directly():
     """train_flags: the flag's own name, an abbreviation argparse would accept, or --flag=value."""
-    for flags in ("--seed 1", "--se 1", "--aux-data=x.npz", "--init 3"):
+    for flags in ("--seed 1", "--se 1", "--aux-data=x.npz", "--init 3", "--planned x"):
         os.environ["TRAIN_FLAGS"] = flags
         try:
             with pytest.raises(UserError, match="TRAIN_FLAGS may not set"):
