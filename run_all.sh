@@ -22,7 +22,8 @@
 # by several blocks (FIRE lam=12 is in Tables 1, 2, 3 and Fig. 7) is trained once. A finished run
 # (summary.json) is skipped and an interrupted training resumes (--resume auto); a finished and whole
 # result (results.finished) is kept, a damaged one evaluated again, and an interrupted evaluation
-# continues: after a crash or preemption, run the same command again. Tables go to $OUT_DIR/tables/*.md, figures to
+# continues: after a crash or preemption, run the same command again. Ctrl-C or `kill PID` stops
+# the plan and its running jobs (they keep what they committed); the same command continues. Tables go to $OUT_DIR/tables/*.md, figures to
 # $OUT_DIR/figures/*.png, and each run's console output to <run>/train.out. Relative paths (OUT_DIR,
 # DATA_DIR, AUX_DATA, PYTHON) are relative to this script's folder, wherever it is started from.
 set -euo pipefail
