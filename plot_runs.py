@@ -24,7 +24,8 @@ import os
 from fire_repro.common import ArgumentParser, UserError, check_output, cli, write_atomic
 from fire_repro.config import run_identity
 from fire_repro.figures import figure_formats
-from fire_repro.tables import mean_std, row_name, settings_text, varies
+from fire_repro.data import rehearsal_title
+from fire_repro.tables import dataset_title, mean_std, row_name, settings_text, varies
 
 # (metrics.jsonl key, panel title, y label, scale): one panel each; grad_norm_max joins grad_norm
 PANELS = [("val_nat", "validation natural accuracy", "%", 100),
@@ -123,7 +124,8 @@ def curves(runs):
         label = names[key]
         same_name = [settings[k] for k in groups if names[k] == label]
         if len(same_name) > 1:  # rows of one name: say what tells them apart
-            label += f" ({settings_text(settings[key], [k for k in sorted(settings[key]) if varies(same_name, k)])})"
+            keys = sorted(set().union(*same_name))  # a setting at its default is left out of an identity
+            label += f" ({settings_text(settings[key], [k for k in keys if varies(same_name, k)])})"
         group.sort(key=lambda r: r["args"]["seed"])
         epochs = sorted({r["epoch"] for run in group for r in run["records"]})
         by_epoch = [{r["epoch"]: r for r in run["records"]} for run in group]
@@ -148,52 +150,64 @@ def curve_label(c):
 
 
 def plot_runs(runs, path, title=None):
-    """Draw the curves of `runs` (read_run dicts) into `path` (format from its extension); returns
-    curves(runs)."""
+    """Draw the curves of `runs` (read_run dicts) into `path` (format from its extension), one set
+    of panels per data set (curves are compared within a data set only); the title (and each
+    panel set's) starts with REHEARSAL when the runs are rehearsal runs. Returns the curves, those
+    of each data set after another (curves(runs of that data set))."""
     from matplotlib.figure import Figure  # no pyplot: no global state, renders with Agg
     from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
-    drawn = curves(runs)
-    fig = Figure(figsize=(13, 7.5))
-    axes = fig.subplots(2, 3, sharex=True).ravel()
-    for i, c in enumerate(drawn):
-        color = f"C{i}"
-        for ax, (key, _, _, scale) in zip(axes, PANELS):
-            for k, style in [(key, "-")] + [("grad_norm_max", "--")] * (key == "grad_norm"):
-                mean = [scale * v for v in c["mean"][k]]
-                ax.plot(c["epochs"], mean, style, color=color, lw=1.4, marker="o", ms=2,
-                        label=curve_label(c) if ax is axes[0] else None)
-                if len(c["seeds"]) > 1:
-                    lo = [m - scale * s for m, s in zip(mean, c["std"][k])]
-                    hi = [m + scale * s for m, s in zip(mean, c["std"][k])]
-                    ax.fill_between(c["epochs"], lo, hi, color=color, alpha=0.2, lw=0)
-            for _, epoch in c["alarms"]:
-                ax.axvline(epoch, color=color, ls=":", lw=1.2)
-        for run in c["runs"]:  # the alarm's epochs, on each seed's own validation PGD
-            marked = [r for r in run["records"] if r.get("collapsed")]
-            axes[1].plot([r["epoch"] for r in marked], [100 * r["val_pgd"] for r in marked], "x",
-                         color=color, ms=7, mew=2)
-    eval_steps = {c["runs"][0]["args"].get("eval_steps") for c in drawn}
-    for ax, (key, name, unit, _) in zip(axes, PANELS):
-        if key == "val_pgd" and len(eval_steps) == 1:
-            name = name.replace("PGD", f"PGD-{eval_steps.pop()}")
-        ax.set_title(name + (" (x: collapse alarm)" if key == "val_pgd" else ""), fontsize=9)
-        ax.set_ylabel(unit)
-        ax.grid(alpha=0.3)
-    axes[5].set_yscale("log")
-    axes[5].yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
-    axes[5].yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    axes[5].yaxis.set_minor_formatter(NullFormatter())
-    axes[5].xaxis.set_major_locator(MaxNLocator(integer=True))  # shared by every panel
-    for ax in axes[3:]:
-        ax.set_xlabel("epoch")
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=1, fontsize=8,
-               frameon=False)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.035 * (len(drawn) + 1), 1, 1))
+    by_dataset = {}
+    for run in runs:
+        by_dataset.setdefault(run["args"].get("dataset"), []).append(run)
+    sets = [(dataset, curves(group)) for dataset, group in by_dataset.items()]
+    rehearsed = any(run["args"].get("rehearsal") for run in runs)
+    fig = Figure(figsize=(13, 7 * len(sets) + 0.3 * (sum(len(d) for _, d in sets) + 2)), layout="constrained")
+    subfigs = fig.subfigures(len(sets), 1, squeeze=False).ravel()
+    n_curve = 0
+    for subfig, (dataset, drawn) in zip(subfigs, sets):
+        axes = subfig.subplots(2, 3, sharex=True).ravel()
+        for c in drawn:
+            color = f"C{n_curve % 10}"
+            n_curve += 1
+            for ax, (key, _, _, scale) in zip(axes, PANELS):
+                for k, style in [(key, "-")] + [("grad_norm_max", "--")] * (key == "grad_norm"):
+                    mean = [scale * v for v in c["mean"][k]]
+                    label = (f"{dataset_title(dataset)}: " * (len(sets) > 1) + curve_label(c)) if ax is axes[0] and style == "-" else None
+                    ax.plot(c["epochs"], mean, style, color=color, lw=1.4, marker="o", ms=2, label=label)
+                    if len(c["seeds"]) > 1:
+                        lo = [m - scale * s for m, s in zip(mean, c["std"][k])]
+                        hi = [m + scale * s for m, s in zip(mean, c["std"][k])]
+                        ax.fill_between(c["epochs"], lo, hi, color=color, alpha=0.2, lw=0)
+                for _, epoch in c["alarms"]:
+                    ax.axvline(epoch, color=color, ls=":", lw=1.2)
+            for run in c["runs"]:  # the alarm's epochs, on each seed's own validation PGD
+                marked = [r for r in run["records"] if r.get("collapsed")]
+                axes[1].plot([r["epoch"] for r in marked], [100 * r["val_pgd"] for r in marked], "x",
+                             color=color, ms=7, mew=2)
+        eval_steps = {c["runs"][0]["args"].get("eval_steps") for c in drawn}
+        for ax, (key, name, unit, _) in zip(axes, PANELS):
+            if key == "val_pgd" and len(eval_steps) == 1:
+                name = name.replace("PGD", f"PGD-{eval_steps.pop()}")
+            ax.set_title(name + (" (x: collapse alarm)" if key == "val_pgd" else ""), fontsize=9)
+            ax.set_ylabel(unit)
+            ax.grid(alpha=0.3)
+        axes[5].set_yscale("log")
+        axes[5].yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        axes[5].yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axes[5].yaxis.set_minor_formatter(NullFormatter())
+        axes[5].xaxis.set_major_locator(MaxNLocator(integer=True))  # shared by every panel of the set
+        for ax in axes[3:]:
+            ax.set_xlabel("epoch")
+        if len(sets) > 1:
+            subfig.suptitle((rehearsal_title if rehearsed else str)(dataset_title(dataset)), fontsize=11)
+    handles = [h for sub in subfigs for h in sub.axes[0].get_legend_handles_labels()[0]]
+    labels = [lab for sub in subfigs for lab in sub.axes[0].get_legend_handles_labels()[1]]
+    fig.legend(handles, labels, loc="outside lower center", ncol=1, fontsize=8, frameon=False)
+    if title or rehearsed:
+        fig.suptitle((rehearsal_title if rehearsed else str)(title or "training curves"))
     ext = os.path.splitext(path)[1].lstrip(".").lower()
     write_atomic(path, lambda f: fig.savefig(f, format=ext, dpi=110), binary=True, what="figure")
-    return drawn
+    return [c for _, drawn in sets for c in drawn]
 
 
 def main(argv=None):

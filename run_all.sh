@@ -22,10 +22,12 @@
 # by several blocks (FIRE lam=12 is in Tables 1, 2, 3 and Fig. 7) is trained once. A finished run
 # (summary.json) is skipped and an interrupted training resumes (--resume auto); a finished and whole
 # result (results.finished) is kept, a damaged one evaluated again, and an interrupted evaluation
-# continues: after a crash or preemption, run the same command again. Tables go to $OUT_DIR/tables/*.md, figures to
+# continues: after a crash or preemption, run the same command again. Ctrl-C or `kill PID` stops
+# the plan and its running jobs (they keep what they committed); the same command continues. Tables go to $OUT_DIR/tables/*.md, figures to
 # $OUT_DIR/figures/*.png, and each run's console output to <run>/train.out. Relative paths (OUT_DIR,
 # DATA_DIR, AUX_DATA, PYTHON) are relative to this script's folder, wherever it is started from.
 set -euo pipefail
+set -f  # no glob expansion: a setting such as DATASETS="*" is checked as written, never as file names
 cd "$(dirname "$0")"
 
 die() { echo "run_all.sh: error: $*" >&2; exit 2; }
@@ -38,17 +40,35 @@ setting() {
     elif [[ -z ${!1} ]]; then die "$1 is set but empty: give a value, or unset it for the default ('$2')"
     fi
 }
-# whole NAME MIN: NAME is a whole number >= MIN
-whole() { [[ ${!1} =~ ^[0-9]+$ ]] && (( 10#${!1} >= $2 )) || die "$1 must be a whole number >= $2, got '${!1}'"; }
+# whole NAME MIN MAX: NAME is a whole number in [MIN, MAX] (written without leading zeros from here on)
+whole() {
+    [[ ${!1} =~ ^0*[0-9]{1,9}$ ]] && (( 10#${!1} >= $2 && 10#${!1} <= $3 )) ||
+        die "$1 must be a whole number in [$2, $3], got '${!1}'"
+    printf -v "$1" '%d' "$(( 10#${!1} ))"
+}
 # one_of NAME VALUE...: NAME is one of the VALUEs
 one_of() {
     local v; for v in "${@:2}"; do [[ ${!1} == "$v" ]] && return 0; done
     die "$1 must be one of: ${*:2}; got '${!1}'"
 }
-# seed_list NAME: seeds separated by spaces
+# seed_list NAME: seeds separated by spaces, each in [0, 2^32) (the scripts' --seed); rewritten as
+# whole numbers without leading zeros, each once ("0 00 1" is "0 1"): a seed is one run, not a spelling
 seed_list() {
     [[ ${!1} =~ ^[[:space:]]*[0-9]+([[:space:]]+[0-9]+)*[[:space:]]*$ ]] ||
         die "$1 must be seeds separated by spaces, e.g. \"0 1 2\"; got '${!1}'"
+    local seed seeds=()
+    for seed in ${!1}; do
+        [[ $seed =~ ^0*[0-9]{1,10}$ ]] && (( 10#$seed < 4294967296 )) ||
+            die "$1: seed '$seed' must be in [0, 4294967295]"
+        seed=$(( 10#$seed ))
+        [[ " ${seeds[*]} " == *" $seed "* ]] || seeds+=("$seed")
+    done
+    printf -v "$1" '%s' "${seeds[*]}"
+}
+# name_list NAME: data set names separated by spaces
+name_list() {
+    [[ ${!1} =~ ^[[:space:]]*[a-z0-9]+([[:space:]]+[a-z0-9]+)*[[:space:]]*$ ]] ||
+        die "$1 must be data set names separated by spaces, e.g. \"mnist cifar10\"; got '${!1}'"
 }
 
 if [[ -n ${SMOKE+set} ]]; then die "SMOKE is not read: REHEARSAL=1 runs every block on the CPU with the real names and settings"; fi
@@ -76,10 +96,8 @@ else
     setting GENERATED_DATA "$DATA_DIR/1m.npz"  # Wang et al.'s 1M generated images (DM-Improves-AT's cifar10/1m.npz)
     setting DATASETS "mnist cifar10 cifar100"
     setting NPROC 1               # >1: torchrun with NPROC processes (DDP); 1: DataParallel
-    [[ $DATASETS =~ ^[[:space:]]*[a-z0-9]+([[:space:]]+[a-z0-9]+)*[[:space:]]*$ ]] ||
-        die "DATASETS must be data set names separated by spaces, e.g. \"mnist cifar10\"; got '$DATASETS'"
 fi
-seed_list SEEDS; seed_list SWEEP_SEEDS; whole JOBS 1; whole NPROC 1
+seed_list SEEDS; seed_list SWEEP_SEEDS; name_list DATASETS; whole JOBS 1 1024; whole NPROC 1 64
 if [[ $LAUNCHER == local && $REHEARSAL == 0 ]]; then
     # GPUs of this machine; the default: CUDA_VISIBLE_DEVICES if set, else the paper's 4 GPUs
     if [[ -z ${GPUS+set} && -n ${CUDA_VISIBLE_DEVICES:-} ]]; then GPUS=$CUDA_VISIBLE_DEVICES; fi
@@ -91,13 +109,13 @@ fi
 if [[ $LAUNCHER == slurm ]]; then  # docs/cluster.md
     PARTITION="${PARTITION:-}"; ACCOUNT="${ACCOUNT:-}"; SBATCH_ARGS="${SBATCH_ARGS:-}"  # empty: SLURM's default
     if [[ $REHEARSAL == 1 ]]; then gpus=0 cpus=1 time=0:30:00; else gpus=4 cpus=8 time=24:00:00; fi
-    setting GPUS_PER_TRAINING $gpus; whole GPUS_PER_TRAINING 0   # the paper: 4 V100s per run
-    setting GPUS_PER_EVAL $(( 10#$GPUS_PER_TRAINING > 0 )); whole GPUS_PER_EVAL 0
-    setting CPUS_PER_TRAINING $cpus; whole CPUS_PER_TRAINING 1
-    setting CPUS_PER_EVAL $(( 10#$CPUS_PER_TRAINING > 1 ? 10#$CPUS_PER_TRAINING / 2 : 1 )); whole CPUS_PER_EVAL 1
+    setting GPUS_PER_TRAINING $gpus; whole GPUS_PER_TRAINING 0 64   # the paper: 4 V100s per run
+    setting GPUS_PER_EVAL $(( GPUS_PER_TRAINING > 0 )); whole GPUS_PER_EVAL 0 64
+    setting CPUS_PER_TRAINING $cpus; whole CPUS_PER_TRAINING 1 4096
+    setting CPUS_PER_EVAL $(( CPUS_PER_TRAINING > 1 ? CPUS_PER_TRAINING / 2 : 1 )); whole CPUS_PER_EVAL 1 4096
     setting TIME_LIMIT $time          # per job; a longer training is requeued and resumes (fire_repro/plan.py checks it)
     setting SIGNAL_SECONDS 300        # SIGUSR1 this long before the time limit: stop, requeue
-    whole SIGNAL_SECONDS 1; (( SIGNAL_SECONDS <= 65535 )) || die "SIGNAL_SECONDS must be <= 65535 (SLURM's limit), got $SIGNAL_SECONDS"
+    whole SIGNAL_SECONDS 1 65535   # SLURM's limit
     if (( NPROC > 1 && NPROC != GPUS_PER_TRAINING )); then
         die "NPROC=$NPROC torchrun processes need as many GPUs per training: set GPUS_PER_TRAINING=$NPROC"
     fi
@@ -159,12 +177,13 @@ PLAN=()
 N=0
 emit() { local IFS=$'\x1f'; PLAN+=("$*"); }
 
-# fit SCRIPT TAG ARGS...: a training (ARGS include --dataset and --seed; TRAIN_COMMON is appended,
-# and TRAIN_FLAGS by the plan); sets RUN to a name for its folder ("@N", which the plan resolves).
+# fit SCRIPT TAG ARGS...: a training (ARGS, the block's own flags, include --dataset and --seed; the
+# plan appends TRAIN_COMMON, then TRAIN_FLAGS, which may not set a flag of ARGS); sets RUN to a name
+# for its folder ("@N", which the plan resolves).
 fit() {
     local script=$1 tag=$2; shift 2
     N=$(( N + 1 )); RUN="@$N"
-    emit train "$RUN" "$tag" "$script" "$@" "${TRAIN_COMMON[@]}"
+    emit train "$RUN" "$tag" "$script" "$@"
 }
 
 # The methods, each with its arguments in one fixed order, so that equal runs get equal folders.
@@ -412,10 +431,13 @@ generated() {
 # ---- main ----------------------------------------------------------------------------------------
 "$PY" -c 'import torch, pyautoattack' 2>/dev/null ||
     die "'$PY' cannot import torch and pyautoattack: create .venv as the README says, or set PYTHON=/path/to/python"
+emit common "${TRAIN_COMMON[@]}"
 for b in "${BLOCKS[@]}"; do emit block "$b"; "$b"; done
 export OUT_DIR DRY_RUN LAUNCHER JOBS NPROC TRAIN_FLAGS REHEARSAL
 if [[ $LAUNCHER == slurm ]]; then
     export PARTITION ACCOUNT SBATCH_ARGS GPUS_PER_TRAINING GPUS_PER_EVAL CPUS_PER_TRAINING CPUS_PER_EVAL
     export TIME_LIMIT SIGNAL_SECONDS
 fi
-printf '%s\0' "${PLAN[@]}" | "$PY" -m fire_repro.plan
+# The planner takes this process's place (exec): a signal to run_all.sh's PID or group reaches it,
+# and it stops its jobs (fire_repro/launchers.py).
+exec "$PY" -m fire_repro.plan < <(printf '%s\0' "${PLAN[@]}")

@@ -117,6 +117,20 @@ def load_checkpoint(path, what="checkpoint", resuming=False):
     return ckpt
 
 
+def damaged_checkpoint(path):
+    """Why the checkpoint file at `path` cannot be whole ('truncated or not a checkpoint file'),
+    '' when its container is: torch.save writes a zip archive whose directory is at its end, so a
+    cut file has none. Cheap (reads the directory only) for the plan of run_all.sh to ask of every
+    finished run; load_checkpoint is the full check."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as z:
+            z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        return f"truncated or not a checkpoint file ({type(e).__name__}: {str(e)[:80]})"
+    return ""
+
+
 CHECKPOINT_PARTS = {"epoch": int, "train_time_s": (int, float)}  # besides the model and its args
 RESUME_PARTS = {"optimizer": dict, "scheduler": dict, "scaler": dict, "rng": dict, "history": list,
                 "best_val_pgd": (int, float), "best_epoch": int, "log_bytes": int}

@@ -309,7 +309,12 @@ NOT_IDENTITY = frozenset({"out_dir", "resume", "overwrite", "data_dir", "device"
 # --label-smoothing and --aux-epoch only when a run uses another value (so the runs without them keep
 # their folders).
 DEFAULT_IDENTITY = {"norm": "linf", "rehearsal": False, "label_smoothing": 0.0, "aux_epoch": "train"}
-IDENTITY_PATHS = ("aux_data", "init_from")  # compared as normalised paths: ./x and x are one file
+# Input files enter the identity by what they are, not where they lie, so that moving DATA_DIR or
+# OUT_DIR, or spelling either absolutely, keeps every folder: the extra data by their file name
+# (written data/NAME, as under the default DATA_DIR), a checkpoint to start from by its run folder's
+# name and its file (RUN/best.pt), since a run folder's name holds its own identity.
+IDENTITY_PATHS = {"aux_data": lambda p: os.path.join("data", os.path.basename(os.path.normpath(p))),
+                  "init_from": lambda p: os.path.join(*os.path.normpath(os.path.abspath(p)).split(os.sep)[-2:])}
 
 
 # Settings that change nothing unless another one is on: (setting, the flags that make it matter,
@@ -340,9 +345,9 @@ def run_identity(saved):
     for key, _ in inert_settings(identity):
         identity[key] = DEFAULTS[key]
     identity = {k: v for k, v in identity.items() if not (k in DEFAULT_IDENTITY and v == DEFAULT_IDENTITY[k])}
-    for key in IDENTITY_PATHS:
+    for key, what in IDENTITY_PATHS.items():
         if isinstance(identity.get(key), str):
-            identity[key] = os.path.normpath(identity[key])
+            identity[key] = what(identity[key])
     return identity
 
 

@@ -2,11 +2,13 @@
 a time on this machine, each after the steps it needs; Slurm submits each as a job chained by
 afterok dependencies (docs/cluster.md), with the SLURM settings checked first (check_slurm).
 """
+import ctypes
 import getpass
 import glob
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -81,12 +83,69 @@ def failed_need(step):
     return next((n for n in step.needs if n.state == "failed"), None)
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def own_child(parent):
+    """preexec_fn of every job the plan starts: its own process group (so that Ctrl-C in the
+    terminal reaches the planner, which stops its jobs as SLURM does, with SIGTERM), and SIGTERM
+    when the planner dies, SIGKILL included (Linux's PR_SET_PDEATHSIG), so that no training outlives
+    the run_all.sh that started it."""
+    os.setpgid(0, 0)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the process group is still signalled on a stop
+        pass
+    if os.getppid() != parent:  # the planner died before prctl
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def spawn(command, **kwargs):
+    """subprocess.Popen of a job of the plan, owned by this process (own_child)."""
+    return subprocess.Popen(command, preexec_fn=lambda parent=os.getpid(): own_child(parent), **kwargs)
+
+
+class Stops:
+    """While the plan is launched, SIGTERM, SIGINT and SIGHUP (to run_all.sh's PID, which is the
+    planner's, or to its process group) stop it: no step starts any more, and every running job's
+    process group gets SIGTERM (a training commits its epoch, an evaluation its chunks) and is
+    waited for. `signum` is the signal that came, None while none did."""
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def __init__(self):
+        self.signum, self.children, self.previous = None, set(), {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self.previous[sig] = signal.signal(sig, self.stop)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def stop(self, signum, frame):
+        self.signum = self.signum or signum
+        for proc in list(self.children):
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def message(self, out_dir, stopped):
+        name = signal.Signals(self.signum).name
+        return (f"run_all.sh: stopped by {name}" + (f" ({stopped} running job(s) stopped)" if stopped else "")
+                + f"; what finished is kept in {out_dir}: run the same command again to continue "
+                  f"(trainings resume from their last epoch, evaluations from their last chunk)")
+
+
 class Local:
     """JOBS trainings and evaluations at a time on this machine, each after the steps it needs;
     tables, figures and CPU steps run here when theirs are done."""
 
-    def __init__(self, plan):
+    def __init__(self, plan, stops=None):
         self.plan, self.jobs, self.running = plan, int(env("JOBS", "1")), {}
+        self.stops = stops or Stops()
 
     def start(self, step):
         os.makedirs(os.path.dirname(step.log) or ".", exist_ok=True)
@@ -95,27 +154,41 @@ class Local:
             write_atomic(os.path.join(step.name, "command.txt"), lambda f: f.write(step.note + "\n"))
         else:
             print(f"  evaluate {step.name}", flush=True)
-        log = open(step.log, "w")
-        self.running[subprocess.Popen(step.command, stdout=log, stderr=subprocess.STDOUT)] = (step, log)
+        log = open(step.log, "a")  # every attempt's lines, each after its own header
+        log.write(f"== attempt at {time.strftime('%F %T')} (run_all.sh, process {os.getpid()}): "
+                  f"{' '.join(step.command)}\n")
+        log.flush()
+        start = log.tell()
+        proc = spawn(step.command, stdout=log, stderr=subprocess.STDOUT)
+        self.stops.children.add(proc)
+        self.running[proc] = (step, log, start)
         step.state = "running"
 
     def finish(self, proc):
-        step, log = self.running.pop(proc)
+        step, log, start = self.running.pop(proc)
+        self.stops.children.discard(proc)
         log.close()
         step.state = "ok" if proc.returncode == 0 else "failed"
+        with open(step.log, errors="replace") as f:
+            f.seek(start)
+            attempt = f.read()  # this attempt's lines only
+        if self.stops.signum is not None:
+            step.state = "stopped"
+            return
         if step.kind == "evaluate" and step.state == "ok":
-            with open(step.log) as f:
-                print(f.read(), end="", flush=True)
+            print(attempt, end="", flush=True)
         if step.state == "failed":
-            with open(step.log) as f:
-                tail = f.read().splitlines()[-5:]
             print(f"FAILED: {' '.join(step.command)} (see {step.log})", file=sys.stderr)
-            print("\n".join(tail), file=sys.stderr, flush=True)
+            print("\n".join(attempt.splitlines()[-5:]), file=sys.stderr, flush=True)
 
     def inline(self, step):
         """A table, figure or CPU step, here and now; its console output printed."""
         os.makedirs(os.path.dirname(step.output) or ".", exist_ok=True)
-        r = subprocess.run(step.command, capture_output=True, text=True)
+        proc = spawn(step.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.stops.children.add(proc)
+        out, err = proc.communicate()
+        self.stops.children.discard(proc)
+        r = subprocess.CompletedProcess(step.command, proc.returncode, out, err)
         print(r.stdout, end="")
         print(r.stderr, end="", file=sys.stderr, flush=True)
         step.state = "ok" if r.returncode == 0 else "failed"
@@ -125,9 +198,20 @@ class Local:
             print(f"FAILED: {step.output} (exit {r.returncode})", file=sys.stderr, flush=True)
 
     def run(self):
+        """Launch the plan; returns the number of jobs a stop signal stopped (Stops)."""
         pending = [s for s in self.plan.steps if s.state == "pending"]
+        stopped = 0
         while pending or self.running:
             progressed = False
+            if self.stops.signum is not None:  # stopping: wait for the running jobs, start nothing
+                pending = []
+                if not self.running:
+                    break
+                time.sleep(0.2)
+                for proc in [p for p in self.running if p.poll() is not None]:
+                    self.finish(proc)
+                    stopped += 1
+                continue
             for step in list(pending):
                 if step.done:
                     print(f"  done   {step.output or step.name}", flush=True)
@@ -151,6 +235,7 @@ class Local:
                     self.finish(proc)
             elif not progressed and pending:  # nothing runs and nothing can start: a cycle
                 raise UserError(f"the plan cannot order {pending[0].name}")
+        return stopped
 
 
 class Slurm:
@@ -162,8 +247,9 @@ class Slurm:
     ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "CONFIGURING",
               "COMPLETING", "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT"}
 
-    def __init__(self, plan):
+    def __init__(self, plan, stops=None):
         self.plan, self.dir = plan, os.path.join(plan.out_dir, "slurm")
+        self.stops = stops or Stops()
         self.common = sbatch_common()
         self.queue, self.submitted = {}, 0
         r = subprocess.run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%j|%T"],
@@ -229,10 +315,14 @@ class Slurm:
                 os.remove(path)
         write_atomic(os.path.join(self.dir, "job.sh"), lambda f: f.write(JOB_SCRIPT))
         os.chmod(os.path.join(self.dir, "job.sh"), 0o755)
-        local = Local(self.plan)
+        local = Local(self.plan, self.stops)
         for step in self.plan.steps:
+            if self.stops.signum is not None:  # a stop signal: submit no more (submitted jobs run on)
+                break
             step.jobid = ""
             after = [n.jobid for n in step.needs if n.jobid]
+            if step.state == "failed":  # refused by the plan (a damaged checkpoint), said above
+                continue
             if step.done:
                 print(f"  done   {step.output or step.name}")
                 step.state = "ok"

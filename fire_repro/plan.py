@@ -17,8 +17,10 @@ everything else from the code the scripts themselves run, and launches what is n
 
 Plan lines end with \0 (a field may hold a newline), their fields separated by \x1f; "@N" in a field stands for the folder of the N-th training:
 
+    common FLAGS...                 flags of every training (run_all.sh's TRAIN_COMMON)
     block NAME                      the steps that follow belong to block NAME
-    train @N TAG SCRIPT FLAGS...    a training (TRAIN_FLAGS are appended here)
+    train @N TAG SCRIPT FLAGS...    a training: the block's FLAGS, then common's, then TRAIN_FLAGS
+                                    (which may not set a flag of FLAGS)
     evaluate @N/KIND.pt FLAGS...    AutoAttack on a checkpoint (the data set's radius is added here)
     table NAME TITLE ARGS...        python -m fire_repro.tables ARGS: @N/KIND.pt is its result
     plot NAME KIND ARGS...          python -m fire_repro.tables ARGS --plot-kind KIND (Figs. 7 and 8)
@@ -34,9 +36,11 @@ table left results out (the blocks are named), 2 for bad settings.
 import getpass
 import glob
 import hashlib
+import json
 import math
 import os
 import re
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -49,12 +53,13 @@ from fire_repro.autoattack import threat_model
 from fire_repro.common import UserError, cli, eps_text, lock_folder, sha256_file
 from fire_repro.config import identity_hash
 from fire_repro.data import DATASETS, REHEARSAL_NOTE, batch_split, epoch_steps, steps_per_epoch, test_size
-from fire_repro.launchers import Local, Slurm, check_slurm, env
-from fire_repro.run_folder import finished_run
+from fire_repro.launchers import Local, Slurm, Stops, check_slurm, env
+from fire_repro.checkpoints import damaged_checkpoint
+from fire_repro.run_folder import damaged_metrics, finished_run, repair_metrics
 
 SCRIPTS = {"train_fire.py": train_fire, "train_trades.py": train_trades}
 # Flags that run_all.sh sets for every run itself: TRAIN_FLAGS may not override them.
-OWNED_FLAGS = ("--dataset", "--seed", "--out-dir", "--resume", "--overwrite", "--print-identity",
+OWNED_FLAGS = ("--dataset", "--seed", "--out-dir", "--resume", "--overwrite", "--print-identity", "--planned",
                "--lam", "--beta", "--loss", "--distance", "--self-adaptive", "--aux-data",
                "--init-from", "--rehearsal")
 
@@ -125,18 +130,36 @@ class Step:
     note: str = ""               # a line for the dry run
     cost: tuple = (0.0, 0.0)
     state: str = "pending"       # pending, running, ok, failed
+    damage: str = ""             # a finished run's file that is damaged, and what to do about it
 
 
 def train_flags():
-    """TRAIN_FLAGS split into flags; one that run_all.sh sets itself is refused."""
+    """TRAIN_FLAGS split into flags; one that run_all.sh sets itself is refused, and so is a request
+    for help (it would print the scripts' help in place of the plan)."""
     flags = env("TRAIN_FLAGS").split()
     for flag in flags:
+        if flag in ("-h", "--help") or (flag.startswith("--h") and "--help".startswith(flag.split("=")[0])):
+            raise UserError(f"TRAIN_FLAGS may not hold {flag}: it adds flags to every training "
+                            f"(train_fire.py -h and train_trades.py -h list them)")
         name = flag.split("=")[0]
         if name.startswith("--") and len(name) > 2 and any(o.startswith(name) for o in OWNED_FLAGS):
             owned = next(o for o in OWNED_FLAGS if o.startswith(name))
             raise UserError(f"TRAIN_FLAGS may not set {owned}: run_all.sh sets it for every run "
                             f"(SEEDS, DATASETS, the blocks; docs/reproducing.md)")
     return flags
+
+
+def overridden(block_flags, extra):
+    """The first flag of TRAIN_FLAGS (`extra`) that sets one of a block's own flags (`block_flags`,
+    argparse abbreviations and --flag=value included), or None."""
+    own = [f for f in block_flags if f.startswith("--")]
+    for flag in extra:
+        name = flag.split("=")[0]
+        if name.startswith("--") and len(name) > 2:
+            hit = next((o for o in own if o == name), None) or next((o for o in own if o.startswith(name)), None)
+            if hit:
+                return hit
+    return None
 
 
 def resolve(script, argv):
@@ -149,12 +172,19 @@ def resolve(script, argv):
     return args, identity_hash(vars(args))
 
 
+def retrain_command(train):
+    """The command that trains a planned run again from scratch in its folder: the script and its
+    flags, --overwrite in place of --resume auto."""
+    i = next(i for i, c in enumerate(train.command) if c in SCRIPTS)
+    return shlex.join(["python", *train.command[i:-2], "--overwrite"])
+
+
 class Plan:
     """Every step of the blocks, de-duplicated (a run or an evaluation shared by several blocks is
     one step), with what is finished already."""
 
     def __init__(self, lines, out_dir):
-        self.out_dir, self.extra = out_dir, train_flags()
+        self.out_dir, self.extra, self.common = out_dir, train_flags(), []
         self.steps, self.blocks, self.folders, self.args = [], {}, {}, {}
         self.by_key, self.evals = {}, {}   # de-duplication; checkpoint -> its evaluation
         self.shared = {}                   # block -> trainings shared with a block above
@@ -164,6 +194,9 @@ class Plan:
             if kind == "block":
                 block = fields[0]
                 self.blocks[block] = []
+                continue
+            if kind == "common":
+                self.common = fields
                 continue
             step = getattr(self, "add_" + kind)(block, *fields)
             if step is not None:
@@ -181,7 +214,8 @@ class Plan:
         return step, False
 
     def add_train(self, block, handle, tag, script, *flags):
-        argv = [self.ref(f) for f in flags] + self.extra
+        own = self.overridden_check(block, script, [self.ref(f) for f in flags])
+        argv = own + self.common + self.extra
         args, ident = resolve(script, [*argv, "--print-identity", *self.planned_inputs(argv)])
         folder = os.path.join(self.out_dir, "runs", f"{tag}-{ident}")
         self.folders[handle.lstrip("@")] = folder
@@ -199,7 +233,18 @@ class Plan:
             note=f"{script} {' '.join(argv)}"))
         if seen:
             self.shared[block] = self.shared.get(block, 0) + 1
+        elif step.done:
+            why = damaged_metrics(folder, args.epochs)
+            step.damage = why and f"{folder}/metrics.jsonl is damaged ({why}): written again from last.pt's history"
         return step
+
+    def overridden_check(self, block, script, flags):
+        """The block's own flags of a training; a UserError if TRAIN_FLAGS would override one."""
+        hit = overridden(flags, self.extra)
+        if hit:
+            raise UserError(f"TRAIN_FLAGS may not set {hit}: block {block} sets it for its runs "
+                            f"({script} {' '.join(flags)}); run another block, or train the run yourself")
+        return flags
 
     def planned_inputs(self, argv):
         """--planned FILE for each input (--init-from, --aux-data) that a step planned before
@@ -227,8 +272,13 @@ class Plan:
         norm, eps = threat_model(vars(saved), eargs.norm, eargs.eps)
         n = min(eargs.n_examples or math.inf, test_size(saved))
         out = results.default_out(ckpt, eps, saved.eps, eargs.split, norm)
-        done, why = False, ""
-        if train.done and os.path.isfile(ckpt):
+        done, why, damage = False, "", ""
+        if train.done:
+            damage = damaged_checkpoint(ckpt) if os.path.isfile(ckpt) else "missing"
+        if damage:  # evaluating it would fail on every rerun: the run must be trained again
+            damage = (f"{ckpt} of a finished run is damaged ({damage}): train the run again with "
+                      f"`{retrain_command(train)}` (its old files are set aside), then run this command again")
+        elif train.done:
             record, why = results.finished(out, sha256_file(ckpt), eval_autoattack.settings_of(eargs, eps, n, norm))
             done = record is not None
         stem = os.path.splitext(os.path.basename(out))[0]
@@ -238,7 +288,9 @@ class Plan:
         step = Step("evaluate", block, ckpt, [sys.executable, "eval_autoattack.py", ckpt, *flags],
                     log=os.path.splitext(ckpt)[0] + "-eval.out", needs=[train, *before], done=done, output=out,
                     job=f"eval-{os.path.basename(folder)}-{stem}",
-                    note=f" at eps {eps_text(eps)}" + (f" (again: {why})" if why else ""))
+                    note=f" at eps {eps_text(eps)}" + (f" (again: {why})" if why else ""), damage=damage)
+        if damage:
+            step.state = "failed"
         self.evals[ckpt] = step
         self.steps.append(step)
         return step
@@ -305,6 +357,8 @@ def counts_line(name, steps, shared, queued):
 
 def describe(step, queued, slurm):
     if step.kind == "train":
+        if step.damage:
+            return f"  would repair {step.damage}"
         if step.done:
             return None
         if step in queued:
@@ -313,6 +367,8 @@ def describe(step, queued, slurm):
         steps = steps_per_epoch_of(step)
         return f"  would train  {step.name}{resumes}  ({step.note})" + (f"\n    {steps}" if steps else "")
     if step.kind == "evaluate":
+        if step.damage:
+            return f"  DAMAGED {step.damage}"
         if step.done:
             return None
         if step in queued:
@@ -391,15 +447,30 @@ def main():
     for folder in ("runs", "tables", "figures"):
         os.makedirs(os.path.join(out_dir, folder), exist_ok=True)
     start = time.time()
-    lock = lock_folder(out_dir, "OUT_DIR", "another run_all.sh is launching its plan there (wait for it to "
-                                           "end, or stop it, then run this command again)")
+    # one plan per OUT_DIR at a time, whichever the launcher (held until the local jobs end)
+    lock = lock_folder(out_dir, "OUT_DIR", "another run_all.sh holds OUT_DIR (wait for it to end, or stop "
+                                           "it: kill its PID; then run this command again)")
     try:
+        for step in plan.steps:
+            if step.damage and step.kind == "train":
+                repair_metrics(step.name)
+                print(f"  repaired {step.damage}", flush=True)
+            elif step.damage:
+                print(f"DAMAGED: {step.damage}", file=sys.stderr, flush=True)
+        with Stops() as stops:
+            if slurm is not None:
+                slurm.stops = stops
+                n = slurm.run()
+                stopped = 0
+            else:
+                stopped = Local(plan, stops).run()
+        if stops.signum is not None:
+            print(stops.message(out_dir, stopped), file=sys.stderr, flush=True)
+            return 128 + stops.signum
         if slurm is not None:
-            n = slurm.run()
             print(f"== submitted {n} job(s) in {time.time() - start:.0f}s: squeue -u {getpass.getuser()} shows "
                   f"them; tables appear in {out_dir}/tables, figures in {out_dir}/figures")
         else:
-            Local(plan).run()
             print(f"== done in {time.time() - start:.0f}s: tables in {out_dir}/tables, figures in {out_dir}/figures")
     finally:
         lock.close()
@@ -412,12 +483,39 @@ def main():
 
 
 def refuse_real_runs(out_dir):
-    """A rehearsal never writes into a folder of real runs (one whose command.txt lacks --rehearsal)."""
-    for path in sorted(glob.glob(os.path.join(glob.escape(out_dir), "runs", "*", "command.txt"))):
+    """A rehearsal never writes into a folder of real runs or outputs: one with a run whose
+    arguments (the first line of its log.txt, which every training writes whatever launched it, or
+    the command.txt of the local launcher) are not a rehearsal's, or a table without the rehearsal's
+    note."""
+    for folder in sorted(glob.glob(os.path.join(glob.escape(out_dir), "runs", "*", ""))):
+        if real_run(folder):
+            raise UserError(f"REHEARSAL=1 would write into {out_dir!r}, which holds real runs "
+                            f"({os.path.normpath(folder)}): choose another OUT_DIR")
+    for path in sorted(glob.glob(os.path.join(glob.escape(out_dir), "tables", "*.md"))):
         with open(path, errors="replace") as f:
-            if "--rehearsal" not in f.read().split():
-                raise UserError(f"REHEARSAL=1 would write into {out_dir!r}, which holds real runs "
-                                f"({os.path.dirname(path)}): choose another OUT_DIR")
+            if REHEARSAL_NOTE not in f.read():
+                raise UserError(f"REHEARSAL=1 would write into {out_dir!r}, which holds real tables "
+                                f"({path}): choose another OUT_DIR")
+
+
+def real_run(folder):
+    """Whether the run folder holds a run that is not a rehearsal, by its log.txt's arguments line
+    (JSON; "rehearsal" false or absent), else its command.txt (without --rehearsal); a log.txt that
+    says neither counts as a real run's."""
+    log = os.path.join(folder, "log.txt")
+    if os.path.exists(log):
+        with open(log, errors="replace") as f:
+            try:
+                args = json.loads(f.readline())
+            except ValueError:
+                args = None
+        if isinstance(args, dict):
+            return args.get("rehearsal") is not True
+    command = os.path.join(folder, "command.txt")
+    if os.path.exists(command):
+        with open(command, errors="replace") as f:
+            return "--rehearsal" not in f.read().split()
+    return os.path.exists(log)
 
 
 if __name__ == "__main__":

@@ -183,3 +183,30 @@ def finished_summary(args, ckpt):
         print(f"{args.out_dir}: already finished (--epochs {args.epochs} done, summary.json written); "
               f"nothing to do", flush=True)
     return summary
+
+
+def damaged_metrics(out_dir, epochs):
+    """Why a finished run's metrics.jsonl is damaged (a line that is not an epoch's record, or not
+    one record for each of its `epochs` epochs), '' when it is whole."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return "missing"
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return f"line {n} is not whole JSON"
+        if not (isinstance(record, dict) and record.get("epoch") == n):
+            return f"line {n} is not the record of epoch {n}"
+    return "" if len(lines) == epochs else f"{len(lines)} records for {epochs} epochs"
+
+
+def repair_metrics(out_dir):
+    """Write metrics.jsonl again from last.pt's history, the committed record of every epoch (as a
+    resumed run does, start_run_dir)."""
+    ckpt = load_checkpoint(os.path.join(out_dir, "last.pt"), resuming=True)
+    write_atomic(os.path.join(out_dir, "metrics.jsonl"),
+                 lambda f: f.writelines(json.dumps(r) + "\n" for r in ckpt["history"]))

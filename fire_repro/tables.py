@@ -25,7 +25,7 @@ import numpy as np
 from scipy.stats import bootstrap
 
 from fire_repro.common import ArgumentParser, UserError, check_output, cli, eps_text, fmt_hours, write_atomic
-from fire_repro.config import never_starts, run_identity
+from fire_repro.config import DEFAULT_IDENTITY, never_starts, run_identity
 from fire_repro.data import DATASETS, REHEARSAL_NOTE, rehearsal_title
 from fire_repro.results import RESULT_FORMAT, read_per_image, result_problem
 
@@ -297,7 +297,8 @@ def fmt_setting(value):
 
 def settings_text(settings, keys):
     """'--lr 0.01 --epochs 200': the values of `keys` in a result's training settings."""
-    return " ".join(f"--{k.replace('_', '-')} {fmt_setting(settings.get(k))}" for k in keys) or "-"
+    return " ".join(f"--{k.replace('_', '-')} {fmt_setting(settings.get(k, DEFAULT_IDENTITY.get(k)))}"
+                    for k in keys) or "-"  # a setting an identity leaves out at its default has that value
 
 
 # Settings that may differ between rows of one data set: (field, column, formatter)

@@ -8,7 +8,9 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -135,7 +137,7 @@ def test_a_failing_table_fails_its_block_and_the_others_carry_on(tmp_path):
 
 def test_plan_refuses_owned_flags_directly():
     """train_flags: the flag's own name, an abbreviation argparse would accept, or --flag=value."""
-    for flags in ("--seed 1", "--se 1", "--aux-data=x.npz", "--init 3"):
+    for flags in ("--seed 1", "--se 1", "--aux-data=x.npz", "--init 3", "--planned x"):
         os.environ["TRAIN_FLAGS"] = flags
         try:
             with pytest.raises(UserError, match="TRAIN_FLAGS may not set"):
@@ -149,13 +151,111 @@ def test_plan_refuses_owned_flags_directly():
         del os.environ["TRAIN_FLAGS"]
 
 
-def test_rehearsal_refuses_a_folder_of_real_runs(tmp_path):
-    """REHEARSAL=1 into an OUT_DIR that holds a real run (its command.txt without --rehearsal): one
-    line, exit 2, the folder left as it was."""
+@pytest.mark.parametrize("files", [
+    {"command.txt": "train_fire.py --dataset mnist --seed 0 --lam 12\n"},            # the local launcher's
+    {"log.txt": json.dumps({"dataset": "mnist", "rehearsal": False}) + "\n3 epochs\n"},  # SLURM's: no command.txt
+    {"log.txt": json.dumps({"dataset": "mnist"}) + "\n"},                            # arguments from before --rehearsal
+    {"log.txt": "\x00garbled\n"},                                                    # cannot tell: refused
+    {"tables/table3.md": "| FIRE (lam=12) | 99.1 |\n"},                              # a real table, no run
+])
+def test_rehearsal_refuses_a_folder_of_real_runs(tmp_path, files):
+    """REHEARSAL=1 into an OUT_DIR that holds a real run, known by what every launcher writes (the
+    arguments line of its log.txt; the local launcher's command.txt) or a table without the
+    rehearsal's note: one line, exit 2, the folder left as it was. A rehearsal's own run is no
+    obstacle (see the next test)."""
     run = tmp_path / "runs" / "fire-mnist-lam12-s0-0123456789ab"
     run.mkdir(parents=True)
-    (run / "command.txt").write_text("train_fire.py --dataset mnist --seed 0 --lam 12\n")
+    for name, text in files.items():
+        path = tmp_path / name if "/" in name else run / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
     r = run_all("table3", timeout=300, REHEARSAL="1", DATASETS="mnist", OUT_DIR=str(tmp_path))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert "holds real runs" in r.stderr
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["command.txt", run.name, "runs"]
+    assert "holds real" in r.stderr
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_rehearsal_guard_passes_a_rehearsal_run():
+    """plan.real_run: a rehearsal's log.txt or command.txt is not a real run; an empty folder neither."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        assert not plan.real_run(d)
+        with open(os.path.join(d, "log.txt"), "w") as f:
+            f.write(json.dumps({"dataset": "mnist", "rehearsal": True}) + "\n")
+        assert not plan.real_run(d)
+        os.remove(os.path.join(d, "log.txt"))
+        with open(os.path.join(d, "command.txt"), "w") as f:
+            f.write("train_fire.py --dataset mnist --rehearsal\n")
+        assert not plan.real_run(d)
+
+
+@pytest.mark.parametrize("flags", ["--norm linf", "--norm=linf", "--nor linf"])
+def test_train_flags_may_not_override_a_flag_of_the_block(tmp_path, flags):
+    """TRAIN_FLAGS="--norm linf" ./run_all.sh l2 would fill the L2 table with Linf runs: one line,
+    exit 2, nothing created; a flag the block leaves alone (--norm in table1) is the user's."""
+    r = run_all("l2", timeout=120, DRY_RUN="1", SEEDS="0", TRAIN_FLAGS=flags, OUT_DIR=str(tmp_path / "out"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "TRAIN_FLAGS may not set --norm: block l2 sets it" in r.stderr, r.stderr
+    ok = run_all("table1", timeout=300, DRY_RUN="1", SEEDS="0", DATASETS="mnist", TRAIN_FLAGS=flags,
+                 OUT_DIR=str(tmp_path / "out"))
+    assert ok.returncode == 0, ok.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def processes_under(folder):
+    """PIDs of the processes whose command line names `folder` (the plan's jobs write there)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if str(folder).encode() in f.read():
+                    pids.append(int(entry))
+        except (OSError, ValueError):
+            pass
+    return pids
+
+
+def wait_until(predicate, timeout=600):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "gave up waiting"
+        time.sleep(0.5)
+
+
+def test_a_signal_to_run_all_stops_its_jobs_and_says_how_to_continue(tmp_path):
+    """run_all.sh is the planner's process (exec): SIGTERM to its PID, or SIGINT to its process group
+    (Ctrl-C), stops the plan and its running trainings, exit 128 + the signal, one line saying how to
+    continue; SIGKILL to it leaves no training behind (each gets SIGTERM when the planner dies); a
+    second run_all.sh on the same OUT_DIR is one line while the first runs; each attempt of a job is
+    appended to its train.out under its own header."""
+    env = dict(os.environ, PYTHON=PY, REHEARSAL="1", DATASETS="mnist", SEEDS="0", JOBS="2", OUT_DIR=str(tmp_path),
+               TRAIN_FLAGS="--epochs 400 --batch-size 2 --attack-steps 8")
+
+    def start():
+        proc = subprocess.Popen(["bash", RUN_ALL, "table1"], cwd=ROOT, env=env, start_new_session=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: len(list(tmp_path.glob("runs/*/log.txt"))) >= 2 and len(processes_under(tmp_path)) >= 2)
+        return proc
+
+    for how in ("TERM", "INT to the group", "KILL"):
+        proc = start()
+        if how == "TERM":
+            other = subprocess.run(["bash", RUN_ALL, "table1"], cwd=ROOT, env=env, capture_output=True,
+                                   text=True, timeout=300)
+            assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1, other.stderr
+            assert "another run_all.sh holds OUT_DIR" in other.stderr
+            proc.send_signal(signal.SIGTERM)
+        elif how == "KILL":
+            proc.kill()
+        else:
+            os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+        wait_until(lambda: not processes_under(tmp_path), timeout=120)  # no job outlives it
+        if how != "KILL":
+            assert proc.returncode == 128 + (signal.SIGTERM if how == "TERM" else signal.SIGINT), err[-2000:]
+            assert err.strip().splitlines()[-1].startswith("run_all.sh: stopped by SIG"), err[-2000:]
+            assert "run the same command again to continue" in err
+    logs = list(tmp_path.glob("runs/*/train.out"))
+    assert len(logs) == 2 and all(log.read_text().count("== attempt at ") == 3 for log in logs), \
+        [log.read_text()[:3000] for log in logs]

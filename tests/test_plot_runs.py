@@ -91,3 +91,23 @@ def test_the_recorded_collapse_is_drawn(tmp_path):
     assert drawn["FIRE (lam=12) + clip 5"]["alarms"] == []
     plain, clipped = drawn["FIRE (lam=12)"]["mean"]["val_pgd"], drawn["FIRE (lam=12) + clip 5"]["mean"]["val_pgd"]
     assert plain[:13] == clipped[:13] and plain[13] < 0.5 * plain[12] <= clipped[13]
+
+
+def test_rehearsal_curves_of_several_data_sets_say_so_one_panel_set_each(tmp_path, monkeypatch):
+    """Rehearsal runs of two data sets (one of them trained under Linf and L2): one panel set per
+    data set, titled by it; the figure's title starts with REHEARSAL; the labels inside a data set
+    say what tells its rows apart (--norm linf / --norm l2, never '--norm -') and name no data set."""
+    import matplotlib
+    monkeypatch.setitem(matplotlib.rcParams, "svg.fonttype", "none")  # text stays text in the SVG
+    (folder,) = plot_runs.run_folders([os.path.join(ROOT, "docs", "records", "fire-lr0.05-s0")])
+    base = plot_runs.read_run(folder)
+    runs = []
+    for dataset, norm in (("mnist", "linf"), ("cifar10", "linf"), ("cifar10", "l2")):
+        runs.append(dict(base, args=dict(base["args"], dataset=dataset, norm=norm, rehearsal=True)))
+    out = tmp_path / "curves.svg"
+    drawn = plot_runs.plot_runs(runs, str(out), "Table 1: KL vs Fisher-Rao")
+    assert [c["label"] for c in drawn] == ["FIRE (lam=12)", "FIRE (lam=12) (--norm linf)", "FIRE (lam=12) (--norm l2)"]
+    svg = out.read_text()
+    assert "REHEARSAL: Table 1: KL vs Fisher-Rao" in svg
+    assert "REHEARSAL: MNIST" in svg and "REHEARSAL: CIFAR-10" in svg, svg[:2000]
+    assert "--norm -" not in svg and svg.count("validation natural accuracy") == 2

@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 from conftest import ROOT, PY
+from fire_repro.data import IMAGENET32_FILES
 
 RUN_ALL = os.path.join(ROOT, "run_all.sh")
 
@@ -44,6 +45,27 @@ def test_run_all_rehearsed_block_trains_evaluates_summarises_and_skips(tmp_path)
     assert again.returncode == 0 and again.stdout.count("  done ") == 3 + 3, again.stdout
     assert "train " not in again.stdout and "  evaluate " not in again.stdout, again.stdout
     assert (tmp_path / "tables" / "table3.md").read_text() == table
+    # a finished run's damaged files: metrics.jsonl is written again from last.pt's history; a cut
+    # best.pt is named as damaged with the command that trains the run again (in the dry run too)
+    runs = sorted(p.parent for p in tmp_path.glob("runs/*/summary.json"))
+    metrics = runs[0] / "metrics.jsonl"
+    whole = metrics.read_text()
+    metrics.write_text(whole[:-30])
+    best = runs[1] / "best.pt"
+    best.write_bytes(best.read_bytes()[:1000])
+    dry = subprocess.run(["bash", RUN_ALL, "table3"], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT, env=dict(env, DRY_RUN="1"))
+    assert dry.returncode == 0 and f"would repair {metrics} is damaged (line 2 is not whole JSON)" in dry.stdout, dry.stdout
+    assert f"DAMAGED {best} of a finished run is damaged (truncated" in dry.stdout, dry.stdout
+    assert "another checkpoint" not in dry.stdout and metrics.read_text() != whole
+    redo = subprocess.run(["bash", RUN_ALL, "table3"], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert redo.returncode == 1 and metrics.read_text() == whole, redo.stdout + redo.stderr
+    assert f"  repaired {metrics}" in redo.stdout and "train " not in redo.stdout
+    line = next(line for line in redo.stderr.splitlines() if line.startswith(f"DAMAGED: {best}"))
+    command = re.search(r"train the run again with `python (.*)`", line).group(1).split()
+    assert command[-1] == "--overwrite" and command[command.index("--out-dir") + 1] == str(runs[1])
+    ident = subprocess.run([PY, *command, "--print-identity"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert runs[1].name.endswith("-" + ident.stdout.strip()), ident.stdout + ident.stderr
     bad = subprocess.run(["bash", os.path.join(ROOT, "run_all.sh"), "table9"], capture_output=True,
                          text=True, timeout=60, cwd=ROOT, env=env)
     assert bad.returncode == 2 and "unknown block 'table9'" in bad.stderr
@@ -58,9 +80,18 @@ def test_run_all_finds_the_environment_or_says_how(tmp_path):
 
 
 @pytest.mark.parametrize("env, message", [
-    (dict(JOBS="abc"), "JOBS must be a whole number >= 1, got 'abc'"),
-    (dict(NPROC="abc"), "NPROC must be a whole number >= 1, got 'abc'"),
-    (dict(JOBS="0"), "JOBS must be a whole number >= 1, got '0'"),
+    (dict(JOBS="abc"), "JOBS must be a whole number in [1, 1024], got 'abc'"),
+    (dict(NPROC="abc"), "NPROC must be a whole number in [1, 64], got 'abc'"),
+    (dict(JOBS="0"), "JOBS must be a whole number in [1, 1024], got '0'"),
+    (dict(JOBS="9223372036854775808"), "JOBS must be a whole number in [1, 1024], got '9223372036854775808'"),
+    (dict(LAUNCHER="slurm", SIGNAL_SECONDS="99999999999"), "SIGNAL_SECONDS must be a whole number in [1, 65535]"),
+    (dict(SEEDS="0 4294967296"), "SEEDS: seed '4294967296' must be in [0, 4294967295]"),
+    (dict(REHEARSAL="1", DATASETS=" "), "DATASETS must be data set names separated by spaces"),
+    (dict(REHEARSAL="1", DATASETS="*"), "DATASETS must be data set names separated by spaces, e.g. \"mnist cifar10\"; got '*'"),
+    (dict(DATASETS="mnist *"), "got 'mnist *'"),
+    (dict(TRAIN_FLAGS="-h"), "TRAIN_FLAGS may not hold -h: it adds flags to every training"),
+    (dict(TRAIN_FLAGS="--he"), "TRAIN_FLAGS may not hold --he"),
+    (dict(TRAIN_FLAGS="--eps abc"), "plan.py: error: argument --eps: invalid float value: 'abc'"),
     (dict(SEEDS=""), "SEEDS is set but empty"),
     (dict(DATASETS=""), "DATASETS is set but empty"),
     (dict(SWEEP_SEEDS="0,1"), "SWEEP_SEEDS must be seeds separated by spaces"),
@@ -70,7 +101,7 @@ def test_run_all_finds_the_environment_or_says_how(tmp_path):
     (dict(REHEARSAL="1", AUX_DATA="x.npz"), "AUX_DATA is not used with REHEARSAL=1"),
     (dict(GPUS="0;1"), "GPUS must be GPU ids separated by commas"),
     (dict(LAUNCHER="pbs"), "LAUNCHER must be one of: local slurm"),
-    (dict(LAUNCHER="slurm", GPUS_PER_TRAINING="four"), "GPUS_PER_TRAINING must be a whole number >= 0"),
+    (dict(LAUNCHER="slurm", GPUS_PER_TRAINING="four"), "GPUS_PER_TRAINING must be a whole number in [0, 64]"),
     (dict(LAUNCHER="slurm", TIME_LIMIT="ten hours"), "TIME_LIMIT must be a SLURM time"),
     (dict(LAUNCHER="slurm", GPUS="0"), "GPUS picks GPUs of this machine"),
     (dict(LAUNCHER="slurm", NPROC="4", GPUS_PER_TRAINING="2"), "set GPUS_PER_TRAINING=4"),
@@ -91,7 +122,7 @@ def test_run_all_bad_settings_are_one_line_before_anything_is_created(tmp_path, 
     r = subprocess.run(["/bin/bash", RUN_ALL, "table1", *(["table9"] if message.startswith("unknown") else [])],
                        capture_output=True, text=True, timeout=60, cwd=ROOT, env=dict(os.environ, PYTHON=PY, **env))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert message in r.stderr, r.stderr
+    assert message in r.stderr and r.stderr.count("error:") == 1, r.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -126,3 +157,27 @@ def test_run_all_modern_block_plans_the_recipe_at_full_scale(tmp_path):
     assert len(re.findall(r"^  would evaluate \S+/best\.pt at eps 8/255$", r.stdout, re.M)) == 6
     assert re.search(r"would write  \S+/tables/modern\.md", r.stdout)
     assert not (tmp_path / "out").exists()
+
+
+def test_run_folders_do_not_depend_on_how_paths_and_seeds_are_spelled(tmp_path):
+    """Table 2 with its extra-data rows and the pre-training fine-tunes: OUT_DIR written absolutely
+    or relatively, DATA_DIR moved or absolute (AUX_DATA follows it), SEEDS="0 00": the same run
+    folders, seed 0 once; at the full scale and in the rehearsal (whose extra data lie in OUT_DIR)."""
+    def planned(out, data, seeds="0", **env):
+        r = run_all("table2", timeout=300, DRY_RUN="1", DATASETS="cifar10", SEEDS=seeds, OUT_DIR=out,
+                    **({} if env.get("REHEARSAL") else {"DATA_DIR": data}), **env)
+        assert r.returncode == 0, r.stderr
+        return [os.path.basename(f) for f in re.findall(r"^  would train  (\S+)", r.stdout, re.M)]
+    for where in ("data", "moved/data"):
+        (tmp_path / where / "imagenet32").mkdir(parents=True)
+        (tmp_path / where / "ti_500K_pseudo_labeled.npz").write_bytes(b"")
+        for name in IMAGENET32_FILES:
+            (tmp_path / where / "imagenet32" / name).write_bytes(b"")
+    out = tmp_path / "out"
+    runs = planned(str(out), str(tmp_path / "data"))
+    assert len(runs) == 5 + 3 + 1 + 1 and sum("-s0-" in r for r in runs) == len(runs), runs
+    assert planned(os.path.relpath(out, ROOT), os.path.relpath(tmp_path / "moved" / "data", ROOT), seeds="0 00") == runs
+    rehearsal = planned(str(out), None, REHEARSAL="1")
+    assert planned(os.path.relpath(out, ROOT), None, seeds="00 0", REHEARSAL="1") == rehearsal
+    assert any("fire-cifar10-lam12-s0" in r for r in rehearsal) and len(rehearsal) == len(set(rehearsal))
+    assert not out.exists()
