@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from fire_repro import results, robustbench_io
-from fire_repro.autoattack import accuracies, chunk_seed, evaluate_autoattack, threat_model
+from fire_repro.autoattack import AA_CHECKS, accuracies, chunk_seed, evaluate_autoattack, merge_checks, threat_model
 from fire_repro.checkpoints import load_checkpoint, load_model, run_training_time
 from fire_repro.common import (ArgumentParser, Range, UserError, check_output, check_ranges, cli, lock_folder,
                                read_arrays, read_json, sha256_file, write_atomic, write_json)
@@ -338,6 +338,7 @@ def merge_chunks(job, args, chunk_dir, n_chunks, device):
     train_time, source, pretrain_time = run_training_time(job.path, ckpt)
     import pyautoattack
     per_sample = {k: v for k, v in arrays.items() if k not in ("index", "label")}
+    acc = accuracies(per_sample, args.smoke_aa)
     weight = saved.get("method_weight")
     result = dict(
         format=RESULT_FORMAT, defense=args.defense,  # None: the tables name the row (tables.row_name)
@@ -348,9 +349,11 @@ def merge_chunks(job, args, chunk_dir, n_chunks, device):
         lr=saved.get("lr"), checkpoint=os.path.abspath(job.path),
         checkpoint_kind=os.path.splitext(os.path.basename(job.path))[0], epoch=ckpt.get("epoch"),
         train_time_s=train_time if math.isfinite(train_time) else None, train_time_source=source, pretrain_time_s=pretrain_time,
-        split=args.split, **accuracies(per_sample, args.smoke_aa),
+        split=args.split, **acc,
         max_perturbation=max(meta["max_perturbation"] for _, meta in chunks),
-        aa_warnings=warnings, aa_seed=args.seed, **job.key, train_identity=job.train_identity,
+        aa_warnings=warnings,  # all of them; aa_checks: each check's outcome (docs/evaluation.md)
+        aa_checks=merge_checks([meta.get("aa_checks") for _, meta in chunks], acc["natural"], acc["robust_after"]),
+        aa_seed=args.seed, **job.key, train_identity=job.train_identity,
         per_sample=os.path.basename(job.stem + ".npz"),
         eval_time_s=sum(meta["time_s"] for _, meta in chunks),  # compute time, all processes
         device=device.type, torch=torch.__version__,
