@@ -230,6 +230,8 @@ def eval_error(monkeypatch, capsys, argv):
     (["OUT_IS_DIR"], "is a folder"), (["OUT_UNDER_FILE"], "cannot write --out"),
     (["NO_MODEL"], "no model name"), (["STRING_EPS"], "eps must be a number"), (["NO_EPS"], "eps must be a number"),
     (["BAD_MODEL"], "6n+4"), (["BAD_DATASET"], "unknown dataset"),
+    (["--transfer-from", "DIR/x.pt"], "goes with --sanity"), (["--sanity-n", "0"], "--sanity-n"),
+    (["--sanity", "--transfer-from", "DIR/none.pt"], "--transfer-from"),
     # the modes that are other commands now: one line naming the command
     (["--summarize", "DIR"], "use python -m fire_repro.tables"), (["--plot-sweep", "DIR"], "use python -m fire_repro.tables"),
     (["--time-images", "2"], "use python benchmark.py --autoattack"), (["--time-model=smallcnn"], "use python benchmark.py --autoattack"),
