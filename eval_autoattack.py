@@ -6,8 +6,10 @@ Linf, or L2 with --norm l2) at the training eps, in float32 (TF32 off) and eval 
 robust accuracy after each attack and Avg. Acc. = (Natural + AutoAttack) / 2. The model is rebuilt
 from the arguments stored in the checkpoint; the result goes to a JSON file next to it that holds
 everything a table row needs, tied to the checkpoint by its SHA-256, and per-image results go to an
-.npz beside it. Tables and sweep figures are made from the results by `python -m fire_repro.tables`;
-AutoAttack's throughput is timed by `python benchmark.py --autoattack N`.
+.npz beside it. The JSON records each of AutoAttack's checks (aa_checks) and, with --sanity, the
+masking report (fire_repro/sanity.py): docs/evaluation.md#checks. Tables and sweep figures are made
+from the results by `python -m fire_repro.tables`; AutoAttack's throughput is timed by
+`python benchmark.py --autoattack N`.
 
 Commands:
     python eval_autoattack.py runs/fire-digits-s0/best.pt        # -> runs/fire-digits-s0/autoattack.json
@@ -15,6 +17,7 @@ Commands:
     python eval_autoattack.py runs/c10/best.pt --n-examples 1000 --batch-size 500   # quicker check
     python eval_autoattack.py runs/madry/last.pt --defense "Madry et al."   # -> autoattack-last.json
     python eval_autoattack.py runs/c10/best.pt --split val                  # -> autoattack-val.json
+    python eval_autoattack.py runs/c10/best.pt --sanity --transfer-from runs/madry/best.pt   # + masking report
     torchrun --nproc_per_node=4 eval_autoattack.py runs/c10/best.pt --eps 8/255   # one GPU per process
     python -m fire_repro.tables runs/ --table-out table.md               # the table: mean +- std over seeds
 

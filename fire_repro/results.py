@@ -4,6 +4,8 @@ eval_autoattack.py, tables.py and the plan of run_all.sh.
 
     <run>/autoattack[-<checkpoint>][-l2][-eps<eps>][-val].json   default_out()
     <run>/<same stem>.npz     per image: index, label, natural, apgd-ce ... square [, pgd20, cw]
+
+A result's warnings (AutoAttack's checks, the masking report) are read by warnings_of.
 """
 import math
 import os
