@@ -96,9 +96,12 @@ def value_problem(record):
     for key, kind in RESULT_FIELDS.items():
         if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
             return f"not a complete result ({key!r} missing or of the wrong type)"
-    for key in ("aa_checks", "sanity"):
-        if not isinstance(record.get(key, {}), dict):
-            return f"not a complete result ({key!r} is not a JSON object)"
+    checks, sanity = record.get("aa_checks", {}), record.get("sanity", {})
+    if not (isinstance(checks, dict) and all(isinstance(v, str) for v in checks.values())):
+        return "not a complete result ('aa_checks' is not an object of texts)"
+    if not (isinstance(sanity, dict) and isinstance(sanity.get("checks", {}), dict)
+            and all(isinstance(c, dict) for c in sanity.get("checks", {}).values())):
+        return "not a complete result ('sanity' is not an object with an object of checks)"
     l2 = record.get("norm") == "l2"
     for key, (low, high) in RESULT_RANGES.items():
         if l2 and key in ("eps", "train_eps"):

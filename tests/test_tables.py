@@ -173,7 +173,9 @@ def test_damaged_result_files_are_named_and_left_out(tmp_path, capsys):
 
 @pytest.mark.parametrize("edit", [dict(natural=7.5), dict(autoattack=float("nan")), dict(avg_acc=-3),
                                   dict(n_examples=0), dict(eps=2.0), dict(seed=1.5), dict(seed=True),
-                                  dict(pgd20=float("inf")), dict(train_time_s=-1.0), dict(defense=5)])
+                                  dict(pgd20=float("inf")), dict(train_time_s=-1.0), dict(defense=5),
+                                  dict(aa_checks=["passed"]), dict(aa_checks={"randomized": 1}),
+                                  dict(sanity="flagged"), dict(sanity={"checks": {"radius": True}})])
 def test_a_result_is_validated_before_it_counts(edit, tmp_path, capsys):
     """An impossible value of the right type (an accuracy of 7.5, NaN, n_examples 0, a seed of
     1.5) is not a result for any reader: in a folder it is left out with one warning line, the
