@@ -6,8 +6,10 @@ Linf, or L2 with --norm l2) at the training eps, in float32 (TF32 off) and eval 
 robust accuracy after each attack and Avg. Acc. = (Natural + AutoAttack) / 2. The model is rebuilt
 from the arguments stored in the checkpoint; the result goes to a JSON file next to it that holds
 everything a table row needs, tied to the checkpoint by its SHA-256, and per-image results go to an
-.npz beside it. Tables and sweep figures are made from the results by `python -m fire_repro.tables`;
-AutoAttack's throughput is timed by `python benchmark.py --autoattack N`.
+.npz beside it. The JSON records each of AutoAttack's checks (aa_checks) and, with --sanity, the
+masking report (fire_repro/sanity.py): docs/evaluation.md#checks. Tables and sweep figures are made
+from the results by `python -m fire_repro.tables`; AutoAttack's throughput is timed by
+`python benchmark.py --autoattack N`.
 
 Commands:
     python eval_autoattack.py runs/fire-digits-s0/best.pt        # -> runs/fire-digits-s0/autoattack.json
@@ -15,6 +17,7 @@ Commands:
     python eval_autoattack.py runs/c10/best.pt --n-examples 1000 --batch-size 500   # quicker check
     python eval_autoattack.py runs/madry/last.pt --defense "Madry et al."   # -> autoattack-last.json
     python eval_autoattack.py runs/c10/best.pt --split val                  # -> autoattack-val.json
+    python eval_autoattack.py runs/c10/best.pt --sanity --transfer-from runs/madry/best.pt   # + masking report
     torchrun --nproc_per_node=4 eval_autoattack.py runs/c10/best.pt --eps 8/255   # one GPU per process
     python -m fire_repro.tables runs/ --table-out table.md               # the table: mean +- std over seeds
 
@@ -41,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from fire_repro import results, robustbench_io
-from fire_repro.autoattack import accuracies, chunk_seed, evaluate_autoattack, threat_model
+from fire_repro.autoattack import AA_CHECKS, accuracies, chunk_seed, evaluate_autoattack, merge_checks, threat_model
 from fire_repro.checkpoints import load_checkpoint, load_model, run_training_time
 from fire_repro.common import (ArgumentParser, Range, UserError, check_output, check_ranges, cli, lock_folder,
                                read_arrays, read_json, sha256_file, write_atomic, write_json)
@@ -50,11 +53,13 @@ from fire_repro.data import REHEARSAL_NOTE, first_images, split_of
 from fire_repro.parallel import over_all_gpus, rank_and_world, setup_device
 from fire_repro.results import RESULT_FORMAT, STANDARD_ATTACKS, default_out, settings_change
 from fire_repro.run_folder import missing_run_file
+from fire_repro.sanity import masking_report
 from fire_repro.attacks import NORMS
 
 # The ranges of the numeric flags, the one place they are written (the help texts quote them).
 EVAL_RANGES = {"n_examples": Range(1, 10**7), "batch_size": Range(1, 65_536),
-               "chunk_size": Range(1, 10**6), "seed": Range(0, 2**32, high_open=True)}
+               "chunk_size": Range(1, 10**6), "seed": Range(0, 2**32, high_open=True),
+               "sanity_n": Range(1, 10**7)}
 # Flags of the commands that make tables, sweep figures and timings, each with its command.
 MOVED = {"--summarize": "python -m fire_repro.tables DIR... [--quoted NAME] [--table-out FILE] [--title TEXT]",
          "--plot-sweep": "python -m fire_repro.tables DIR... --plot-kind {lambda,plane} --plot-out FILE",
@@ -116,6 +121,16 @@ def get_args(argv=None):
                    help="for smoke tests only: the standard attacks, order and target classes with "
                         "10 instead of 100 iterations (APGD, FAB) and 100 instead of 5000 Square "
                         "queries; results are marked and NOT comparable with the paper's")
+    p.add_argument("--sanity", action="store_true",
+                   help="also the masking report (fire_repro/sanity.py, docs/evaluation.md#the-masking-report): "
+                        "robust accuracy at 1x, 2x, 4x eps and the whole box, Square alone, a transfer attack, "
+                        "zero gradients, whether the loss rose; on the first --sanity-n images, into the "
+                        "result's `sanity` field (added to a finished evaluation without attacking it again)")
+    p.add_argument("--sanity-n", type=int, default=500,
+                   help=f"images of the masking report, the first of the evaluated ones, {EVAL_RANGES['sanity_n']}")
+    p.add_argument("--transfer-from", type=str, default=None, metavar="CHECKPOINT",
+                   help="with --sanity: a checkpoint of the same data set trained without the regulariser "
+                        "(e.g. lam 0 or Madry et al.) whose PGD-20 x' are transferred to the evaluated model")
     p.add_argument("--defense", type=str, default=None,
                    help="name of the table row (default: the tables name it from what the result "
                         "records: method, weight, extra data, checkpoint, e.g. 'FIRE (lam=12)')")
@@ -136,6 +151,8 @@ def get_args(argv=None):
         p.error("--out needs exactly one checkpoint")
     if args.out and not args.out.endswith(".json"):
         p.error(f"--out must name a .json file (its .npz, .log and .chunks/ go beside it), got {args.out!r}")
+    if args.transfer_from and not args.sanity:
+        p.error("--transfer-from goes with --sanity (it is a check of the masking report)")
     check_ranges(p, args, EVAL_RANGES)
     return args
 
@@ -184,6 +201,22 @@ class Evaluation:
         self.what = "--out" if out_flag else "result file"
         self.key = dict(checkpoint_sha256=sha256_file(self.path), settings=settings_of(args, self.eps, self.n, self.norm))
         self.stem = os.path.splitext(self.out)[0]
+        self.sanity = sanity_settings(args, self) if args.sanity else None
+
+
+def sanity_settings(args, job):
+    """What makes two masking reports of one evaluation the same: its images, seed, Square's
+    queries and the transfer source (its SHA-256, checked to be a checkpoint of the same data set)."""
+    source = None
+    if args.transfer_from:
+        if not os.path.lexists(args.transfer_from):
+            raise UserError(f"--transfer-from {args.transfer_from!r} {missing_run_file(args.transfer_from)}")
+        theirs = load_checkpoint(args.transfer_from)["args"]["dataset"]
+        if theirs != job.saved["dataset"]:
+            raise UserError(f"--transfer-from {args.transfer_from!r} was trained on {theirs}, "
+                            f"{job.path} on {job.saved['dataset']}: a transfer needs the same data set")
+        source = dict(checkpoint=os.path.abspath(args.transfer_from), sha256=sha256_file(args.transfer_from))
+    return dict(n_examples=min(args.sanity_n, job.n), seed=args.seed, smoke_aa=args.smoke_aa, transfer_from=source)
 
 
 def finished_result(job):
@@ -285,7 +318,7 @@ def evaluate_checkpoint(job, args, device):
         if rank == 0:
             print(f"{job.path}: already evaluated (same checkpoint SHA-256 and settings) -> {job.out}",
                   flush=True)
-        return done if rank == 0 else None
+        return add_sanity(job, args, device, done) if rank == 0 else None
     saved, eps = job.saved, job.eps
     net = load_network(job, device)
     x, y = first_images(split_of(saved, args.split, args.data_dir), job.n)
@@ -316,6 +349,26 @@ def evaluate_checkpoint(job, args, device):
     result = merge_chunks(job, args, chunk_dir, n_chunks, device) if rank == 0 else None
     if dist.is_initialized():
         dist.barrier()  # the JSON is written before any process moves on
+    return add_sanity(job, args, device, result) if rank == 0 else None
+
+
+def add_sanity(job, args, device, result):
+    """The result with its masking report (sanity.masking_report) when --sanity asks for it, written
+    into its JSON; a report of the same settings already there is kept."""
+    if job.sanity is None or (result.get("sanity") or {}).get("settings") == job.sanity:
+        return result
+    s = job.sanity
+    m = s["n_examples"]
+    x, y = first_images(split_of(job.saved, args.split, args.data_dir), m)
+    whitebox = results.read_per_image(result, job.out)["fab-t"][:m]  # robust after the white-box attacks
+    source = load_model(s["transfer_from"]["checkpoint"], device).float() if s["transfer_from"] else None
+    report = masking_report(load_network(job, device), x, y, job.eps, job.norm, whitebox, seed=args.seed,
+                            device=device, smoke=args.smoke_aa, source=source, batch_size=args.batch_size)
+    result["sanity"] = dict(settings=s, n_examples=m, **report)
+    write_json(job.out, result)
+    flagged = [name for name, c in report["checks"].items() if c["flagged"]]
+    print(f"masking report on {m} images: " + (f"FLAGGED {', '.join(flagged)}" if flagged else "no check flagged")
+          + f" ({report['time_s']:.0f}s) -> {job.out}", flush=True)
     return result
 
 
@@ -337,6 +390,7 @@ def merge_chunks(job, args, chunk_dir, n_chunks, device):
     train_time, source, pretrain_time = run_training_time(job.path, ckpt)
     import pyautoattack
     per_sample = {k: v for k, v in arrays.items() if k not in ("index", "label")}
+    acc = accuracies(per_sample, args.smoke_aa)
     weight = saved.get("method_weight")
     result = dict(
         format=RESULT_FORMAT, defense=args.defense,  # None: the tables name the row (tables.row_name)
@@ -347,9 +401,11 @@ def merge_chunks(job, args, chunk_dir, n_chunks, device):
         lr=saved.get("lr"), checkpoint=os.path.abspath(job.path),
         checkpoint_kind=os.path.splitext(os.path.basename(job.path))[0], epoch=ckpt.get("epoch"),
         train_time_s=train_time if math.isfinite(train_time) else None, train_time_source=source, pretrain_time_s=pretrain_time,
-        split=args.split, **accuracies(per_sample, args.smoke_aa),
+        split=args.split, **acc,
         max_perturbation=max(meta["max_perturbation"] for _, meta in chunks),
-        aa_warnings=warnings, aa_seed=args.seed, **job.key, train_identity=job.train_identity,
+        aa_warnings=warnings,  # all of them; aa_checks: each check's outcome (docs/evaluation.md)
+        aa_checks=merge_checks([meta.get("aa_checks") for _, meta in chunks], acc["natural"], acc["robust_after"]),
+        aa_seed=args.seed, **job.key, train_identity=job.train_identity,
         per_sample=os.path.basename(job.stem + ".npz"),
         eval_time_s=sum(meta["time_s"] for _, meta in chunks),  # compute time, all processes
         device=device.type, torch=torch.__version__,

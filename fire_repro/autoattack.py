@@ -15,7 +15,23 @@ from tqdm import tqdm
 
 from fire_repro.attacks import attack_pgd_ce, cw_margin, perturbation_norm
 from fire_repro.common import UserError
-from fire_repro.results import STANDARD_ATTACKS
+from fire_repro.results import NOT_RECORDED, NOT_RUN, PASSED, STANDARD_ATTACKS
+
+# AutoAttack's checks (pyautoattack's checks.py), named by their function without "check_": what
+# each looks for (docs/evaluation.md#autoattacks-checks). Each warns through the logger AutoAttack
+# gives it; CollectWarnings attributes a warning to its check by the logging record's funcName.
+AA_CHECKS = {
+    "randomized": "the outputs for the same images change between calls (a randomised defence)",
+    "range_output": "the outputs are a probability distribution, not logits",
+    "dynamic": "the forward pass takes gradients (a defence that changes at inference)",
+    "n_classes": "too few classes for the target classes of APGD-T and FAB-T",
+    "zero_gradients": "images whose input gradient is exactly zero (in APGD-T)",
+    "square_sr": "Square (black-box) broke images that the white-box attacks did not (> 0.2% of them)",
+    # and this wrapper's own: the final x' of each batch, evaluated again, is misclassified as
+    # AutoAttack reported; "other" holds any other warning AutoAttack logs
+    "reevaluated": "the final x' evaluated again does not give AutoAttack's robust count",
+}
+BEFORE_ATTACKS = ("randomized", "range_output", "dynamic", "n_classes")  # run by every attack's call
 
 TIMING_FORMAT = "fire-repro-autoattack-timing/1"
 TEST_SET_SIZE = 10_000  # AutoAttack's papers evaluate the first 10,000 test images
@@ -65,16 +81,58 @@ def autoattack_batch(adversary, model, x, y, say=None):
 
 
 class CollectWarnings(logging.Handler):
-    """Keeps AutoAttack's warnings (randomised model, zero gradients, ...) for the JSON."""
+    """Keeps AutoAttack's warnings for the JSON: all of them (`messages`) and, per check of
+    AA_CHECKS, those its function logged (`checks`: name -> distinct messages), told apart by the
+    logging record's funcName (check_<name> in pyautoattack's checks module), not by their text."""
 
     def __init__(self):
         super().__init__(logging.WARNING)
-        self.messages = []
+        self.messages, self.checks = [], {}
 
     def emit(self, record):
         message = record.getMessage()
         if message not in self.messages:
             self.messages.append(message)
+        theirs = record.module == "checks" and record.funcName.startswith("check_")
+        name = record.funcName[len("check_"):] if theirs else getattr(record, "check", "other")
+        found = self.checks.setdefault(name, [])
+        if message not in found:
+            found.append(message)
+
+
+def square_check(natural, robust_after):
+    """AutoAttack's Square check (pyautoattack's check_square_sr, its threshold) on the accuracies
+    of a whole evaluation: [] if it passed, else its warning. AutoAttack runs it only when one call
+    runs several attacks; evaluate_autoattack runs them one call each, so it is run here."""
+    from pyautoattack import checks
+    logger, collect = logging.Logger("square_sr"), CollectWarnings()
+    logger.addHandler(collect)
+    checks.check_square_sr({"clean": natural, **robust_after}, logger=logger)
+    return collect.checks.get("square_sr", [])
+
+
+def check_outcomes(raw):
+    """The JSON's `aa_checks` from {check: [its distinct warnings]} of the checks that ran:
+    "passed", the warning (the first, and how many more aa_warnings holds), or "not run"."""
+    def text(messages):
+        more = f" (and {len(messages) - 1} more warnings of this check in aa_warnings)" if len(messages) > 1 else ""
+        return messages[0] + more if messages else PASSED
+    return {name: text(raw[name]) if name in raw else NOT_RUN for name in [*AA_CHECKS, *sorted(set(raw) - set(AA_CHECKS))]}
+
+
+def merge_checks(raws, natural, robust_after):
+    """The JSON's `aa_checks` of an evaluation in parts (chunks): each part's {check: [warnings]}
+    (None: a part written without them) joined, the Square check on the whole evaluation's
+    accuracies; every check "not recorded" when a part lacks them."""
+    if any(raw is None for raw in raws):
+        return dict.fromkeys(AA_CHECKS, NOT_RECORDED)
+    joined = {}
+    for raw in raws:
+        for name, messages in raw.items():
+            found = joined.setdefault(name, [])
+            found += [m for m in messages if m not in found]
+    joined["square_sr"] = square_check(natural, robust_after)
+    return check_outcomes(joined)
 
 
 def reduce_to_smoke(adversary):
@@ -102,11 +160,16 @@ def evaluate_autoattack(model, x, y, eps, batch_size=500, seed=0, device="cpu", 
     starts are seeded from (seed, batch). The model must already be in eval mode (dropout off,
     BatchNorm running statistics): a model in train mode raises UserError rather than silently
     giving wrong numbers. Returns ({"natural", attacks..., ["pgd20"], ["cw"]: bool arrays},
-    {"max_perturbation", "aa_warnings"}).
+    {"max_perturbation", "aa_warnings", "aa_checks"}): aa_checks maps each check of AA_CHECKS that
+    ran to its distinct warnings ([] = passed); check_outcomes makes the JSON's field of it.
     """
     if any(m.training for m in model.modules()):
         raise UserError("the model is in train mode: call model.eval() before evaluating it")
-    from pyautoattack import AutoAttack
+    from pyautoattack import AutoAttack, checks
+    # check_dynamic counts calls of grad/backward into a module-level dict that it never resets:
+    # zeroed here, so that one evaluation's dynamic model does not flag every later one.
+    checks.funcs.update(dict.fromkeys(checks.funcs, 0))
+    ran = set()  # the checks that ran: those before each attack's call, zero gradients in APGD-T
     logger = logging.getLogger("auto-attack")  # AutoAttack's progress (DEBUG) and warnings
     collect, handlers = CollectWarnings(), []
     old = logger.level, logger.propagate
@@ -136,6 +199,8 @@ def evaluate_autoattack(model, x, y, eps, batch_size=500, seed=0, device="cpu", 
             xb = x[start:start + batch_size].to(device)
             yb = y[start:start + batch_size].to(device)
             correct, after, x_adv = autoattack_batch(adversary, model, xb, yb, say if progress else None)
+            ran.update((*BEFORE_ATTACKS, "reevaluated") if correct.any() else ())
+            ran.update(("zero_gradients",) if after["apgd-ce"].any() else ())
             per_sample["natural"].append(correct.cpu())
             for attack in STANDARD_ATTACKS:
                 per_sample[attack].append(after[attack].cpu())
@@ -145,8 +210,8 @@ def evaluate_autoattack(model, x, y, eps, batch_size=500, seed=0, device="cpu", 
             with torch.no_grad():  # sanity check: the final x' really fools the model
                 again = (model(x_adv).argmax(1) == yb).sum().item()
             if again != after["square"].sum().item():
-                collect.messages.append(f"re-evaluating x' gave {again} robust points in a batch, "
-                                        f"AutoAttack {after['square'].sum().item()}")
+                logger.warning(f"re-evaluating x' gave {again} robust points in a batch, "
+                               f"AutoAttack {after['square'].sum().item()}", extra={"check": "reevaluated"})
             if pgd20 or cw:  # each batch's random start, independent of the batches before it
                 torch.manual_seed(chunk_seed(seed, batch) % 2 ** 64)
             if pgd20:
@@ -167,7 +232,11 @@ def evaluate_autoattack(model, x, y, eps, batch_size=500, seed=0, device="cpu", 
         logger.setLevel(old[0])
         logger.propagate = old[1]
     per_sample = {k: torch.cat(v).numpy() if v else np.zeros(0, bool) for k, v in per_sample.items()}
-    return per_sample, dict(max_perturbation=max_pert, aa_warnings=collect.messages)
+    raw = {name: collect.checks.get(name, []) for name in sorted(ran | set(collect.checks))}
+    if len(y):
+        acc = accuracies(per_sample, smoke)
+        raw["square_sr"] = square_check(acc["natural"], acc["robust_after"])
+    return per_sample, dict(max_perturbation=max_pert, aa_warnings=collect.messages, aa_checks=raw)
 
 
 def accuracies(per_sample, smoke):

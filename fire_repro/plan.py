@@ -6,7 +6,9 @@ everything else from the code the scripts themselves run, and launches what is n
     run folder      <OUT_DIR>/runs/<tag>-<identity>: config.identity_hash of the arguments as the
                     training script's own get_args resolves them (train_fire.get_args, train_trades.get_args)
     finished run    run_folder.finished_run: summary.json of --epochs epochs
-    evaluation      eval_autoattack.py's own parser and settings_of; its radius the data set's
+    evaluation      eval_autoattack.py's own parser and settings_of, with its masking report
+                    (--sanity, --transfer-from a planned run without the regulariser: transfer_source);
+                    its radius the data set's
                     evaluation radius (data.DataSet.evaluation_radius), its norm and radius as
                     autoattack.threat_model gives them, its file results.default_out, finished when
                     results.finished says so (checkpoint SHA-256 and settings): a damaged result
@@ -259,6 +261,16 @@ class Plan:
                 planned += ["--planned", value]
         return planned
 
+    def transfer_source(self, folder):
+        """best.pt of a run planned before, of the same data set and norm as `folder`'s, trained
+        without a regulariser (Madry et al.: no method weight, or the weight at 0), for the
+        masking report's transfer check: the same architecture and seed preferred; None if none."""
+        saved = self.args[folder]
+        found = [(a.model == saved.model, a.seed == saved.seed, f) for f, a in self.args.items()
+                 if f != folder and a.dataset == saved.dataset and a.norm == saved.norm
+                 and (not a.method_weight or getattr(a, a.method_weight) == 0)]
+        return os.path.join(max(found)[2], "best.pt") if found else None
+
     def add_evaluate(self, block, checkpoint, *flags):
         ckpt = self.ref(checkpoint)
         folder = os.path.dirname(ckpt)
@@ -267,7 +279,9 @@ class Plan:
             return self.evals[ckpt]
         # the paper's evaluation radius, where it is not training's
         eps = DATASETS[saved.dataset].evaluation_radius(saved.norm)
-        flags = [*flags, *(["--eps", str(eps)] if eps is not None else [])]
+        source = self.transfer_source(folder)
+        flags = [*flags, *(["--eps", str(eps)] if eps is not None else []),  # + the masking report
+                 "--sanity", *(["--transfer-from", source] if source else [])]
         eargs = eval_autoattack.get_args([ckpt, *flags])   # eval_autoattack.py's own parser
         norm, eps = threat_model(vars(saved), eargs.norm, eargs.eps)
         n = min(eargs.n_examples or math.inf, test_size(saved))
@@ -280,13 +294,15 @@ class Plan:
                       f"`{retrain_command(train)}` (its old files are set aside), then run this command again")
         elif train.done:
             record, why = results.finished(out, sha256_file(ckpt), eval_autoattack.settings_of(eargs, eps, n, norm))
-            done = record is not None
+            done = record is not None and "sanity" in record
+            why = why or ("" if done or record is None else "no masking report; only it is added")
         stem = os.path.splitext(os.path.basename(out))[0]
         # one evaluation of a run folder at a time (eval_autoattack.py locks the folder): Table 2
         # evaluates the Madry runs' last.pt and best.pt, the second after the first
         before = [s for s in self.evals.values() if os.path.dirname(s.name) == folder and not s.done][-1:]
         step = Step("evaluate", block, ckpt, [sys.executable, "eval_autoattack.py", ckpt, *flags],
-                    log=os.path.splitext(ckpt)[0] + "-eval.out", needs=[train, *before], done=done, output=out,
+                    log=os.path.splitext(ckpt)[0] + "-eval.out", done=done, output=out,
+                    needs=[train, *before, *([self.by_key[("train", os.path.dirname(source))]] if source else [])],
                     job=f"eval-{os.path.basename(folder)}-{stem}",
                     note=f" at eps {eps_text(eps)}" + (f" (again: {why})" if why else ""), damage=damage)
         if damage:

@@ -4,6 +4,8 @@ eval_autoattack.py, tables.py and the plan of run_all.sh.
 
     <run>/autoattack[-<checkpoint>][-l2][-eps<eps>][-val].json   default_out()
     <run>/<same stem>.npz     per image: index, label, natural, apgd-ce ... square [, pgd20, cw]
+
+A result's warnings (AutoAttack's checks, the masking report) are read by warnings_of.
 """
 import math
 import os
@@ -24,6 +26,10 @@ L2_EPS = (0.0, 100.0)
 RESULT_RANGES = {"natural": UNIT, "autoattack": UNIT, "avg_acc": UNIT, "pgd20": UNIT, "cw": UNIT,
                  "eps": UNIT, "train_eps": UNIT, "n_examples": (1, math.inf), "seed": (0, math.inf),
                  "train_time_s": (0.0, math.inf), "pretrain_time_s": (0.0, math.inf)}
+# AutoAttack's checks (`aa_checks`: check -> "passed", its warning, or "not run"; autoattack.AA_CHECKS)
+# and the masking report (`sanity`, sanity.py) are optional fields of the same format: a result
+# written before them lacks them and reads as "not recorded", not as a failure.
+PASSED, NOT_RUN, NOT_RECORDED = "passed", "not run", "not recorded"
 OPTIONAL = ("pgd20", "cw", "train_eps", "train_time_s", "pretrain_time_s", "seed")  # may be absent or null
 
 
@@ -90,6 +96,12 @@ def value_problem(record):
     for key, kind in RESULT_FIELDS.items():
         if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
             return f"not a complete result ({key!r} missing or of the wrong type)"
+    checks, sanity = record.get("aa_checks", {}), record.get("sanity", {})
+    if not (isinstance(checks, dict) and all(isinstance(v, str) for v in checks.values())):
+        return "not a complete result ('aa_checks' is not an object of texts)"
+    if not (isinstance(sanity, dict) and isinstance(sanity.get("checks", {}), dict)
+            and all(isinstance(c, dict) for c in sanity.get("checks", {}).values())):
+        return "not a complete result ('sanity' is not an object with an object of checks)"
     l2 = record.get("norm") == "l2"
     for key, (low, high) in RESULT_RANGES.items():
         if l2 and key in ("eps", "train_eps"):
@@ -102,6 +114,23 @@ def value_problem(record):
         if not (math.isfinite(value) and low <= value <= high):
             return f"impossible value {key}={value!r} (allowed: finite, in [{low:g}, {high:g}])"
     return None
+
+
+def warnings_of(record):
+    """What a result was warned of, one line each: AutoAttack's checks that warned (aa_checks; for
+    a result without them, each of its aa_warnings) and the masking
+    report's flagged checks (sanity). [] for a clean result. A warned result still counts: the
+    tables show it with a mark and these lines."""
+    checks = record.get("aa_checks")
+    if checks and NOT_RECORDED not in checks.values():  # every warning belongs to a check ("other")
+        lines = [f"AutoAttack's check {name}: {outcome}" for name, outcome in checks.items()
+                 if outcome not in (PASSED, NOT_RUN)]
+    else:
+        lines = [f"AutoAttack: {message}" for message in record.get("aa_warnings") or ()]
+    for name, check in ((record.get("sanity") or {}).get("checks") or {}).items():
+        if check.get("flagged"):
+            lines.append(f"masking report, {name}: {check.get('detail')}")
+    return lines
 
 
 def result_problem(record, path):

@@ -27,7 +27,7 @@ from scipy.stats import bootstrap
 from fire_repro.common import ArgumentParser, UserError, check_output, cli, eps_text, fmt_hours, write_atomic
 from fire_repro.config import DEFAULT_IDENTITY, never_starts, run_identity
 from fire_repro.data import DATASETS, REHEARSAL_NOTE, rehearsal_title
-from fire_repro.results import RESULT_FORMAT, read_per_image, result_problem
+from fire_repro.results import RESULT_FORMAT, read_per_image, result_problem, warnings_of
 
 N_BOOTSTRAP = 10_000
 # Rows quoted without training them: those the paper quotes from other papers (Table 2), as printed
@@ -448,6 +448,21 @@ def paired_cells(groups):
     return cells
 
 
+WARNED = "⚠"  # the mark of a row whose results carry warnings, numbered, with a note under the table
+
+
+def warning_mark(rows, notes):
+    """' ⚠<k>' for a row whose results carry warnings (results.warnings_of), appending note k (the
+    row, and each warned result's seed, file and warnings) to `notes`; '' for a clean row."""
+    warned = [(r, warnings_of(r)) for r in rows if not r.get("quoted") and warnings_of(r)]
+    if not warned:
+        return ""
+    k = len(notes) + 1
+    notes.append(f"- {WARNED}{k} {rows[0]['defense']}, {len(warned)} of {len(rows)} result(s): " + "; ".join(
+        f"seed {r['seed']} ({r.get('_path', 'not from a file')}): " + " / ".join(lines) for r, lines in warned))
+    return f" {WARNED}{k}"
+
+
 def summarize(results, title=None, quoted=(), left_out=()):
     """The paper's table (Tables 1-3) as Markdown: one row per defense and setting, mean +- std
     over seeds, and each row's paired AutoAttack difference to the reference (FIRE at lam 12:
@@ -475,7 +490,7 @@ def summarize(results, title=None, quoted=(), left_out=()):
         lines += [f"**{REHEARSAL_NOTE}: the runs trained a tiny network for a few steps; they check the plan.**", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     sections = len({extra_data(r) for r in [*results, *quoted]}) > 1
-    current = None
+    current, warned = None, []  # warned: the notes of the rows whose results carry warnings
     for key, rows in groups.items():
         r = rows[0]
         if sections and extra_data(r) != current:
@@ -495,7 +510,8 @@ def summarize(results, title=None, quoted=(), left_out=()):
                  *[settings_text(training_settings(r), training.get(r["dataset"], []))
                    if not r.get("quoted") else "-"] * bool(training_keys),
                  fmt_pm([x["natural"] for x in rows]),
-                 fmt_pm([x["autoattack"] for x in rows]), fmt_pm([x["avg_acc"] for x in rows])]
+                 fmt_pm([x["autoattack"] for x in rows]) + warning_mark(rows, warned),
+                 fmt_pm([x["avg_acc"] for x in rows])]
         for k in extra:  # an attack run on some seeds only: the cell names them
             values = [x[k] for x in rows if k in x]
             having = [str(x["seed"]) for x in rows if k in x]
@@ -530,6 +546,10 @@ def summarize(results, title=None, quoted=(), left_out=()):
     if smoke:
         lines += ["", "**AutoAttack with reduced iterations and queries (eval_autoattack.py --smoke-aa): "
                       "these numbers are not comparable with the standard AutoAttack's.**"]
+    if warned:
+        lines += ["", f"**{WARNED} marks a row with results that carry warnings (AutoAttack's checks, the "
+                      f"masking report: docs/evaluation.md#checks); their numbers are in the row as they "
+                      f"are:**", "", *warned]
     if left_out:
         lines += ["", left_out_note(left_out)]
     return "\n".join(lines) + "\n"

@@ -155,6 +155,8 @@ def test_eval_per_sample_npz_matches_the_json(eval_reference):
     assert record["settings"] == dict(eps=record["eps"], split="test", n_examples=32, seed=0, smoke_aa=True,
                                       attacks=list(ea.STANDARD_ATTACKS), batch_size=16, chunk_size=16)
     assert record["natural"] > 0.5 and record["autoattack"] < record["natural"]  # the attack did work
+    assert list(record["aa_checks"]) == list(ea.AA_CHECKS)  # each check's outcome, in chunks or not
+    assert all(v == "passed" or any(v.startswith(m) for m in record["aa_warnings"]) for v in record["aa_checks"].values())
 
 
 def test_eval_is_tied_to_its_checkpoint(fire_run, tmp_path, capsys):
@@ -228,6 +230,8 @@ def eval_error(monkeypatch, capsys, argv):
     (["OUT_IS_DIR"], "is a folder"), (["OUT_UNDER_FILE"], "cannot write --out"),
     (["NO_MODEL"], "no model name"), (["STRING_EPS"], "eps must be a number"), (["NO_EPS"], "eps must be a number"),
     (["BAD_MODEL"], "6n+4"), (["BAD_DATASET"], "unknown dataset"),
+    (["--transfer-from", "DIR/x.pt"], "goes with --sanity"), (["--sanity-n", "0"], "--sanity-n"),
+    (["--sanity", "--transfer-from", "DIR/none.pt"], "--transfer-from"),
     # the modes that are other commands now: one line naming the command
     (["--summarize", "DIR"], "use python -m fire_repro.tables"), (["--plot-sweep", "DIR"], "use python -m fire_repro.tables"),
     (["--time-images", "2"], "use python benchmark.py --autoattack"), (["--time-model=smallcnn"], "use python benchmark.py --autoattack"),

@@ -259,3 +259,22 @@ def test_a_signal_to_run_all_stops_its_jobs_and_says_how_to_continue(tmp_path):
     logs = list(tmp_path.glob("runs/*/train.out"))
     assert len(logs) == 2 and all(log.read_text().count("== attempt at ") == 3 for log in logs), \
         [log.read_text()[:3000] for log in logs]
+
+
+def test_planned_evaluations_run_the_masking_report_with_a_transfer_from_a_run_without_the_regulariser(tmp_path):
+    """A planned evaluation runs eval_autoattack.py --sanity; where the plan trains a run of the
+    same data set and norm without the regulariser (Madry et al.) before it, its best.pt is the
+    --transfer-from source and its training a step the evaluation waits for; that run's own
+    evaluation has no other source and runs the report without a transfer."""
+    S = "\x1f"
+    lines = ["block" + S + "x",
+             S.join(["train", "@1", "fire-digits-s0", "train_fire.py", "--dataset", "digits"]),
+             S.join(["train", "@2", "madry-digits-s1", "train_trades.py", "--dataset", "digits", "--loss", "madry",
+                     "--seed", "1"]),
+             S.join(["evaluate", "@1/best.pt", "--smoke-aa"]), S.join(["evaluate", "@2/best.pt", "--smoke-aa"])]
+    p = plan.Plan(lines, str(tmp_path))
+    fire, madry = p.folders["1"], p.folders["2"]
+    step = p.evals[os.path.join(fire, "best.pt")]
+    assert step.command[-4:] == ["--smoke-aa", "--sanity", "--transfer-from", os.path.join(madry, "best.pt")]
+    assert p.by_key[("train", madry)] in step.needs
+    assert p.evals[os.path.join(madry, "best.pt")].command[-2:] == ["--smoke-aa", "--sanity"]

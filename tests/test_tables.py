@@ -173,7 +173,9 @@ def test_damaged_result_files_are_named_and_left_out(tmp_path, capsys):
 
 @pytest.mark.parametrize("edit", [dict(natural=7.5), dict(autoattack=float("nan")), dict(avg_acc=-3),
                                   dict(n_examples=0), dict(eps=2.0), dict(seed=1.5), dict(seed=True),
-                                  dict(pgd20=float("inf")), dict(train_time_s=-1.0), dict(defense=5)])
+                                  dict(pgd20=float("inf")), dict(train_time_s=-1.0), dict(defense=5),
+                                  dict(aa_checks=["passed"]), dict(aa_checks={"randomized": 1}),
+                                  dict(sanity="flagged"), dict(sanity={"checks": {"radius": True}})])
 def test_a_result_is_validated_before_it_counts(edit, tmp_path, capsys):
     """An impossible value of the right type (an accuracy of 7.5, NaN, n_examples 0, a seed of
     1.5) is not a result for any reader: in a folder it is left out with one warning line, the
@@ -251,3 +253,31 @@ def test_tables_bad_input_is_one_line(argv, needle, tmp_path, capsys):
     _, status, err = summarize(capsys, *argv)
     assert status == 2 and len(err) == 1 and err[0].startswith("tables.py: error: ") and needle in err[0], err
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_row_whose_results_carry_warnings_is_marked_and_named(tmp_path):
+    """A result with a warned AutoAttack check, or (written before aa_checks) with aa_warnings, or
+    with a flagged masking-report check, still counts in its row, and the row is marked with a note
+    naming the result file and the warning; a clean row (checks passed) is not marked."""
+    robust = np.arange(100) < 50
+    passed = dict.fromkeys(["randomized", "range_output", "dynamic", "n_classes", "zero_gradients",
+                            "square_sr"], "passed")
+    write_result(tmp_path / "fire0", "aa", robust, seed=0, aa_checks=passed, aa_warnings=[])
+    write_result(tmp_path / "fire1", "aa", robust, seed=1, aa_warnings=[],
+                 aa_checks=dict(passed, randomized="it seems to be a randomized defense!"))
+    write_result(tmp_path / "trades0", "aa", robust, method="trades", seed=0, aa_warnings=["zero gradient!"])
+    write_result(tmp_path / "mart0", "aa", robust, method="mart", seed=0, aa_checks=passed, aa_warnings=[],
+                 sanity={"checks": {"radius": {"flagged": True, "detail": "robust 0.40 at the box radius"},
+                                    "transfer": {"flagged": False, "detail": "ok"}}})
+    write_result(tmp_path / "hel0", "aa", robust, method="hellinger", seed=0, aa_checks=passed, aa_warnings=[])
+    table = tables.main([str(tmp_path)])
+    rows = table_rows(table)
+    assert rows["FIRE"][5] == "50.00 ± 0.00 ⚠3"  # both seeds count; one carries a warning
+    assert rows["TRADES"][5].endswith("⚠2") and rows["MART"][5].endswith("⚠1")
+    assert rows["Hellinger"][5] == "50.00"
+    notes = {line.split()[1]: line for line in table.splitlines() if line.startswith("- ⚠")}
+    assert "1 of 2 result(s)" in notes["⚠3"] and str(tmp_path / "fire1" / "aa.json") in notes["⚠3"]
+    assert "check randomized: it seems to be a randomized defense!" in notes["⚠3"]
+    assert "fire0" not in notes["⚠3"]
+    assert "AutoAttack: zero gradient!" in notes["⚠2"]
+    assert "masking report, radius: robust 0.40 at the box radius" in notes["⚠1"] and "transfer" not in notes["⚠1"]
