@@ -12,13 +12,13 @@ A checkpoint is a plain dict (torch.save; read with weights_only=True, so loadin
 checkpoint_state() writes it from a training's state, load_checkpoint() checks it whole,
 load_train_state() puts it back into a training's state; load_model(path) gives the network alone.
 """
-import math
 import os
 import random
 
 import numpy as np
 import torch
 
+from fire_repro.attacks import eps_problem
 from fire_repro.common import UserError, check_input_file, read_json, sha256_file, write_atomic
 from fire_repro.data import DATASETS, dataset_shape
 from models import Normalize, check_model_name, get_model
@@ -128,12 +128,12 @@ def check_saved_args(saved, path):
     validation size)."""
     if not isinstance(saved, dict):
         raise UserError(f"{path!r} holds no training arguments ('args')")
-    eps, model = saved.get("eps"), saved.get("model")
+    model = saved.get("model")
+    radius = eps_problem(saved.get("eps"), saved.get("norm", "linf"))  # no norm: trained in Linf
     problems = [
         (isinstance(model, str), f"no model name (got {model!r})"),
         (saved.get("dataset") in DATASETS, f"unknown dataset {saved.get('dataset')!r}"),
-        (isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps)
-         and 0 <= eps <= 1, f"eps must be a number in [0, 1], got {eps!r}"),
+        (radius is None, radius),
         (isinstance(saved.get("method"), str), f"no method name (got {saved.get('method')!r})"),
         (isinstance(saved.get("seed"), int), f"no integer seed (got {saved.get('seed')!r})"),
         (isinstance(saved.get("val_size"), int) and saved["val_size"] >= 1,

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from fire_repro.attacks import NORMS
+from fire_repro.attacks import EPS_RANGES, NORMS
 from fire_repro.common import ArgumentParser, Range, check_input_file, check_ranges
 from fire_repro.data import DATASETS
 from fire_repro.parallel import rank_and_world
@@ -62,7 +62,7 @@ TRAIN_RANGES = {
     "val_size": Range(1, 10**7), "epochs": Range(1, 10_000), "batch_size": Range(1, 65_536),
     "lr": Range(0, 10, low_open=True), "momentum": Range(0, 1, high_open=True),
     "weight_decay": Range(0, 1), "lr_milestones": Range(0, 1, low_open=True),
-    "eps": Range(0, 1), "step_size": Range(0, 1, low_open=True), "attack_steps": Range(0, 1000),
+    "eps": EPS_RANGES["linf"], "step_size": Range(0, 1, low_open=True), "attack_steps": Range(0, 1000),
     "eval_steps": Range(0, 1000), "unsup_fraction": Range(0, 1, low_open=True, high_open=True),
     "seed": Range(0, 2**32, high_open=True), "workers": Range(0, 256), "log_every": Range(1, 10**6),
     "lam": Range(0, 1e4), "beta": Range(0, 1e4), "sa_alpha": Range(0, 1, high_open=True),
@@ -71,9 +71,8 @@ TRAIN_RANGES = {
     "ema": Range(0, 1, low_open=True, high_open=True), "ema_start": Range(1, 10_000),
     "label_smoothing": Range(0, 1, high_open=True),
 }
-# --norm l2: an L2 radius and step may exceed 1 (MNIST's radius is 2.0; the [0, 1] box's diagonal
-# is sqrt(pixels), 55 for CIFAR)
-L2_RANGES = {"eps": Range(0, 100), "step_size": Range(0, 100, low_open=True)}
+# --norm l2: an L2 radius and step may exceed 1 (attacks.EPS_RANGES)
+L2_RANGES = {"eps": EPS_RANGES["l2"], "step_size": Range(0, EPS_RANGES["l2"].high, low_open=True)}
 
 
 # Defaults of the settings that only matter when another setting is on (INERT_UNLESS); run_identity

@@ -8,6 +8,7 @@ eval_autoattack.py, tables.py and the plan of run_all.sh.
 import math
 import os
 
+from fire_repro.attacks import eps_problem
 from fire_repro.common import eps_text, read_arrays, read_json, sha256_file
 from fire_repro.run_folder import missing_run_file
 
@@ -17,12 +18,11 @@ RESULT_FIELDS = {"defense": (str, type(None)), "method": str, "method_title": st
                  "model": str, "eps": (int, float), "seed": (int, type(None)), "natural": (int, float),
                  "autoattack": (int, float), "avg_acc": (int, float), "n_examples": int, "split": str,
                  "train_identity": dict}  # seed None: a model without one (a RobustBench entry)
-# Values a result's numbers may take: accuracies are shares of images; radii are in pixel units,
-# in [0, 1] for Linf and up to the box's diagonal (L2_EPS) in L2.
+# Values a result's numbers may take: accuracies are shares of images; the radii `eps` (in the
+# evaluation's norm) and `train_eps` (in the training's) are those their norm allows (attacks.eps_problem).
 UNIT = (0.0, 1.0)
-L2_EPS = (0.0, 100.0)
 RESULT_RANGES = {"natural": UNIT, "autoattack": UNIT, "avg_acc": UNIT, "pgd20": UNIT, "cw": UNIT,
-                 "eps": UNIT, "train_eps": UNIT, "n_examples": (1, math.inf), "seed": (0, math.inf),
+                 "n_examples": (1, math.inf), "seed": (0, math.inf),
                  "train_time_s": (0.0, math.inf), "pretrain_time_s": (0.0, math.inf)}
 OPTIONAL = ("pgd20", "cw", "train_eps", "train_time_s", "pretrain_time_s", "seed")  # may be absent or null
 
@@ -90,10 +90,11 @@ def value_problem(record):
     for key, kind in RESULT_FIELDS.items():
         if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
             return f"not a complete result ({key!r} missing or of the wrong type)"
-    l2 = record.get("norm") == "l2"
+    for key, norm in (("eps", record.get("norm")), ("train_eps", record["train_identity"].get("norm"))):
+        problem = None if key in OPTIONAL and record.get(key) is None else eps_problem(record.get(key), norm or "linf")
+        if problem:  # no norm: Linf, the paper's threat model
+            return f"impossible {key}: {problem}"
     for key, (low, high) in RESULT_RANGES.items():
-        if l2 and key in ("eps", "train_eps"):
-            low, high = L2_EPS
         value = record.get(key)
         if value is None and key in OPTIONAL:
             continue
