@@ -140,3 +140,31 @@ def test_zoo_entry_evaluated_offline_and_summarised_beside_fire(l2_cifar):
                          ("robustbench:cifar10/Linf/Ding2020MMA", "could not download")):
         with pytest.raises(Exception, match=needle):
             eval_autoattack.main([spec, "--robustbench-dir", str(root / "models"), "--device", "cpu"])
+
+
+def test_export_never_replaces_an_earlier_export_unless_overwrite(l2_cifar, tmp_path, capsys):
+    root, result = l2_cifar
+    record = dict(result, aa_version="standard", n_examples=10_000, per_sample="none.npz")
+    (tmp_path / "protocol.json").write_text(json.dumps(record))
+    paths = export_robustbench.main(export_argv(tmp_path / "protocol.json", tmp_path / "out"))
+    before = [open(p, "rb").read() for p in paths]
+    code, lines = cli_error(export_robustbench.main,
+                            export_argv(tmp_path / "protocol.json", tmp_path / "out", "--reported", "70"), capsys)
+    assert code == 2 and len(lines) == 1 and "--overwrite" in lines[0], lines
+    assert [open(p, "rb").read() for p in paths] == before
+    export_robustbench.main(export_argv(tmp_path / "protocol.json", tmp_path / "out", "--reported", "70", "--overwrite"))
+    assert json.loads(open(paths[0]).read())["reported"] == "70.00"
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(checkpoint=None), "names no evaluated 'checkpoint'"),  # a result typed by hand
+    (dict(model="wrn-16-1"), "its checkpoint"),  # the result's model is not its checkpoint's
+])
+def test_export_of_a_result_that_does_not_match_its_checkpoint_is_one_line(l2_cifar, tmp_path, capsys, change, message):
+    _, result = l2_cifar
+    record = dict(result, aa_version="standard", n_examples=10_000, per_sample="none.npz", **change)
+    record = {k: v for k, v in record.items() if v is not None}
+    (tmp_path / "r.json").write_text(json.dumps(record))
+    code, lines = cli_error(export_robustbench.main, export_argv(tmp_path / "r.json", tmp_path / "out"), capsys)
+    assert code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "out").exists()
