@@ -114,6 +114,11 @@ def test_summarize_keys_rows_by_every_setting_and_says_so(tmp_path):
     assert len([line for line in table.splitlines() if line.startswith("| FIRE")]) == 3
     curves = figures.plot_sweep(tables.find_results([str(tmp_path)])[0], str(tmp_path / "f.png"))
     assert len(curves) == 3  # eps 0.05 and 8/255, 10 and 20 images: never averaged into one point
+    # an L2 evaluation at the same number, and an L2-trained run evaluated in Linf: curves of their own
+    write_result(tmp_path / "e", "aa-l2", robust, norm="l2")
+    write_result(tmp_path / "f", "aa", robust, training=dict(norm="l2"))
+    curves = figures.plot_sweep(tables.find_results([str(tmp_path)])[0], str(tmp_path / "f.png"))
+    assert len(curves) == 5
     # a single setting: no extra columns, no note; a fine-tuned run shows its pre-training time
     write_result(tmp_path / "d" / "x", "aa", robust, pretrain_time_s=40 * 3600.0, train_time_s=1200.0)
     table = tables.main([str(tmp_path / "d"), "--quoted", "table2"])
