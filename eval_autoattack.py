@@ -54,7 +54,7 @@ from fire_repro.parallel import over_all_gpus, rank_and_world, setup_device
 from fire_repro.results import RESULT_FORMAT, STANDARD_ATTACKS, default_out, settings_change
 from fire_repro.run_folder import missing_run_file
 from fire_repro.sanity import masking_report
-from fire_repro.attacks import NORMS
+from fire_repro.attacks import EPS_RANGES, NORMS
 
 # The ranges of the numeric flags, the one place they are written (the help texts quote them).
 EVAL_RANGES = {"n_examples": Range(1, 10**7), "batch_size": Range(1, 65_536),
@@ -68,13 +68,14 @@ MOVED = {"--summarize": "python -m fire_repro.tables DIR... [--quoted NAME] [--t
 
 
 def parse_eps(text):
-    """A radius in [0, 1] pixel units: a number (0.031) or a fraction (8/255)."""
+    """A radius in pixel units of [0, 1]: a number (0.031) or a fraction (8/255). Its bound depends
+    on the norm (attacks.EPS_RANGES), checked once the norm is known (autoattack.threat_model)."""
     try:
         value = float(Fraction(text)) if "/" in text else float(text)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"not a number or fraction: {text!r}") from None
-    if not (math.isfinite(value) and 0 <= value <= 1):
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite radius >= 0, got {text!r}")
     return value
 
 
@@ -90,8 +91,8 @@ def get_args(argv=None):
                    help="threat model of AutoAttack and PGD-20/CW-20: linf or l2 (default: the "
                         "checkpoint's training norm; another one needs --eps)")
     p.add_argument("--eps", type=parse_eps, default=None,
-                   help="radius in --norm in [0, 1] pixel units, e.g. 0.3, 8/255 or 0.5 (default: the "
-                        "checkpoint's training eps)")
+                   help=f"radius in --norm in pixel units of [0, 1], e.g. 0.3, 8/255 or 0.5, linf "
+                        f"{EPS_RANGES['linf']}, l2 {EPS_RANGES['l2']} (default: the checkpoint's training eps)")
     p.add_argument("--n-examples", type=int, default=None,
                    help=f"first N images of the split, {EVAL_RANGES['n_examples']} (default: all; "
                         f"AutoAttack's papers use the first 10,000 of the test set)")

@@ -40,6 +40,8 @@ def get_args(argv=None):
                    help="robust accuracy in %% of a stronger evaluation than AutoAttack (model_info's "
                         "`external`, which the leaderboard ranks by; default: none, not written)")
     p.add_argument("--out-dir", type=str, default="robustbench-export", help="folder the two files go into")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export of the same --name in --out-dir (default: refuse)")
     args = p.parse_args(argv)
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.name):
         p.error(f"--name must be letters, digits, _ and -, got {args.name!r}")
@@ -59,13 +61,29 @@ def main(argv=None):
     problem = result_problem(record, args.result) or robustbench_io.protocol_problem(record)
     if problem:
         raise UserError(f"{args.result!r} cannot go to RobustBench: {problem}")
+    if not isinstance(record.get("checkpoint"), str):
+        raise UserError(f"{args.result!r} names no evaluated 'checkpoint' (typed by hand?): the export "
+                        f"needs its weights; evaluate the checkpoint with eval_autoattack.py")
     threat = robustbench_io.THREATS[record.get("norm") or "linf"]
     info_path = os.path.join(args.out_dir, "model_info", record["dataset"], threat, f"{args.name}.json")
     weights_path = os.path.join(args.out_dir, "models", record["dataset"], threat, f"{args.name}.pt")
     for path in (info_path, weights_path):
+        if os.path.lexists(path) and not args.overwrite:
+            raise UserError(f"an export named {args.name!r} exists at {path!r}: pass --overwrite to replace "
+                            f"it, or choose another --name or --out-dir")
+    ckpt_path = checkpoint_of(record, args.result)
+    ckpt = load_checkpoint(ckpt_path)  # its SHA-256 is the evaluated one's
+    saved = ckpt["args"]
+    if (saved["model"], saved["dataset"]) != (record["model"], record["dataset"]):
+        raise UserError(f"{args.result!r} says {record['model']} on {record['dataset']}, its checkpoint "
+                        f"{ckpt_path!r} holds {saved['model']} on {saved['dataset']}: evaluate the checkpoint again")
+    try:
+        weights = robustbench_io.export_weights(ckpt["model"], record["model"], DATASETS[record["dataset"]].classes)
+    except (RuntimeError, KeyError, ValueError) as e:  # tensors of another network than its name
+        raise UserError(f"checkpoint {ckpt_path!r} does not hold a {record['model']}: "
+                        f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}") from None
+    for path in (info_path, weights_path):
         check_output(path, "output")
-    ckpt = load_checkpoint(checkpoint_of(record, args.result))  # its SHA-256 is the evaluated one's
-    weights = robustbench_io.export_weights(ckpt["model"], record["model"], DATASETS[record["dataset"]].classes)
     info = robustbench_io.model_info(record, dict(link=args.link, name=args.paper, authors=args.authors,
                                                   venue=args.venue, reported=args.reported,
                                                   footnote=args.footnote, external=args.external))

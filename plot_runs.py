@@ -21,11 +21,12 @@ import json
 import math
 import os
 
+from fire_repro.checkpoints import check_saved_args
 from fire_repro.common import ArgumentParser, UserError, check_output, cli, write_atomic
 from fire_repro.config import run_identity
 from fire_repro.figures import figure_formats
 from fire_repro.data import rehearsal_title
-from fire_repro.tables import dataset_title, mean_std, row_name, settings_text, varies
+from fire_repro.tables import dataset_title, mean_std, row_name, settings_text, varies, warn
 
 # (metrics.jsonl key, panel title, y label, scale): one panel each; grad_norm_max joins grad_norm
 PANELS = [("val_nat", "validation natural accuracy", "%", 100),
@@ -63,7 +64,8 @@ def run_folders(paths):
         if not found:
             raise UserError(f"{path!r} holds no run folder (no metrics.jsonl in it or below it)")
         folders += [f for f in found if f not in folders]
-    return folders
+    real = {}  # a folder reached twice (through a symlink, or given twice) is one run
+    return [real.setdefault(os.path.realpath(f), f) for f in folders if os.path.realpath(f) not in real]
 
 
 def read_run(folder):
@@ -71,20 +73,21 @@ def read_run(folder):
     them) and its metrics.jsonl records. Raises UserError naming what is missing or damaged."""
     metrics = os.path.join(folder, "metrics.jsonl")
     records = []
-    with open(metrics) as f:
+    with open(metrics, "rb") as f:
         for n, line in enumerate(f, 1):
             try:
-                record = json.loads(line)
-            except ValueError:
+                record = json.loads(line)  # bytes: json reads UTF-8, and refuses other bytes
+            except (ValueError, RecursionError):
                 raise UserError(f"{metrics!r} line {n} is not whole JSON (damaged?)") from None
-            if not (isinstance(record, dict) and isinstance(record.get("epoch"), int)):
-                raise UserError(f"{metrics!r} line {n} is not an epoch record")
+            problem = record_problem(record)
+            if problem:
+                raise UserError(f"{metrics!r} line {n} is not an epoch record: {problem}")
             records.append(record)
     if not records:
         raise UserError(f"{metrics!r} holds no epoch yet")
     args = None
     try:
-        with open(os.path.join(folder, "log.txt")) as f:
+        with open(os.path.join(folder, "log.txt"), errors="replace") as f:
             for line in f:
                 if line.startswith("{"):
                     try:
@@ -97,7 +100,34 @@ def read_run(folder):
         pass
     if args is None:
         raise UserError(f"{folder!r}: log.txt does not hold the run's arguments (its first line)")
+    check_saved_args(args, os.path.join(folder, "log.txt"))
+    odd = [k for k in ARGS_NUMBERS if not (args.get(k) is None or is_number(args[k]))]
+    if not isinstance(args["method_title"], str) or odd:
+        raise UserError(f"{folder!r}: log.txt's arguments are damaged ({(odd or ['method_title'])[0]!r} "
+                        f"is not a {'number' if odd else 'text'})")
     return dict(folder=folder, args=args, records=records)
+
+
+ARGS_NUMBERS = ("epochs", "lam", "beta", "awp_gamma", "awp_warmup", "ema", "ema_start", "clip_grad_norm",
+                "sa_start", "eval_steps")  # the arguments a curve's name reads, as numbers
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def record_problem(record):
+    """Why a metrics.jsonl line is not an epoch record (None if it is): not a JSON object, no
+    integer epoch, a curve's value that is not a number (or null), or an alarm without its
+    validation PGD accuracy."""
+    if not (isinstance(record, dict) and is_number(record.get("epoch")) and isinstance(record["epoch"], int)):
+        return "no integer 'epoch'"
+    odd = [k for k in KEYS if record.get(k) is not None and not is_number(record[k])]
+    if odd:
+        return f"{odd[0]!r} is {record[odd[0]]!r}, not a number"
+    if record.get("collapsed") and not is_number(record.get("val_pgd")):
+        return "'collapsed' without its 'val_pgd'"
+    return None
 
 
 def finite_mean_std(values):
@@ -111,7 +141,8 @@ def finite_mean_std(values):
 
 def curves(runs):
     """One curve per experiment: runs whose run_identity differs only in the seed are averaged
-    epoch by epoch (over the seeds that reached the epoch). Returns dicts with 'label', 'seeds',
+    epoch by epoch (over the seeds that reached the epoch); two runs of one identity and seed (a
+    copied folder) are one. Returns dicts with 'label', 'seeds',
     'epochs', 'mean' and 'std' ({key: list per epoch}) and 'alarms' ([(seed, first alarm epoch)])."""
     groups = {}
     for run in runs:
@@ -126,7 +157,13 @@ def curves(runs):
         if len(same_name) > 1:  # rows of one name: say what tells them apart
             keys = sorted(set().union(*same_name))  # a setting at its default is left out of an identity
             label += f" ({settings_text(settings[key], [k for k in keys if varies(same_name, k)])})"
-        group.sort(key=lambda r: r["args"]["seed"])
+        by_seed = {}  # a copied run (same settings, same seed) is one seed, drawn once
+        for run in group:
+            first = by_seed.setdefault(run["args"]["seed"], run)
+            if first is not run:
+                warn(f"{run['folder']!r} holds the run of {first['folder']!r} again (same settings, seed "
+                     f"{run['args']['seed']}): drawn once")
+        group = sorted(by_seed.values(), key=lambda r: r["args"]["seed"])
         epochs = sorted({r["epoch"] for run in group for r in run["records"]})
         by_epoch = [{r["epoch"]: r for r in run["records"]} for run in group]
         mean, std = {}, {}

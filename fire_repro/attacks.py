@@ -10,7 +10,24 @@ Both keep x' in the [0, 1] box.
 import torch
 import torch.nn.functional as F
 
+from fire_repro.common import Range
+
 NORMS = ("linf", "l2")
+# The radii each threat model allows, in pixel units of [0, 1], the one statement of them (training
+# flags, saved arguments, evaluation and results ask it): an Linf radius of 1 already covers the
+# whole box; an L2 radius may exceed 1 (MNIST's preset is 2.0) up to about the box's diagonal,
+# sqrt(pixels) (55 for CIFAR).
+EPS_RANGES = {"linf": Range(0, 1), "l2": Range(0, 100)}
+
+
+def eps_problem(eps, norm):
+    """Why `eps` is not a radius of the threat model `norm` (None if it is): an unknown norm, or a
+    radius that is not a finite number in the norm's range."""
+    if norm not in NORMS:
+        return f"norm must be one of {', '.join(NORMS)}, got {norm!r}"
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps not in EPS_RANGES[norm]:
+        return f"{norm} eps must be a number {EPS_RANGES[norm]}, got {eps!r}"
+    return None
 
 
 def upcast_half(logits):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fire_repro.attacks import attack_pgd_ce, cw_margin, perturbation_norm
+from fire_repro.attacks import attack_pgd_ce, cw_margin, eps_problem, perturbation_norm
 from fire_repro.common import UserError
 from fire_repro.results import NOT_RECORDED, NOT_RUN, PASSED, STANDARD_ATTACKS
 
@@ -40,12 +40,16 @@ TEST_SET_SIZE = 10_000  # AutoAttack's papers evaluate the first 10,000 test ima
 def threat_model(saved, norm=None, eps=None):
     """(norm, eps) of an evaluation of a checkpoint trained with `saved` arguments: `norm` (default
     the training norm) and `eps` (default the training radius). Raises UserError for another norm
-    than training's without a radius."""
+    than training's without a radius, or a radius outside the norm's range (attacks.EPS_RANGES)."""
     train_norm = saved.get("norm", "linf")  # a checkpoint without a norm was trained in Linf
     norm = norm or train_norm
     if norm != train_norm and eps is None:
         raise UserError(f"trained in {train_norm}, evaluated in {norm}: give its radius with --eps")
-    return norm, saved["eps"] if eps is None else eps
+    eps = saved["eps"] if eps is None else eps
+    problem = eps_problem(eps, norm)
+    if problem:
+        raise UserError(f"--eps: {problem}")
+    return norm, eps
 
 
 def autoattack_batch(adversary, model, x, y, say=None):

@@ -12,13 +12,14 @@ A checkpoint is a plain dict (torch.save; read with weights_only=True, so loadin
 checkpoint_state() writes it from a training's state, load_checkpoint() checks it whole,
 load_train_state() puts it back into a training's state; load_model(path) gives the network alone.
 """
-import math
 import os
 import random
 
 import numpy as np
 import torch
+from torch.overrides import TorchFunctionMode
 
+from fire_repro.attacks import eps_problem
 from fire_repro.common import UserError, check_input_file, read_json, sha256_file, write_atomic
 from fire_repro.data import DATASETS, dataset_shape
 from models import Normalize, check_model_name, get_model
@@ -103,7 +104,12 @@ def load_checkpoint(path, what="checkpoint", resuming=False):
     model = ckpt.get("model")
     if not (isinstance(model, dict) and model and all(torch.is_tensor(v) for v in model.values())):
         raise UserError(f"checkpoint {path!r} is incomplete: 'model' is missing or not a dict of tensors")
+    # training stops when a quantity becomes NaN, so a checkpoint of this repository never holds one
+    odd = next((k for k, v in model.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if odd is not None:
+        raise UserError(f"checkpoint {path!r} is damaged: its weights are not finite (NaN or inf in {odd!r})")
     check_saved_args(ckpt.get("args"), path)
+    check_model_shapes(ckpt, path)
     for key, kind in {**CHECKPOINT_PARTS, **(RESUME_PARTS if resuming else {})}.items():
         if not isinstance(ckpt.get(key), kind) or isinstance(ckpt.get(key), bool):
             raise UserError(f"checkpoint {path!r} is incomplete: {key!r} is missing or not a "
@@ -142,12 +148,12 @@ def check_saved_args(saved, path):
     validation size)."""
     if not isinstance(saved, dict):
         raise UserError(f"{path!r} holds no training arguments ('args')")
-    eps, model = saved.get("eps"), saved.get("model")
+    model = saved.get("model")
+    radius = eps_problem(saved.get("eps"), saved.get("norm", "linf"))  # no norm: trained in Linf
     problems = [
         (isinstance(model, str), f"no model name (got {model!r})"),
         (saved.get("dataset") in DATASETS, f"unknown dataset {saved.get('dataset')!r}"),
-        (isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps)
-         and 0 <= eps <= 1, f"eps must be a number in [0, 1], got {eps!r}"),
+        (radius is None, radius),
         (isinstance(saved.get("method"), str), f"no method name (got {saved.get('method')!r})"),
         (isinstance(saved.get("seed"), int), f"no integer seed (got {saved.get('seed')!r})"),
         (isinstance(saved.get("val_size"), int) and saved["val_size"] >= 1,
@@ -160,6 +166,32 @@ def check_saved_args(saved, path):
         check_model_name(model)
     except ValueError as e:
         raise UserError(f"{path!r} does not describe its model: {e}") from None
+
+
+class _ShapesOnly(TorchFunctionMode):
+    """With torch.device("meta"): in-place operations on meta tensors (a model's weight
+    initialisation) are skipped. They change no shape, a meta tensor holding no values, and their
+    meta kernels would first import torch's compiler (seconds)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name.endswith("_") and not name.startswith("_") and args and torch.is_tensor(args[0]) and args[0].is_meta:
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+def check_model_shapes(ckpt, path):
+    """Raise UserError unless the checkpoint's tensors are those of the model its arguments name,
+    tensor by tensor and shape by shape. The model is built on the meta device (shapes only, no
+    memory), so that a name edited to a huge network (wrn-256-32) is refused before it is built."""
+    with torch.device("meta"), _ShapesOnly():
+        shapes = {k: tuple(v.shape) for k, v in model_from_args(ckpt["args"]).state_dict().items()}
+    saved = {k: tuple(v.shape) for k, v in ckpt["model"].items()}
+    odd = sorted(set(shapes) ^ set(saved)) or sorted(k for k in shapes if shapes[k] != saved[k])
+    if odd:
+        where = "in one of the two only" if odd[0] not in shapes or odd[0] not in saved else \
+            f"{saved[odd[0]]} there, {shapes[odd[0]]} in a {ckpt['args']['model']}"
+        raise UserError(f"{path!r} does not match model {ckpt['args']['model']!r}: tensor {odd[0]!r} is {where}")
 
 
 def model_from_args(saved):

@@ -165,18 +165,34 @@ def check_input_file(path, what):
     raise UserError(f"{what} {path!r} does not exist")
 
 
-def read_json(path):
-    """The JSON value in `path`, or None when the file is missing or is not whole JSON."""
-    try:
-        with open(path) as f:
+def load_json(path):
+    """The JSON value in `path`. Raises OSError when it cannot be read: missing, or not a regular
+    file (a FIFO would block the reader forever), and ValueError when it is not whole JSON
+    (damaged, not UTF-8, or nested too deeply for the parser)."""
+    if not os.path.isfile(path):
+        raise OSError(f"{path!r} {'is not a regular file' if os.path.exists(path) else 'does not exist'}")
+    with open(path, "rb") as f:
+        try:
             return json.load(f)
+        except RecursionError:
+            raise ValueError(f"{path!r} is nested too deeply") from None
+
+
+def read_json(path):
+    """The JSON value in `path`, or None when the file is missing, not a regular file or not whole
+    JSON (load_json)."""
+    try:
+        return load_json(path)
     except (OSError, ValueError):
         return None
 
 
 def read_arrays(path):
     """Every array of an .npz file, read in full, or None when the file is missing or damaged
-    (truncated, not a zip, a member that does not decompress, pickled objects)."""
+    (truncated, not a zip, a member that does not decompress, pickled objects) or not a regular
+    file (a FIFO would block)."""
+    if not os.path.isfile(path):
+        return None
     try:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}

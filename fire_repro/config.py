@@ -10,10 +10,11 @@ import argparse
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from fire_repro.attacks import NORMS
+from fire_repro.attacks import EPS_RANGES, NORMS
 from fire_repro.common import ArgumentParser, Range, check_input_file, check_ranges
 from fire_repro.data import DATASETS
 from fire_repro.parallel import rank_and_world
@@ -62,7 +63,7 @@ TRAIN_RANGES = {
     "val_size": Range(1, 10**7), "epochs": Range(1, 10_000), "batch_size": Range(1, 65_536),
     "lr": Range(0, 10, low_open=True), "momentum": Range(0, 1, high_open=True),
     "weight_decay": Range(0, 1), "lr_milestones": Range(0, 1, low_open=True),
-    "eps": Range(0, 1), "step_size": Range(0, 1, low_open=True), "attack_steps": Range(0, 1000),
+    "eps": EPS_RANGES["linf"], "step_size": Range(0, 1, low_open=True), "attack_steps": Range(0, 1000),
     "eval_steps": Range(0, 1000), "unsup_fraction": Range(0, 1, low_open=True, high_open=True),
     "seed": Range(0, 2**32, high_open=True), "workers": Range(0, 256), "log_every": Range(1, 10**6),
     "lam": Range(0, 1e4), "beta": Range(0, 1e4), "sa_alpha": Range(0, 1, high_open=True),
@@ -71,9 +72,8 @@ TRAIN_RANGES = {
     "ema": Range(0, 1, low_open=True, high_open=True), "ema_start": Range(1, 10_000),
     "label_smoothing": Range(0, 1, high_open=True),
 }
-# --norm l2: an L2 radius and step may exceed 1 (MNIST's radius is 2.0; the [0, 1] box's diagonal
-# is sqrt(pixels), 55 for CIFAR)
-L2_RANGES = {"eps": Range(0, 100), "step_size": Range(0, 100, low_open=True)}
+# --norm l2: an L2 radius and step may exceed 1 (attacks.EPS_RANGES)
+L2_RANGES = {"eps": EPS_RANGES["l2"], "step_size": Range(0, EPS_RANGES["l2"].high, low_open=True)}
 
 
 # Defaults of the settings that only matter when another setting is on (INERT_UNLESS); run_identity
@@ -160,7 +160,9 @@ def base_parser(description):
                    help="channels-last memory layout (faster convolutions on recent GPUs)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the model")
-    p.add_argument("--out-dir", type=str, default=None, help="run folder (default runs/<method>-<dataset>-s<seed>)")
+    p.add_argument("--out-dir", type=str, default=None,
+                   help="run folder (default runs/<method>-<dataset>[-<settings>]-s<seed>: <settings> "
+                        "names what differs from the data set's preset, e.g. runs/fire-digits-l2-s0)")
     p.add_argument("--resume", type=str, default=None,
                    help="checkpoint to resume from, or 'auto' = <out-dir>/last.pt if it exists")
     p.add_argument("--overwrite", action="store_true", help="allow replacing a finished run's files")
@@ -229,7 +231,7 @@ def finish_args(parser, argv, methods, key):
     if args.val_size is None:
         args.val_size = dataset.val_size
     if args.out_dir is None:
-        args.out_dir = os.path.join("runs", f"{args.method}-{args.dataset}-s{args.seed}")
+        args.out_dir = default_out_dir(parser, args, key)
     check_ranges(parser, args, dict(TRAIN_RANGES, **(L2_RANGES if args.norm == "l2" else {})))
     checks = [
         (args.augment == "crop-flip" or dataset.authors_augment,
@@ -259,6 +261,44 @@ def finish_args(parser, argv, methods, key):
         if path is not None and not (flag == "--resume" and path == "auto") and os.path.normpath(path) not in planned:
             check_input_file(path, flag)
     return args
+
+
+def default_out_dir(parser, args, key):
+    """runs/<method>-<dataset>[-<settings>]-s<seed>, the folder of a run without --out-dir. The data
+    set's preset run has no <settings> (runs/fire-digits-s0); any other value of what the run
+    computes (run_identity) is named there, e.g. l2, lam5, lr0.01 (runs/fire-digits-l2-lam5-s0), or
+    by a hash of those values when their names are long: runs of different settings never share a
+    default folder. --epochs is not named: --resume auto with a larger --epochs extends the run."""
+    preset = vars(parser.parse_args([]))  # every flag at its default, with the data set's preset:
+    preset.update({k: v for k, v in vars(args).items() if k not in preset or k in (key, "self_adaptive", "dataset", "seed")})
+    preset.update(DATASETS[args.dataset].training_preset(args.norm, bool(args.aux_data)),
+                  val_size=DATASETS[args.dataset].val_size)
+    here, there = run_identity(vars(args)), run_identity(preset)
+    named = {k: here.get(k) for k in sorted(set(here) | set(there))
+             if k not in ("method", "epochs") and here.get(k) != there.get(k)}
+    tag = "-".join(setting_name(k, v) for k, v in named.items())
+    if len(tag) > 48:
+        tag = "settings" + hashlib.sha256(json.dumps(named, sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join("runs", "-".join([args.method, args.dataset, *([tag] if tag else []), f"s{args.seed}"]))
+
+
+def setting_name(key, value):
+    """A setting as a default folder names it: the norm or a choice by its value (l2, cosine,
+    wrn-28-10), a switch by its flag (rehearsal), a file by its stem (aux-1m), a number after its
+    flag (lam5, lr0.01, no-ema)."""
+    flag = key.replace("_", "-")
+    if key in IDENTITY_PATHS:
+        text = f"{flag.split('-')[0]}-{os.path.splitext(os.path.basename(value))[0]}"
+    elif isinstance(value, bool):
+        text = flag if value else f"no-{flag}"
+    elif value is None:
+        text = f"no-{flag}"
+    elif isinstance(value, str):
+        text = value
+    else:
+        values = value if isinstance(value, list) else [value]
+        text = flag + ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+    return re.sub(r"[^A-Za-z0-9.,_-]", "_", text)
 
 
 # The settings that start at an epoch: (setting, what starts, whether it is on). One past --epochs

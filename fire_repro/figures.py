@@ -8,7 +8,7 @@ import statistics
 
 from fire_repro.common import eps_text, write_atomic
 from fire_repro.data import rehearsal_title
-from fire_repro.tables import (dataset_title, fmt_model, rehearsal, rounded, settings_text, shown_in_row,
+from fire_repro.tables import (dataset_title, fmt_model, norm_of, rehearsal, rounded, settings_text, shown_in_row,
                                training_settings, varies, weight_of)
 
 
@@ -25,11 +25,16 @@ def curve_shown(r):
     return shown_in_row(r) - {"augment", "aux_data", "init_from"}
 
 
+def radius_text(norm, eps):
+    """A curve's radius: '8/255' in Linf, 'L2 0.5' in L2, '-' when none is recorded."""
+    return "-" if eps is None else eps_text(eps) if norm == "linf" else f"{norm.upper()} {eps:g}"
+
+
 def plot_sweep(results, path, kind="lambda"):
     """Fig. 7 (kind='lambda': natural and AutoAttack accuracy against the weight) or Fig. 8
     (kind='plane': AutoAttack against natural accuracy, one curve per method); mean over seeds.
     Results that differ in anything but the weight and the seed (any other training setting,
-    evaluation eps, images, split, AutoAttack version) are separate curves, never averaged into
+    training or evaluation norm and eps, images, split, AutoAttack version) are separate curves, never averaged into
     one point."""
     from matplotlib.figure import Figure  # no pyplot: no global state, renders with Agg
     curves, settings = {}, {}
@@ -37,7 +42,8 @@ def plot_sweep(results, path, kind="lambda"):
         label = r["method_title"] + (" + extra data" if r.get("aux_data") else "")
         training = training_settings(r)  # bar what the label and the key show, and the weight
         training = None if training is None else {k: v for k, v in training.items() if k not in curve_shown(r)}
-        key = (label, r["dataset"], r["model"], rounded(r.get("train_eps")), rounded(r["eps"]),
+        train_norm = (r.get("train_identity") or {}).get("norm") or "linf"
+        key = (label, r["dataset"], r["model"], (train_norm, rounded(r.get("train_eps"))), (norm_of(r), rounded(r["eps"])),
                r["n_examples"], r["split"], r.get("aa_version") or "", json.dumps(training, sort_keys=True))
         settings[key[8]] = training
         curves.setdefault(key, {}).setdefault(weight_of(r), []).append(r)
@@ -45,8 +51,8 @@ def plot_sweep(results, path, kind="lambda"):
     recorded = [s for s in settings.values() if s is not None]
     keys = [k for k in sorted(set().union(*recorded)) if varies(recorded, k)]
     describe = {1: dataset_title, 2: fmt_model,
-                3: lambda v: "train ε " + ("-" if v is None else eps_text(v)),
-                4: lambda v: "ε " + eps_text(v), 5: lambda v: f"{v} images", 6: str, 7: str,
+                3: lambda v: "train ε " + radius_text(*v), 4: lambda v: "ε " + radius_text(*v),
+                5: lambda v: f"{v} images", 6: str, 7: str,
                 8: lambda v: settings_text(settings[v], keys)}
     fig = Figure(figsize=(6, 4.2))
     ax = fig.add_subplot()

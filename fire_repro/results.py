@@ -10,21 +10,22 @@ A result's warnings (AutoAttack's checks, the masking report) are read by warnin
 import math
 import os
 
+from fire_repro.attacks import eps_problem
 from fire_repro.common import eps_text, read_arrays, read_json, sha256_file
 from fire_repro.run_folder import missing_run_file
 
-RESULT_FORMAT = "fire-repro-autoattack/1"  # the `format` of a result JSON
+RESULT_KIND = "fire-repro-autoattack/"  # a result JSON's `format`: this kind and its version
+RESULT_FORMAT = RESULT_KIND + "1"
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")  # AutoAttack's standard order
 RESULT_FIELDS = {"defense": (str, type(None)), "method": str, "method_title": str, "method_order": int, "dataset": str,
                  "model": str, "eps": (int, float), "seed": (int, type(None)), "natural": (int, float),
                  "autoattack": (int, float), "avg_acc": (int, float), "n_examples": int, "split": str,
                  "train_identity": dict}  # seed None: a model without one (a RobustBench entry)
-# Values a result's numbers may take: accuracies are shares of images; radii are in pixel units,
-# in [0, 1] for Linf and up to the box's diagonal (L2_EPS) in L2.
+# Values a result's numbers may take: accuracies are shares of images; the radii `eps` (in the
+# evaluation's norm) and `train_eps` (in the training's) are those their norm allows (attacks.eps_problem).
 UNIT = (0.0, 1.0)
-L2_EPS = (0.0, 100.0)
 RESULT_RANGES = {"natural": UNIT, "autoattack": UNIT, "avg_acc": UNIT, "pgd20": UNIT, "cw": UNIT,
-                 "eps": UNIT, "train_eps": UNIT, "n_examples": (1, math.inf), "seed": (0, math.inf),
+                 "n_examples": (1, math.inf), "seed": (0, math.inf),
                  "train_time_s": (0.0, math.inf), "pretrain_time_s": (0.0, math.inf)}
 # AutoAttack's checks (`aa_checks`: check -> "passed", its warning, or "not run"; autoattack.AA_CHECKS)
 # and the masking report (`sanity`, sanity.py) are optional fields of the same format: a result
@@ -85,12 +86,27 @@ def read_per_image(record, json_path):
     return _PER_SAMPLE[key]
 
 
+def other_result_format(record):
+    """Whether `record` is a result JSON of another version of this code (its `format` is of this
+    kind, not RESULT_FORMAT): not readable here, and never taken for a file that is not a result."""
+    fmt = record.get("format") if isinstance(record, dict) else None
+    return isinstance(fmt, str) and fmt.startswith(RESULT_KIND) and fmt != RESULT_FORMAT
+
+
+# How far a result's totals may lie from what they are computed from: float rounding of a mean
+# over at most 10^7 images, and half the last digit the tables show (0.01 %) for a hand-typed avg_acc.
+MEAN_TOL = 1e-6
+AVG_TOL = 5e-5
+
+
 def value_problem(record):
     """Why a result's fields are not a result's (None if they are): not a JSON object, a field
     missing or of the wrong type, or a number that is not finite or outside its range (an accuracy
     of 7.5, a NaN, n_examples 0)."""
     if not isinstance(record, dict):
         return f"not a result (a JSON {type(record).__name__}, not an object)"
+    if other_result_format(record):
+        return f"a result of format {record['format']!r}, this code reads {RESULT_FORMAT!r}: evaluate again"
     if record.get("format") != RESULT_FORMAT:
         return f"not a result of eval_autoattack.py (its 'format' is not {RESULT_FORMAT!r})"
     for key, kind in RESULT_FIELDS.items():
@@ -102,10 +118,11 @@ def value_problem(record):
     if not (isinstance(sanity, dict) and isinstance(sanity.get("checks", {}), dict)
             and all(isinstance(c, dict) for c in sanity.get("checks", {}).values())):
         return "not a complete result ('sanity' is not an object with an object of checks)"
-    l2 = record.get("norm") == "l2"
+    for key, norm in (("eps", record.get("norm")), ("train_eps", record["train_identity"].get("norm"))):
+        problem = None if key in OPTIONAL and record.get(key) is None else eps_problem(record.get(key), norm or "linf")
+        if problem:  # no norm: Linf, the paper's threat model
+            return f"impossible {key}: {problem}"
     for key, (low, high) in RESULT_RANGES.items():
-        if l2 and key in ("eps", "train_eps"):
-            low, high = L2_EPS
         value = record.get(key)
         if value is None and key in OPTIONAL:
             continue
@@ -113,6 +130,24 @@ def value_problem(record):
             return f"not a complete result ({key!r} is not a number)"
         if not (math.isfinite(value) and low <= value <= high):
             return f"impossible value {key}={value!r} (allowed: finite, in [{low:g}, {high:g}])"
+    # an image robust to AutoAttack is classified correctly first (autoattack.autoattack_batch)
+    if record["autoattack"] > record["natural"] + MEAN_TOL:
+        return f"AutoAttack accuracy {record['autoattack']!r} above the natural one {record['natural']!r}"
+    if abs(record["avg_acc"] - (record["natural"] + record["autoattack"]) / 2) > AVG_TOL:
+        return f"avg_acc {record['avg_acc']!r} is not the mean of natural and AutoAttack accuracy"
+    return None
+
+
+def totals_problem(record, arrays):
+    """Why a result's totals contradict its per-image arrays (None if they agree): an accuracy that
+    is not the share of its images, or an image robust to AutoAttack that was misclassified."""
+    for key, array in (("autoattack", "square"), ("natural", "natural"), ("pgd20", "pgd20"), ("cw", "cw")):
+        if array in arrays and record.get(key) is not None:
+            share = float(arrays[array].mean()) if len(arrays[array]) else math.nan
+            if not abs(record[key] - share) <= MEAN_TOL:
+                return f"{key} {record[key]!r} is not its per-image file's {share!r}"
+    if "natural" in arrays and (arrays["square"].astype(bool) & ~arrays["natural"].astype(bool)).any():
+        return "its per-image file has images robust to AutoAttack but misclassified"
     return None
 
 
@@ -135,13 +170,19 @@ def warnings_of(record):
 
 def result_problem(record, path):
     """Why a result JSON must not go into a table (None if it may): not a result, incomplete, a
-    value out of its range, its per-image file damaged, or its checkpoint gone or changed since it
+    value out of its range, its per-image file damaged or contradicting its totals, or its checkpoint gone or changed since it
     was evaluated (e.g. retrained)."""
     problem = value_problem(record)
     if problem:
         return problem
-    if os.path.exists(per_image_path(record, path)) and read_per_image(record, path) is None:
-        return f"its per-image file {per_image_path(record, path)!r} is damaged; evaluate again"
+    per_image = per_image_path(record, path)
+    if os.path.exists(per_image):
+        arrays = read_per_image(record, path)
+        if arrays is None:
+            return f"its per-image file {per_image!r} is damaged; evaluate again"
+        problem = totals_problem(record, arrays)
+        if problem:
+            return f"its totals contradict its per-image file {per_image!r}: {problem}; evaluate again"
     if "checkpoint" not in record:
         return None  # typed by hand: no checkpoint to check against
     if not isinstance(record["checkpoint"], str) or not isinstance(record.get("checkpoint_sha256"), str):

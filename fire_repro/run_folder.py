@@ -33,8 +33,9 @@ def refuse_other_run(args, resuming):
     # metrics and log of an uncommitted epoch 1 go), but not one whose best.pt is there.
     fresh_start_ok = resuming and (args.resume is not None or "best.pt" not in existing)
     if existing and not fresh_start_ok and not args.overwrite:
-        raise UserError(f"{args.out_dir!r} already holds a run ({', '.join(existing)}); "
-                        f"pass --resume auto to continue it or --overwrite to start over")
+        raise UserError(f"{args.out_dir!r} already holds a run ({', '.join(existing)}): give this run its own "
+                        f"--out-dir (--resume auto continues the run there if it is this one; --overwrite "
+                        f"deletes it)")
 
 
 def check_resume(args, ckpt):
@@ -46,7 +47,8 @@ def check_resume(args, ckpt):
         if key in saved and key != "epochs" and saved[key] != value:
             name = key if key == "method" else "--" + key.replace("_", "-")
             raise UserError(f"--resume {args.resume!r} was trained with {name}={saved[key]!r}, this "
-                            f"command gives {value!r}: resuming must not change what the run computes")
+                            f"command gives {value!r}: resuming must not change what the run computes "
+                            f"(give another run its own --out-dir)")
     here = os.path.realpath(args.out_dir)
     if os.path.dirname(os.path.realpath(args.resume)) != here:
         raise UserError(f"--resume {args.resume!r} is not in --out-dir {args.out_dir!r}: a run "
@@ -133,7 +135,8 @@ def claim_run_dir(args):
     else a fresh start) and refuse another run's folder. Returns the lock (None off the main process)."""
     lock = None
     if is_main():
-        lock = lock_folder(args.out_dir, "--out-dir")
+        lock = lock_folder(args.out_dir, "--out-dir", "it is in use by another training or evaluation: "
+                                                      "give this run its own --out-dir")
         if settle_replaced_run(args.out_dir) == "restored":
             print(f"{args.out_dir}: restored the run that --overwrite was replacing (the new run "
                   f"stopped before its first epoch was committed)", flush=True)

@@ -24,10 +24,10 @@ import sys
 import numpy as np
 from scipy.stats import bootstrap
 
-from fire_repro.common import ArgumentParser, UserError, check_output, cli, eps_text, fmt_hours, write_atomic
+from fire_repro.common import ArgumentParser, UserError, check_output, cli, eps_text, fmt_hours, load_json, write_atomic
 from fire_repro.config import DEFAULT_IDENTITY, never_starts, run_identity
 from fire_repro.data import DATASETS, REHEARSAL_NOTE, rehearsal_title
-from fire_repro.results import RESULT_FORMAT, read_per_image, result_problem, warnings_of
+from fire_repro.results import RESULT_FORMAT, other_result_format, read_per_image, result_problem, warnings_of
 
 N_BOOTSTRAP = 10_000
 # Rows quoted without training them: those the paper quotes from other papers (Table 2), as printed
@@ -170,13 +170,13 @@ def find_results(dirs):
     folders without any result are named in one warning line. Returns (results, left_out)."""
     paths, named, runs = [], set(), []
     for d in dirs:
-        if os.path.isfile(d):
+        if os.path.exists(d) and not os.path.isdir(d):  # a file, or what only claims to be one
             paths.append(d)
             named.add(os.path.realpath(d))
         elif os.path.isdir(d):
             for root, subdirs, files in os.walk(d):
                 subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))  # not .replaced/
-                jsons = [os.path.join(root, f) for f in sorted(files) if f.endswith(".json")]
+                jsons = [os.path.join(root, f) for f in sorted(files) if f.endswith(".json")]  # FIFOs too: named
                 paths += jsons
                 if any(f in files for f in RUN_MARKS):
                     runs.append((root, jsons))
@@ -189,9 +189,10 @@ def find_results(dirs):
             continue
         seen.add(real)
         try:
-            with open(path) as f:
-                record = json.load(f)
-        except (OSError, ValueError):
+            record = load_json(path)
+        except OSError:
+            record, problem = None, "not a regular file (a FIFO, a device?)"
+        except ValueError:
             record, problem = None, "not whole JSON (damaged?)"
         else:
             problem = result_problem(record, path)
@@ -199,7 +200,11 @@ def find_results(dirs):
             if problem:
                 raise UserError(f"{path}: {problem}")
         elif record is not None and not (isinstance(record, dict) and record.get("format") == RESULT_FORMAT):
-            continue  # not a result (a run's summary.json, a timing)
+            if not other_result_format(record):
+                continue  # not a result (a run's summary.json, a timing)
+            warn(f"left out {path}: {problem}")  # a result of another version of this code
+            left_out.append(path)
+            continue
         elif problem:
             warn(f"left out {path}: {problem}")
             left_out.append(path)

@@ -1,6 +1,7 @@
 """eval_autoattack.py: AutoAttack bounded by natural and PGD accuracy, chunks that resume after a
 kill, torchrun shards, per-image results tied to their checkpoint, timing, and one line per bad input."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -232,6 +233,8 @@ def eval_error(monkeypatch, capsys, argv):
     (["BAD_MODEL"], "6n+4"), (["BAD_DATASET"], "unknown dataset"),
     (["--transfer-from", "DIR/x.pt"], "goes with --sanity"), (["--sanity-n", "0"], "--sanity-n"),
     (["--sanity", "--transfer-from", "DIR/none.pt"], "--transfer-from"),
+    (["L3_NORM"], "norm must be one of linf, l2"),
+    (["NAN_WEIGHTS"], "weights are not finite"), (["HUGE_MODEL"], "does not match model 'wrn-256-32'"),
     # the modes that are other commands now: one line naming the command
     (["--summarize", "DIR"], "use python -m fire_repro.tables"), (["--plot-sweep", "DIR"], "use python -m fire_repro.tables"),
     (["--time-images", "2"], "use python benchmark.py --autoattack"), (["--time-model=smallcnn"], "use python benchmark.py --autoattack"),
@@ -244,7 +247,9 @@ def test_eval_bad_input_catalogue(case, needle, fire_run, tmp_path, monkeypatch,
     saved = torch.load(best, weights_only=True)
     edits = {"NO_MODEL": lambda a: a.pop("model"), "STRING_EPS": lambda a: a.update(eps="0.1"),
              "NO_EPS": lambda a: a.pop("eps"), "BAD_MODEL": lambda a: a.update(model="wrn-35-10"),
-             "BAD_DATASET": lambda a: a.update(dataset="svhn")}
+             "BAD_DATASET": lambda a: a.update(dataset="svhn"), "L3_NORM": lambda a: a.update(norm="l3"),
+             "NAN_WEIGHTS": lambda a: [v.fill_(math.nan) for v in saved["model"].values() if v.is_floating_point()],
+             "HUGE_MODEL": lambda a: a.update(model="wrn-256-32")}  # 4 billion parameters: never built
     argv = []
     for word in case:
         if word in edits:

@@ -3,6 +3,7 @@ method of its own, a training script of a new method with its own weight flag is
 paired with FIRE like the others, and a data set added as one entry of data.DATASETS trains, is
 evaluated and gets its table rows, with no other edit."""
 import json
+import os
 
 import pytest
 import torch
@@ -33,15 +34,16 @@ def table_rows(folder):
 def test_a_new_regulariser_is_a_method_of_its_own(tmp_path, monkeypatch, few_digits):
     monkeypatch.setitem(train_fire.REGULARISERS, "sym-kl",
                         training.Method("sym-kl", "Symmetric KL", "lam", order=5, fn=symmetric_kl))
-    monkeypatch.chdir(tmp_path)  # default run folders: runs/<method>-digits-s0
+    monkeypatch.chdir(tmp_path)  # default run folders: runs/<method>-digits-<settings>-s0
     for distance, method in (("fisher-rao", "fire"), ("sym-kl", "sym-kl")):
         summary = train_fire.main([*TINY, "--distance", distance])
         assert summary["method"] == method
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["fire-digits-s0", "sym-kl-digits-s0"]
-    summary = json.loads((tmp_path / "runs" / "sym-kl-digits-s0" / "summary.json").read_text())
+    folders = {m: train_fire.get_args([*TINY, "--distance", d]).out_dir for d, m in (("fisher-rao", "fire"), ("sym-kl", "sym-kl"))}
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(os.path.basename(f) for f in folders.values())
+    summary = json.loads((tmp_path / folders["sym-kl"] / "summary.json").read_text())
     assert (summary["method"], summary["method_title"]) == ("sym-kl", "Symmetric KL")
     for run in ("fire", "sym-kl"):
-        result = eval_autoattack.main([f"runs/{run}-digits-s0/best.pt", *EVAL])[0]
+        result = eval_autoattack.main([f"{folders[run]}/best.pt", *EVAL])[0]
         assert result["method"] == run
     rows = table_rows(tmp_path / "runs")
     assert list(rows)[1:] == ["Symmetric KL (lam=12)", "FIRE (lam=12)"]  # its own row, before FIRE

@@ -3,6 +3,7 @@ collapse alarm read from metrics.jsonl, and bad input as one line."""
 import json
 import math
 import os
+import shutil
 
 import pytest
 
@@ -79,6 +80,43 @@ def test_bad_input_is_one_line(tmp_path, capsys, few_digits):
     assert not (tmp_path / "c.png").exists()
     r = run_script("plot_runs.py", str(tmp_path / "nothing"), "--out", str(tmp_path / "c.png"))
     assert r.returncode == 2 and r.stderr.strip() == f"plot_runs.py: error: {str(tmp_path / 'nothing')!r} does not exist"
+
+
+def test_a_run_reached_twice_is_one_seed(tmp_path, few_digits, capsys):
+    """A run given again through a symlink, or copied to another folder, is not a second seed."""
+    run = tmp_path / "runs" / "fire-s0"
+    train_fire.main(TINY[:1] + ["1"] + TINY[2:] + ["--out-dir", str(run)])
+    os.symlink(run, tmp_path / "link")
+    shutil.copytree(run, tmp_path / "copy")
+    assert plot_runs.run_folders([str(run), str(tmp_path / "link")]) == [str(run)]
+    runs = [plot_runs.read_run(f) for f in plot_runs.run_folders([str(run), str(tmp_path / "copy")])]
+    (c,) = plot_runs.curves(runs)
+    assert c["seeds"] == [0] and "copy" in capsys.readouterr().err
+
+
+def test_damaged_records_and_arguments_are_one_line(tmp_path, capsys, few_digits):
+    """Values of the wrong type in metrics.jsonl or log.txt's arguments end in one line naming them."""
+    run = tmp_path / "run"
+    train_fire.main(TINY[:1] + ["1"] + TINY[2:] + ["--out-dir", str(run)])
+    record = json.loads((run / "metrics.jsonl").read_text())
+    log = (run / "log.txt").read_text().splitlines(keepends=True)
+    args = json.loads(log[0])
+    cases = [(dict(record, val_pgd="0.5"), None, "'val_pgd' is '0.5', not a number"),
+             (dict(record, loss=[1.0]), None, "'loss' is [1.0], not a number"),
+             ({**{k: v for k, v in record.items() if k != "val_pgd"}, "collapsed": True}, None, "without its 'val_pgd'"),
+             (b'{"epoch": 1, "note": "\xff\xfe"}\n', None, "line 1 is not whole JSON"),
+             (record, {k: v for k, v in args.items() if k != "method"}, "no method name"),
+             (record, dict(args, seed="0"), "no integer seed"),
+             (record, dict(args, clip_grad_norm="5"), "'clip_grad_norm' is not a number")]
+    for i, (metrics, arguments, message) in enumerate(cases):
+        folder = tmp_path / f"case{i}"
+        shutil.copytree(run, folder)
+        data = metrics if isinstance(metrics, bytes) else (json.dumps(metrics) + "\n").encode()
+        (folder / "metrics.jsonl").write_bytes(data)
+        if arguments is not None:
+            (folder / "log.txt").write_text(json.dumps(arguments) + "\n" + "".join(log[1:]))
+        code, err = cli_error(plot_runs.main, [str(folder), "--out", str(tmp_path / "c.png")], capsys)
+        assert code == 2 and len(err) == 1 and message in err[0], (message, err)
 
 
 def test_the_recorded_collapse_is_drawn(tmp_path):

@@ -323,3 +323,31 @@ def test_quoted_robustbench_rows_carry_the_radius_robustbench_used():
     for block, q in quoted:
         eps = robustbench_io.zoo_radius(q["dataset"], tables.norm_of(q), entries[block, q["defense"]])
         assert q["eps"] == eps, (block, q["defense"], q["eps"], eps)
+
+
+def test_export_never_replaces_an_earlier_export_unless_overwrite(l2_cifar, tmp_path, capsys):
+    root, result = l2_cifar
+    record = dict(result, aa_version="standard", n_examples=10_000, per_sample="none.npz")
+    (tmp_path / "protocol.json").write_text(json.dumps(record))
+    paths = export_robustbench.main(export_argv(tmp_path / "protocol.json", tmp_path / "out"))
+    before = [open(p, "rb").read() for p in paths]
+    code, lines = cli_error(export_robustbench.main,
+                            export_argv(tmp_path / "protocol.json", tmp_path / "out", "--reported", "70"), capsys)
+    assert code == 2 and len(lines) == 1 and "--overwrite" in lines[0], lines
+    assert [open(p, "rb").read() for p in paths] == before
+    export_robustbench.main(export_argv(tmp_path / "protocol.json", tmp_path / "out", "--reported", "70", "--overwrite"))
+    assert json.loads(open(paths[0]).read())["reported"] == "70.00"
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(checkpoint=None), "names no evaluated 'checkpoint'"),  # a result typed by hand
+    (dict(model="wrn-16-1"), "its checkpoint"),  # the result's model is not its checkpoint's
+])
+def test_export_of_a_result_that_does_not_match_its_checkpoint_is_one_line(l2_cifar, tmp_path, capsys, change, message):
+    _, result = l2_cifar
+    record = dict(result, aa_version="standard", n_examples=10_000, per_sample="none.npz", **change)
+    record = {k: v for k, v in record.items() if v is not None}
+    (tmp_path / "r.json").write_text(json.dumps(record))
+    code, lines = cli_error(export_robustbench.main, export_argv(tmp_path / "r.json", tmp_path / "out"), capsys)
+    assert code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "out").exists()

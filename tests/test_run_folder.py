@@ -155,6 +155,33 @@ def test_refuses_to_overwrite_a_run(fire_run, tmp_path):
     assert r.returncode == 2 and "--overwrite" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_default_folders_tell_settings_apart():
+    """Without --out-dir, the data set's preset run keeps runs/<method>-<dataset>-s<seed> and a run
+    of other settings gets a folder of its own; a larger --epochs (which extends a run) does not."""
+    folder = lambda *flags: train_fire.get_args(list(flags)).out_dir  # noqa: E731
+    assert folder() == os.path.join("runs", "fire-digits-s0") == folder("--epochs", "30")
+    assert folder("--norm", "l2") == os.path.join("runs", "fire-digits-l2-s0")
+    others = [folder(*f) for f in (["--norm", "l2"], ["--lam", "5"], ["--lr", "0.01"], ["--rehearsal"],
+                                   ["--norm", "l2", "--lam", "5"], ["--model", "resnet18"], ["--ema", "0.99"])]
+    assert len(set(others)) == len(others) and folder() not in others, others
+
+
+def test_every_refusal_of_a_folder_names_out_dir(tmp_path, capsys):
+    """A folder that holds another run, or that another training or evaluation holds, is refused
+    with the fix that keeps that run (--out-dir), never only --overwrite nor 'wait'."""
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "best.pt").write_bytes(b"a finished run's checkpoint")
+    code, lines = cli_error(train_fire.main, ["--out-dir", str(held)], capsys)
+    assert code == 2 and len(lines) == 1 and "own --out-dir" in lines[0], lines
+    lock = common.lock_folder(str(tmp_path / "busy"), "--out-dir")
+    try:
+        code, lines = cli_error(train_fire.main, ["--out-dir", str(tmp_path / "busy")], capsys)
+    finally:
+        lock.close()
+    assert code == 2 and len(lines) == 1 and "own --out-dir" in lines[0] and "wait" not in lines[0], lines
+
+
 def file_bytes(folder):
     """{name: bytes} of the files in a run folder: what a refused command must leave unchanged."""
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}

@@ -1,10 +1,12 @@
 """The paper's tables and figures from result files (python -m fire_repro.tables; figures.py):
 mean and sample std over seeds, the paired bootstrap interval against FIRE, and which rows are kept apart."""
 import json
+import os
 
 import numpy as np
 import pytest
 
+from fire_repro import common
 from fire_repro import results
 from fire_repro import figures, tables
 from fire_repro.common import cli
@@ -114,6 +116,11 @@ def test_summarize_keys_rows_by_every_setting_and_says_so(tmp_path):
     assert len([line for line in table.splitlines() if line.startswith("| FIRE")]) == 3
     curves = figures.plot_sweep(tables.find_results([str(tmp_path)])[0], str(tmp_path / "f.png"))
     assert len(curves) == 3  # eps 0.05 and 8/255, 10 and 20 images: never averaged into one point
+    # an L2 evaluation at the same number, and an L2-trained run evaluated in Linf: curves of their own
+    write_result(tmp_path / "e", "aa-l2", robust, norm="l2")
+    write_result(tmp_path / "f", "aa", robust, training=dict(norm="l2"))
+    curves = figures.plot_sweep(tables.find_results([str(tmp_path)])[0], str(tmp_path / "f.png"))
+    assert len(curves) == 5
     # a single setting: no extra columns, no note; a fine-tuned run shows its pre-training time
     write_result(tmp_path / "d" / "x", "aa", robust, pretrain_time_s=40 * 3600.0, train_time_s=1200.0)
     table = tables.main([str(tmp_path / "d"), "--quoted", "table2"])
@@ -197,6 +204,39 @@ def test_a_result_is_validated_before_it_counts(edit, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # a figure too
         tables.main([str(tmp_path), "--plot-out", str(tmp_path / "f.png")])
     assert e.value.code == 3 and (tmp_path / "f.png").exists() and "1 result file left out" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("edit, message", [
+    (dict(natural=0.4), "AutoAttack accuracy 0.5 above the natural one 0.4"),
+    (dict(autoattack=0.3, avg_acc=0.6), "autoattack 0.3 is not its per-image file's 0.5"),
+    (dict(avg_acc=0.5), "not the mean of natural and AutoAttack"),
+    (dict(natural=0.9, natural_images=np.arange(10) >= 1), "robust to AutoAttack but misclassified"),
+    (dict(format="fire-repro-autoattack/2"), "format 'fire-repro-autoattack/2'")])
+def test_a_result_contradicting_itself_or_of_another_version_is_named(edit, message, tmp_path, capsys):
+    """Totals that contradict the result's own per-image file or each other, and a result of
+    another format version, are left out of a folder's table with one line naming the file."""
+    write_result(tmp_path / "good", "aa", np.arange(10) < 5)
+    natural = edit.pop("natural_images", None)
+    write_result(tmp_path / "bad", "aa", np.arange(10) < 5, seed=1, **edit)
+    if natural is not None:
+        np.savez(tmp_path / "bad" / "aa.npz", index=np.arange(10), square=np.arange(10) < 5, natural=natural)
+    table, status, err = summarize(capsys, str(tmp_path))
+    assert status == 3 and len(err) == 1 and "bad" in err[0] and message in err[0], err
+    assert table_rows(table)["FIRE"][-2] == "1 (0)"
+
+
+def test_a_fifo_or_a_deeply_nested_json_is_one_line(tmp_path, capsys):
+    """A FIFO named *.json does not block the table; JSON nested past the parser's depth is damaged."""
+    write_result(tmp_path / "good", "aa", np.arange(10) < 5)
+    os.mkfifo(tmp_path / "good" / "pipe.json")
+    (tmp_path / "good" / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert common.read_json(str(tmp_path / "good" / "deep.json")) is None
+    table, status, err = summarize(capsys, str(tmp_path))
+    assert status == 3 and len(err) == 2 and table_rows(table)["FIRE"][-2] == "1 (0)", err
+    assert any("pipe.json" in line and "not a regular file" in line for line in err)
+    assert any("deep.json" in line and "not whole JSON" in line for line in err)
+    _, status, err = summarize(capsys, str(tmp_path / "good" / "pipe.json"))
+    assert status == 2 and len(err) == 1 and "not a regular file" in err[0], err
 
 
 @pytest.mark.parametrize("text", ["[1, 2]", '"str"', '{"x": 1}', "7", "null", '{"format": "fire-repro-autoattack/1"'])

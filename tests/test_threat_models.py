@@ -16,6 +16,7 @@ import train_fire
 import train_trades
 from fire_repro.attacks import attack_pgd_ce, perturbation_norm, pgd_step, random_start
 from conftest import cli_error, run_script
+from fire_repro.checkpoints import load_model
 from models import get_model
 
 TOL = 1e-5  # float32 rounding of a projection onto a radius of about 1
@@ -170,3 +171,32 @@ def test_autoattack_l2_on_the_l2_run(l2_runs):
     # an Linf evaluation of the L2 run needs its radius, and goes to another file
     with pytest.raises(Exception, match="--eps"):
         eval_autoattack.main([str(out / "fire" / "best.pt"), "--norm", "linf", "--device", "cpu"])
+
+
+# ---- a radius is checked against its norm, in one place (attacks.EPS_RANGES)
+
+TINY_L2 = ["--norm", "l2", "--epochs", "1", "--attack-steps", "1", "--eval-steps", "1", "--device", "cpu"]
+
+
+def test_l2_radius_above_1_trains_resumes_and_evaluates(tmp_path, few_digits, capsys):
+    """An L2 radius above 1 (MNIST's preset is 2.0) is a radius of its norm everywhere: the run's
+    final test reads best.pt, --resume and load_model read it, evaluation takes it and an Linf
+    evaluation of it at 0.3 makes a valid result; an Linf radius above 1 stays refused."""
+    out = tmp_path / "run"
+    summary = train_fire.main([*TINY_L2, "--eps", "1.5", "--out-dir", str(out)])
+    assert summary["eps"] == 1.5 and summary["norm"] == "l2"
+    train_fire.main([*TINY_L2, "--eps", "1.5", "--epochs", "2", "--out-dir", str(out), "--resume", "auto"])
+    load_model(str(out / "best.pt"))
+    for flags in ([], ["--norm", "linf", "--eps", "0.3"]):
+        result = eval_autoattack.main([str(out / "best.pt"), "--smoke-aa", "--n-examples", "8", "--device", "cpu", *flags])[0]
+        assert results.value_problem(json.loads(json.dumps(result))) is None
+    code, lines = cli_error(eval_autoattack.main, [str(out / "best.pt"), "--norm", "linf", "--eps", "1.5"], capsys)
+    assert code == 2 and len(lines) == 1 and "linf eps must be a number in [0, 1]" in lines[0], lines
+
+
+def test_result_of_an_unknown_norm_or_radius_is_refused(tmp_path):
+    from conftest import write_result
+    assert results.value_problem(write_result(tmp_path, "ok", [1, 0], norm="l2", eps=2.0)) is None
+    for bad, message in ((dict(norm="l3"), "norm must be one of linf, l2, got 'l3'"),
+                         (dict(eps=2.0), "linf eps must be"), (dict(norm="l2", eps=200.0), "l2 eps must be")):
+        assert message in results.value_problem(write_result(tmp_path, "bad", [1, 0], **bad))
