@@ -89,7 +89,7 @@ def read_severity(data_dir, dataset, corruption, severity, n=None):
                         f"for {path}, got {labels.dtype} {tuple(labels.shape)}")
     n = per if n is None else min(n, per)
     lo = (severity - 1) * per
-    x = torch.from_numpy(np.ascontiguousarray(images[lo:lo + n])).permute(0, 3, 1, 2).float() / 255
+    x = torch.from_numpy(np.array(images[lo:lo + n])).permute(0, 3, 1, 2).float() / 255
     y = torch.from_numpy(np.asarray(labels[:n]).astype(np.int64))
     if y.min() < 0 or y.max() >= DATASETS[dataset].classes:
         raise UserError(f"{os.path.join(root, 'labels.npy')}: labels outside [0, {DATASETS[dataset].classes})")
