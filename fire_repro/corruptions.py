@@ -250,6 +250,24 @@ def settings_of(args, dataset, n):
                 **({"seed": args.seed} if dataset not in BOARDS else {}))
 
 
+def files_per_severity(data_dir, dataset):
+    """Images per severity in RobustBench's files of `dataset` under data_dir (its first corruption's)."""
+    names, folder, _, _ = board_facts(dataset)
+    read_severity(data_dir, dataset, names[0], 1, n=1)  # checked
+    return len(_load(os.path.join(data_dir, folder, f"{names[0]}.npy"), dataset)) // len(SEVERITIES)
+
+
+def finished(path, args, saved):
+    """(result file, finished result or None, its key) of the corruption evaluation of checkpoint `path`
+    (training arguments `saved`) with the command's `args`, RobustBench's files present: the one
+    answer to "is it done", for the command and for the plan of run_all.sh."""
+    out = args.out or results.corruptions_out(path)
+    data_dir = args.data_dir or saved.get("data_dir") or "data"
+    n = min(args.n_examples or math.inf, files_per_severity(data_dir, saved["dataset"]))
+    key = dict(checkpoint_sha256=sha256_file(path), settings=settings_of(args, saved["dataset"], n))
+    return out, results.finished_corruptions(out, **key), key
+
+
 def evaluate(path, args, device):
     """Evaluate one checkpoint on every corruption and severity; writes and returns the result."""
     if not os.path.lexists(path):
@@ -265,12 +283,13 @@ def evaluate(path, args, device):
         for name in names:
             read_severity(data_dir, dataset, name, 1, n=1)
         clean = None
-        n = min(args.n_examples or math.inf, len(read_severity(data_dir, dataset, names[0], 1)[1]))
+        out, done, key = finished(path, args, saved)
+        n = key["settings"]["n_examples"]
     else:
         clean = first_images(split_of(saved, "test", args.data_dir), args.n_examples)
         n = len(clean[1])
-    key = dict(checkpoint_sha256=sha256_file(path), settings=settings_of(args, dataset, n))
-    done = results.finished_corruptions(out, **key)
+        key = dict(checkpoint_sha256=sha256_file(path), settings=settings_of(args, dataset, n))
+        done = results.finished_corruptions(out, **key)
     if done is not None:
         print(f"{path}: already evaluated (same checkpoint SHA-256 and settings) -> {out}", flush=True)
         return done
