@@ -38,7 +38,8 @@ def test_rehearsal_of_a_block_writes_what_the_plan_waits_for_and_runs_once(tmp_p
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     trained = re.findall(r"^  train  (\S+)", r.stdout, re.M)
     assert re.findall(r"^  would train  (\S+)", dry.stdout, re.M) == trained and len(trained) == 3
-    planned = [line.split()[2] for line in dry.stdout.splitlines() if line.startswith("  would evaluate")]
+    planned = [line.split()[2] for line in dry.stdout.splitlines()
+               if line.startswith("  would evaluate") and line.split()[2].endswith(".pt")]   # not corruptions.json
     written = sorted(str(p) for p in tmp_path.glob("runs/*/autoattack*.json"))
     # the plan's result files (results.default_out at the data set's radius) are eval_autoattack.py's
     expected = []
