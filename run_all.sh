@@ -143,6 +143,7 @@ FIG8_LR="0.01"                             # Appendix A: lr 0.01, /10 at 75, 90,
 LAMS_GENERATED="6 24"                      # generated: FIRE's lambda besides 12, on SWEEP_SEEDS
 TRAIN_COMMON=(--data-dir "$DATA_DIR")
 EVAL_COMMON=(--data-dir "$DATA_DIR" --batch-size 500)
+CORRUPT_COMMON=(--data-dir "$DATA_DIR" --batch-size 500)   # RobustBench's CIFAR-10-C/ and CIFAR-100-C/ in DATA_DIR
 GAUSSIAN_FLAGS=()
 # Pre-training row (Hendrycks et al. 2019, hendrycks/pre-training): the imagenet32 preset, then
 # tune.py's fine-tuning: every layer, 5 epochs, lr 0.001 cosine, batch 128, PGD-10 of 2/255 at 8/255.
@@ -159,6 +160,7 @@ if [[ $REHEARSAL == 1 ]]; then
     TRAIN_COMMON=(--rehearsal --model wrn-10-1 --epochs 2 --batch-size 32 --val-size 16 --attack-steps 2
                   --eval-steps 2 --workers 0)
     EVAL_COMMON=(--n-examples 16 --batch-size 16 --smoke-aa)
+    CORRUPT_COMMON=(--data-dir "$OUT_DIR/rehearsal_corruptions" --n-examples 16 --batch-size 16)  # stand-in files the plan writes
     GAUSSIAN_FLAGS=(--quick)
     AUX_DATA="$OUT_DIR/rehearsal_aux.npz"
     REHEARSAL_AUX_PY='import sys; from fire_repro import data; data.write_rehearsal_aux(sys.argv[1], sys.argv[2])'
@@ -220,6 +222,15 @@ evaluate() {
     for run in "$@"; do emit evaluate "$run/$kind.pt" "${EVAL_COMMON[@]}" "${EVAL_EXTRA[@]}"; done
 }
 
+# corrupt KIND RUN...: common corruptions (python -m fire_repro.corruptions, RobustBench's files) on
+# <RUN>/<KIND>.pt for every run of a data set of RobustBench's corruption boards (the plan skips the
+# others), with CORRUPT_COMMON; their mean goes into the block's table (column Corruptions) and each
+# corruption into tables/NAME-corruptions.md (corruptions_table NAME TITLE <RUN>/<KIND>.pt...).
+corrupt() {
+    local kind=$1 run; shift
+    for run in "$@"; do emit corrupt "$run/$kind.pt" "${CORRUPT_COMMON[@]}"; done
+}
+
 # table NAME TITLE ARG...: the paper's table layout (python -m fire_repro.tables) in
 # tables/NAME.md; an ARG <RUN>/<KIND>.pt stands for that checkpoint's result.
 table() { emit table "$@"; }
@@ -236,9 +247,11 @@ curves() { emit curves "$@"; }
 report() {
     local name=$1 title=$2 run; shift 2
     evaluate best "$@"
+    corrupt best "$@"
     JSONS=()
     for run in "$@"; do JSONS+=("$run/best.pt"); done
     table "$name" "$title" "${JSONS[@]}" ${QUOTED:+--quoted "$QUOTED"}
+    emit corruptions_table "$name" "$title: common corruptions" "${JSONS[@]}"
     curves "$name" "$title" "$@"
 }
 
@@ -303,9 +316,11 @@ table2() {
     fi
     evaluate last "${last[@]}"
     evaluate best "${best[@]}"
+    corrupt best "${best[@]}"
     for run in "${last[@]}"; do jsons+=("$run/last.pt"); done
     for run in "${best[@]}"; do jsons+=("$run/best.pt"); done
     table table2 "Table 2: comparison with the state of the art" "${jsons[@]}" --quoted table2
+    emit corruptions_table table2 "Table 2: common corruptions" "${jsons[@]}"
     curves table2 "Table 2: comparison with the state of the art" "${last[@]}" "${best[@]}"
 }
 

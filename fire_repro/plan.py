@@ -24,6 +24,9 @@ Plan lines end with \0 (a field may hold a newline), their fields separated by \
     train @N TAG SCRIPT FLAGS...    a training: the block's FLAGS, then common's, then TRAIN_FLAGS
                                     (which may not set a flag of FLAGS)
     evaluate @N/KIND.pt FLAGS...    AutoAttack on a checkpoint (the data set's radius is added here)
+    corrupt @N/KIND.pt FLAGS...     python -m fire_repro.corruptions on a checkpoint of a data set of
+                                    RobustBench's corruption boards (CIFAR-10/100; others: no step), after
+                                    its AutoAttack; a rehearsal's stand-in files are written first
     table NAME TITLE ARGS...        python -m fire_repro.tables ARGS: @N/KIND.pt is its result
     plot NAME KIND ARGS...          python -m fire_repro.tables ARGS --plot-kind KIND (Figs. 7 and 8)
     curves NAME TITLE @N...         plot_runs.py's training curves of the runs, figures/NAME-curves.png
@@ -50,7 +53,7 @@ from dataclasses import dataclass, field
 import eval_autoattack
 import train_fire
 import train_trades
-from fire_repro import results
+from fire_repro import corruptions, results
 from fire_repro.autoattack import threat_model
 from fire_repro.common import UserError, cli, eps_text, lock_folder, sha256_file
 from fire_repro.config import identity_hash
@@ -189,6 +192,7 @@ class Plan:
         self.out_dir, self.extra, self.common = out_dir, train_flags(), []
         self.steps, self.blocks, self.folders, self.args = [], {}, {}, {}
         self.by_key, self.evals = {}, {}   # de-duplication; checkpoint -> its evaluation
+        self.corrupts = {}                 # checkpoint -> its corruption evaluation
         self.shared = {}                   # block -> trainings shared with a block above
         block = ""
         for line in lines:
@@ -311,8 +315,70 @@ class Plan:
         self.steps.append(step)
         return step
 
+    def add_corrupt(self, block, checkpoint, *flags):
+        """The corruption evaluation of a checkpoint (a step of kind evaluate: a GPU job), after its
+        training and the AutoAttack evaluation of its folder (both lock the folder); None for a
+        data set without RobustBench's corruption files."""
+        ckpt = self.ref(checkpoint)
+        folder = os.path.dirname(ckpt)
+        train, saved = self.by_key[("train", folder)], self.args[folder]
+        if saved.dataset not in corruptions.BOARDS:
+            return None
+        if ckpt in self.corrupts:
+            return self.corrupts[ckpt]
+        cargs = corruptions.get_args([ckpt, *flags])   # the command's own parser
+        needs = [train, *[s for s in self.evals.values() if os.path.dirname(s.name) == folder]]
+        _, directory, record, archive = corruptions.board_facts(saved.dataset)
+        files = os.path.join(cargs.data_dir or saved.data_dir, directory)
+        if not saved.rehearsal and not os.path.isdir(files):  # as the extra-data rows without AUX_DATA
+            if files not in self.corrupts:
+                print(f"  SKIP the corruption evaluations of {saved.dataset}: {files} not found (download "
+                      f"{archive} from https://zenodo.org/record/{record}; docs/corruptions.md)")
+                self.corrupts[files] = None
+            return None
+        if saved.rehearsal:  # stand-in files of RobustBench's layout (corruptions.write_standin)
+            needs.append(self.add_prepare(block, files, sys.executable, "-c",
+                                          "import sys; from fire_repro import corruptions; "
+                                          "corruptions.write_standin(sys.argv[1], sys.argv[2])",
+                                          os.path.dirname(files), saved.dataset))
+        out, done = results.corruptions_out(ckpt), False
+        if train.done and os.path.isfile(ckpt) and os.path.isdir(files):
+            try:
+                out, record_done, _ = corruptions.finished(ckpt, cargs, vars(saved))
+                done = record_done is not None
+            except UserError:
+                done = False   # damaged files: the step itself says so
+        n = cargs.n_examples or DATASETS[saved.dataset].test_size
+        passes = len(corruptions.SEVERITIES) * len(corruptions.board_facts(saved.dataset)[0]) * n
+        per = hours_per_image(saved.model)   # a forward pass: a third of a training pass, on one GPU
+        cost = "" if per is None or saved.rehearsal else \
+            f", about {60 * passes * GPUS_PER_RUN * per[1] / 3:.0f} GPU-minutes"
+        step = Step("evaluate", block, out, [sys.executable, "-m", "fire_repro.corruptions", ckpt, *flags],
+                    log=os.path.splitext(out)[0] + ".out", needs=needs, done=done, output=out,
+                    job=f"corrupt-{os.path.basename(folder)}-{os.path.splitext(os.path.basename(out))[0]}",
+                    note=f": {passes:,} corrupted images from {files}{cost}")
+        self.corrupts[ckpt] = step
+        self.steps.append(step)
+        return step
+
+    def add_corruptions_table(self, block, name, title, *args):
+        """tables/NAME-corruptions.md (python -m fire_repro.tables --corruptions) of the corruption
+        results of the checkpoints (@N/KIND.pt) that have one; none when none does."""
+        ckpts = [self.ref(a) for a in args if self.corrupts.get(self.ref(a))]
+        if not ckpts:
+            return None
+        output = os.path.join(self.out_dir, "tables", f"{name}-corruptions.md")
+        command = [sys.executable, "-m", "fire_repro.tables", *[self.corrupts[c].output for c in dict.fromkeys(ckpts)],
+                   "--corruptions", "--quoted", "corruptions", "--title", title, "--table-out", output]
+        digest = hashlib.sha256("\x1f".join(command).encode()).hexdigest()[:8]
+        step = Step("table", block, output, command, log=os.path.splitext(output)[0] + ".out",
+                    needs=[self.corrupts[c] for c in ckpts], output=output, job=f"table-{name}-corruptions-{digest}")
+        self.steps.append(step)
+        return step
+
     def from_results(self, block, kind, name, output, args, command):
         needs = [self.evals[self.ref(a)] for a in args if a.startswith("@")]
+        needs += [self.corrupts[self.ref(a)] for a in args if self.corrupts.get(self.ref(a))]  # the Corruptions column
         command = [self.ref(a) if a.startswith("@") else a for a in command]
         command = [self.evals[a].output if a in self.evals else a for a in command]
         digest = hashlib.sha256("\x1f".join(command).encode()).hexdigest()[:8]

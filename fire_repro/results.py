@@ -216,3 +216,47 @@ def finished(path, checkpoint_sha256, settings):
     if problem:
         return None, problem
     return record, None
+
+
+# ---- corruption results (python -m fire_repro.corruptions) --------------------------------------
+#     <run>/corruptions[-<checkpoint>].json   corruptions_out(): accuracy per corruption and severity,
+#     corruption_mean (each corruption over its severities) and mean (over all), with the identity
+#     fields of an AutoAttack result (method, dataset, model, seed, train_identity, checkpoint_sha256, settings)
+CORRUPTIONS_FORMAT = "fire-repro-corruptions/1"
+
+
+def corruptions_out(checkpoint):
+    """<run>/corruptions[-<name>].json: <name> for <name>.pt other than best.pt."""
+    stem = os.path.splitext(os.path.basename(checkpoint))[0]
+    name = "corruptions" + ("" if stem == "best" else f"-{stem}")
+    return os.path.join(os.path.dirname(os.path.abspath(checkpoint)), name + ".json")
+
+
+def corruption_problem(record, path):
+    """Why a corruption result must not go into a table (None if it may): not one, incomplete, an
+    accuracy outside [0, 1], or its checkpoint gone or changed since it was evaluated."""
+    if not (isinstance(record, dict) and record.get("format") == CORRUPTIONS_FORMAT):
+        return f"not a result of fire_repro.corruptions (its 'format' is not {CORRUPTIONS_FORMAT!r})"
+    acc = record.get("accuracy")
+    values = [a for v in acc.values() for a in v] if isinstance(acc, dict) and all(
+        isinstance(v, list) for v in acc.values()) else None
+    if not values or not isinstance(record.get("mean"), (int, float)) or not isinstance(record.get("train_identity"), dict):
+        return "not a complete corruption result ('accuracy', 'mean' or 'train_identity' missing)"
+    if not all(isinstance(a, (int, float)) and math.isfinite(a) and 0 <= a <= 1 for a in [*values, record["mean"]]):
+        return "impossible accuracy (allowed: finite, in [0, 1])"
+    ckpt = checkpoint_of(record, path) if isinstance(record.get("checkpoint"), str) else None
+    if ckpt is None:
+        return f"its checkpoint {record.get('checkpoint')!r} {missing_run_file(str(record.get('checkpoint')))}"
+    if sha256_file(ckpt) != record.get("checkpoint_sha256"):
+        return f"its checkpoint {ckpt!r} has changed since it was evaluated (retrained?); evaluate again"
+    return None
+
+
+def finished_corruptions(path, checkpoint_sha256, settings):
+    """The corruption result at `path` if it is whole and comes from this checkpoint and these
+    settings, else None: "is this corruption evaluation done", for the command and the plan."""
+    record = read_json(path) if os.path.exists(path) else None
+    if (not isinstance(record, dict) or record.get("checkpoint_sha256") != checkpoint_sha256
+            or record.get("settings") != settings or corruption_problem(record, path)):
+        return None
+    return record

@@ -24,10 +24,11 @@ import sys
 import numpy as np
 from scipy.stats import bootstrap
 
-from fire_repro.common import ArgumentParser, UserError, check_output, cli, eps_text, fmt_hours, load_json, write_atomic
+from fire_repro.common import ArgumentParser, UserError, check_output, cli, eps_text, fmt_hours, load_json, read_json, write_atomic
 from fire_repro.config import DEFAULT_IDENTITY, never_starts, run_identity
 from fire_repro.data import DATASETS, REHEARSAL_NOTE, rehearsal_title
-from fire_repro.results import RESULT_FORMAT, other_result_format, read_per_image, result_problem, warnings_of
+from fire_repro.results import (CORRUPTIONS_FORMAT, RESULT_FORMAT, corruption_problem, corruptions_out,
+                                other_result_format, read_per_image, result_problem, warnings_of)
 
 N_BOOTSTRAP = 10_000
 # Rows quoted without training them: those the paper quotes from other papers (Table 2), as printed
@@ -65,7 +66,18 @@ QUOTED = {"table2": [
          aux_data=True, natural=0.9325, autoattack=0.7069, avg_acc=0.8197, source="RobustBench"),
     dict(defense="Bartoldson et al. 2024, 300M generated images", dataset="cifar10", model="wrn-94-16",
          eps=8 / 255, aux_data=True, natural=0.9368, autoattack=0.7371, avg_acc=0.83695, source="RobustBench"),
+], "corruptions": [  # RobustBench's CIFAR-10 corruption board (CIFAR-10-C, 15 x 5, 10,000 images):
+    # adversarially trained entries without extra data (RobustBench/robustbench, model_info/cifar10/corruptions/<name>.json)
+    dict(defense="Addepalli2022Efficient_WRN_34_10 (Linf AT)", dataset="cifar10", model="wrn-34-10",
+         aux_data=False, natural=0.8871, corruptions=0.8012, source="RobustBench"),
+    dict(defense="Addepalli2021Towards_WRN34 (Linf AT)", dataset="cifar10", model="wrn-34-10",
+         aux_data=False, natural=0.8532, corruptions=0.7678, source="RobustBench"),
+    dict(defense="Gowal2020Uncovering_Linf_70_16 (Linf 8/255 AT)", dataset="cifar10", model="wrn-70-16",
+         aux_data=False, natural=0.8529, corruptions=0.7637, source="RobustBench"),
+    dict(defense="Gowal2020Uncovering_L2_70_16 (L2 AT)", dataset="cifar10", model="wrn-70-16",
+         aux_data=False, natural=0.9090, corruptions=0.8490, source="RobustBench"),
 ]}
+QUOTED_CORRUPTIONS = ("corruptions",)  # the quoted lists of corruption rows (--corruptions tables)
 
 
 
@@ -485,10 +497,13 @@ def summarize(results, title=None, quoted=(), left_out=()):
     ref_title = refs[0]["method_title"] if refs else "reference"
     ref_text = (f"that of {ref_title} ({refs[0]['method_weight']}={refs[0]['method_reference']:g})" if refs
                 else "that of the reference method (method_reference; none in this table)")
-    extra = [k for k in ("pgd20", "cw") if any(k in r for r in results)]
+    for r in results:
+        r.setdefault("corruptions", corruptions_beside(r))
+    extra = [k for k in ("pgd20", "cw", "corruptions") if any(r.get(k) is not None for r in results)]
     header = ["Defense", "Dataset", "ε", "Structure", *[label for _, label, _ in settings],
               *["Training"] * bool(training_keys),
-              "Natural", "AutoAttack", "Avg. Acc.", *[{"pgd20": "PGD-20", "cw": "CW-20"}[k] for k in extra],
+              "Natural", "AutoAttack", "Avg. Acc.",
+              *[{"pgd20": "PGD-20", "cw": "CW-20", "corruptions": "Corruptions"}[k] for k in extra],
               "RunTime", "Seeds", f"ΔAA vs {ref_title} [95% CI]"]
     lines = [] if title is None else [f"### {rehearsal_title(title) if rehearsal(results) else title}", ""]
     if rehearsal(results):
@@ -518,8 +533,8 @@ def summarize(results, title=None, quoted=(), left_out=()):
                  fmt_pm([x["autoattack"] for x in rows]) + warning_mark(rows, warned),
                  fmt_pm([x["avg_acc"] for x in rows])]
         for k in extra:  # an attack run on some seeds only: the cell names them
-            values = [x[k] for x in rows if k in x]
-            having = [str(x["seed"]) for x in rows if k in x]
+            values = [x[k] for x in rows if x.get(k) is not None]
+            having = [str(x["seed"]) for x in rows if x.get(k) is not None]
             partial = f" (only seed{'s' * (len(having) > 1)} {','.join(having)})" if len(values) < len(rows) else ""
             cells.append(fmt_pm(values) + partial if values else "-")
         cells += [fmt_runtime(rows), seeds_text, paired[key]]
@@ -537,6 +552,10 @@ def summarize(results, title=None, quoted=(), left_out=()):
                   f"data set, seeds and images, in points, averaged over the matched seeds, with a "
                   f"95% paired bootstrap interval over images ({N_BOOTSTRAP:,} resamples); - = no "
                   f"per-image results to pair."]
+    if "corruptions" in extra:
+        lines += ["", "Corruptions = mean accuracy over every corruption and severity of the result's "
+                      "corruptions.json beside it (python -m fire_repro.corruptions: RobustBench's 15 x 5 "
+                      "CIFAR-C files, or the 9 x 5 computed for other data sets; docs/corruptions.md)."]
     if quoted:
         sources = sorted({r.get("source", "the paper") for r in quoted})
         lines += ["", f"Rows marked (quoted from {' / '.join(sources)}) are numbers quoted from "
@@ -560,6 +579,96 @@ def summarize(results, title=None, quoted=(), left_out=()):
     return "\n".join(lines) + "\n"
 
 
+# ---- common corruptions (python -m fire_repro.corruptions) ----------------------------------------
+
+def corruptions_beside(r):
+    """The mean corruption accuracy of the corruption result beside an AutoAttack result (the same
+    checkpoint, results.corruptions_out, with the same SHA-256), or None."""
+    if "_path" not in r or not r.get("checkpoint_kind"):
+        return None
+    path = corruptions_out(os.path.join(os.path.dirname(r["_path"]), r["checkpoint_kind"] + ".pt"))
+    record = read_json(path) if os.path.isfile(path) else None
+    if (not isinstance(record, dict) or record.get("format") != CORRUPTIONS_FORMAT
+            or record.get("checkpoint_sha256") != r.get("checkpoint_sha256") or corruption_problem(record, path)):
+        return None
+    return record["mean"]
+
+
+def find_corruption_results(dirs):
+    """The usable corruption results under folders or named files, and the paths left out (a
+    corruption result that is damaged or whose checkpoint changed; one warning line each)."""
+    found, left_out = [], []
+    for d in dirs:
+        if not os.path.exists(d):
+            raise UserError(f"{d!r} does not exist")
+        paths = [d] if os.path.isfile(d) else sorted(
+            os.path.join(root, f) for root, _, files in os.walk(d) for f in files if f.endswith(".json"))
+        for path in paths:
+            record = read_json(path)
+            if not (isinstance(record, dict) and record.get("format") == CORRUPTIONS_FORMAT):
+                if path == d:
+                    raise UserError(f"{path}: not a result of python -m fire_repro.corruptions")
+                continue
+            problem = corruption_problem(record, path)
+            if problem:
+                if path == d:
+                    raise UserError(f"{path}: {problem}")
+                warn(f"left out {path}: {problem}")
+                left_out.append(path)
+                continue
+            record["_path"], record["defense"] = path, result_row_name(record)
+            found.append(record)
+    if not found:
+        raise UserError(f"no usable corruption results (corruptions.json) under {' '.join(dirs)}")
+    return found, left_out
+
+
+def summarize_corruptions(records, title=None, quoted=(), left_out=()):
+    """The corruption table as Markdown: one row per defense and setting, the natural accuracy,
+    each corruption's accuracy averaged over its severities, and the mean over every corruption
+    and severity, each mean +- std over seeds; quoted rows (RobustBench's board) give the natural
+    accuracy and the mean only."""
+    groups = {}
+    for r in sorted([*records, *quoted], key=lambda r: (r.get("quoted", False), DATASETS.get(r["dataset"]) is None,
+                                                        r["dataset"], -1 if r.get("quoted") else r["method_order"],
+                                                        weight_of(r) or 0, r["defense"])):
+        key = (r["defense"], json.dumps(training_settings(r), sort_keys=True), r["dataset"], r["model"],
+               r.get("checkpoint_kind"), json.dumps(r.get("settings"), sort_keys=True), bool(r.get("quoted")))
+        groups.setdefault(key, []).append(r)
+    names = list(dict.fromkeys(n for r in records for n in r["accuracy"]))
+    header = ["Defense", "Dataset", "Structure", "Natural", *names, "Mean", "Seeds"]
+    lines = [] if title is None else [f"### {rehearsal_title(title) if rehearsal(records) else title}", ""]
+    if rehearsal(records):
+        lines += [f"**{REHEARSAL_NOTE}: the runs trained a tiny network for a few steps; they check the plan.**", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for rows in groups.values():
+        r = rows[0]
+        natural = [x["natural"] for x in rows if x.get("natural") is not None]
+        per = [fmt_pm([x["corruption_mean"][n] for x in rows]) if n in r.get("corruption_mean", {}) else "-"
+               for n in names]
+        seeds = sorted({x["seed"] for x in rows if x.get("seed") is not None})
+        lines.append("| " + " | ".join([r["defense"], dataset_title(r["dataset"]), fmt_model(r["model"]),
+                                         fmt_pm(natural) if natural else "-", *per,
+                                         fmt_pm([x.get("mean", x.get("corruptions")) for x in rows]),
+                                         f"{len(rows)} ({','.join(map(str, seeds))})" if seeds else "-"]) + " |")
+    sources = sorted({r["settings"]["source"] for r in records})
+    n = sorted({r["n_examples"] for r in records})
+    lines += ["", f"Accuracies in %, mean ± sample standard deviation (ddof = 1) over seeds (one seed: the "
+                  f"value alone), on the first {'/'.join(map(str, n))} test images; a corruption's column is "
+                  f"its mean over severities 1-5; Mean = over every corruption and severity. Corruptions: "
+                  + " and ".join({"robustbench-files": "RobustBench's CIFAR-C files (15 corruptions x 5 severities)",
+                                  "computed": "computed on the test images (9 of the 15 corruptions x 5 "
+                                              "severities, Hendrycks' CIFAR-10-C definitions; docs/corruptions.md)"}[x]
+                                 for x in sources) + "."]
+    if quoted:
+        lines += ["", "Rows marked (quoted from RobustBench) are RobustBench's corruption board "
+                      "(model_info/cifar10/corruptions/<name>.json): 15 x 5 on 10,000 CIFAR-10-C images; not "
+                      "trained or evaluated here."]
+    if left_out:
+        lines += ["", left_out_note(left_out)]
+    return "\n".join(lines) + "\n"
+
+
 # ---- the command line -----------------------------------------------------------------------------
 LEFT_OUT = 3  # exit status: the table or figure was written, but results under a folder were left out
 
@@ -571,6 +680,9 @@ def get_args(argv=None):
                    help="folders searched (recursively) for result JSONs of eval_autoattack.py, or result files")
     p.add_argument("--quoted", type=str, default=None, choices=sorted(QUOTED),
                    help="add the rows this table quotes from other papers or RobustBench (marked, no std)")
+    p.add_argument("--corruptions", action="store_true",
+                   help="table the corruption results (corruptions.json of python -m fire_repro.corruptions): "
+                        "per corruption, mean +- std over seeds; --quoted corruptions adds RobustBench's board")
     p.add_argument("--table-out", type=str, default=None, help="also write the Markdown table here")
     p.add_argument("--title", type=str, default=None, help="heading written above the table")
     p.add_argument("--plot-kind", type=str, default="lambda", choices=["lambda", "plane"],
@@ -585,9 +697,12 @@ def get_args(argv=None):
         if ext not in figure_formats():
             p.error(f"--plot-out {args.plot_out!r}: the extension must name a figure format "
                     f"({', '.join(sorted(figure_formats()))})")
-        for flag in ("quoted", "table_out", "title"):
-            if getattr(args, flag) is not None:
+        for flag in ("quoted", "table_out", "title", "corruptions"):
+            if getattr(args, flag) not in (None, False):
                 p.error(f"--{flag.replace('_', '-')} goes with the table, not with --plot-out")
+    if args.quoted and (args.quoted in QUOTED_CORRUPTIONS) != args.corruptions:
+        p.error(f"--quoted {args.quoted} " + ("quotes corruption rows: add --corruptions" if args.corruptions is False
+                                              else "quotes AutoAttack rows, not corruption rows"))
     return args
 
 
@@ -598,6 +713,15 @@ def main(argv=None):
     args = get_args(argv)
     if args.plot_out or args.table_out:
         check_output(args.plot_out or args.table_out, "--plot-out" if args.plot_out else "--table-out")
+    if args.corruptions:
+        found, left_out = find_corruption_results(args.paths)
+        output = summarize_corruptions(found, args.title, quoted_rows(args.quoted), left_out)
+        print(output, end="")
+        if args.table_out:
+            write_atomic(args.table_out, lambda f: f.write(output))
+        if left_out:
+            sys.exit(LEFT_OUT)
+        return output
     found, left_out = find_results(args.paths)
     if args.plot_out:
         figures.plot_sweep(found, args.plot_out, args.plot_kind)

@@ -40,7 +40,8 @@ def test_rehearsal_of_a_block_writes_what_the_plan_waits_for_and_runs_once(tmp_p
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     trained = re.findall(r"^  train  (\S+)", r.stdout, re.M)
     assert re.findall(r"^  would train  (\S+)", dry.stdout, re.M) == trained and len(trained) == 3
-    planned = [line.split()[2] for line in dry.stdout.splitlines() if line.startswith("  would evaluate")]
+    planned = [line.split()[2] for line in dry.stdout.splitlines()
+               if line.startswith("  would evaluate") and line.split()[2].endswith(".pt")]   # not corruptions.json
     written = sorted(str(p) for p in tmp_path.glob("runs/*/autoattack*.json"))
     # the plan's result files (results.default_out at the data set's radius) are eval_autoattack.py's
     expected = []
@@ -51,9 +52,13 @@ def test_rehearsal_of_a_block_writes_what_the_plan_waits_for_and_runs_once(tmp_p
     assert sorted(expected) == written and len(written) == 3, (expected, written)
     table = (tmp_path / "tables" / "modern.md").read_text()
     assert "REHEARSAL" in table and table.count("| FIRE (lam=12) + AWP + EMA") == 1, table
+    # the corrupt step: each run's corruptions.json from the stand-in CIFAR-10-C files the plan wrote
+    assert len(list(tmp_path.glob("runs/*/corruptions.json"))) == 3
+    assert (tmp_path / "rehearsal_corruptions" / "CIFAR-10-C" / "labels.npy").is_file()
+    assert "| Corruptions |" in table and "shot_noise" in (tmp_path / "tables" / "modern-corruptions.md").read_text()
     again = run_all("modern", **env)
     assert again.returncode == 0 and "  train  " not in again.stdout and "  evaluate " not in again.stdout
-    assert again.stdout.count("  done   ") == 3 + 3, again.stdout
+    assert again.stdout.count("  done   ") == 3 + 3 + 3 + 1, again.stdout   # + corruptions, stand-in files
     with open(written[0], "r+") as f:  # a damaged result: evaluated again, the table whole
         f.truncate(100)
     redo = run_all("modern", **env)
@@ -90,6 +95,24 @@ def test_full_scale_dry_run_counts_the_extra_data_epoch_as_carmon_and_prices_it(
     per_image = lo / (steps * 256 * 200)  # the same network (WRN-28-10), the same attack
     assert int(pre.group(2).replace(",", "")) == round(per_image * math.ceil(images / 256) * 256 * 100)
     assert not (tmp_path / "out").exists()
+
+
+def test_full_scale_dry_run_prices_the_corruption_step_or_says_where_the_files_are(tmp_path):
+    """DRY_RUN=1: a CIFAR-10 run's corrupt step reads DATA_DIR/CIFAR-10-C (75 x 10,000 images,
+    priced as forward passes); without the folder, one SKIP line says where to download it."""
+    env = dict(DRY_RUN="1", SEEDS="0", DATASETS="cifar10", OUT_DIR=str(tmp_path / "out"))
+    missing = run_all("fig7", SWEEP_SEEDS="0", DATA_DIR=str(tmp_path / "none"), timeout=300, **env)
+    assert missing.returncode == 0, missing.stderr
+    assert "SKIP the corruption evaluations of cifar10: " in missing.stdout and "zenodo.org/record/2535967" in missing.stdout
+    assert "corruptions.json" not in missing.stdout
+    (tmp_path / "data" / "CIFAR-10-C").mkdir(parents=True)
+    r = run_all("fig7", SWEEP_SEEDS="0", DATA_DIR=str(tmp_path / "data"), timeout=300, **env)
+    lines = re.findall(r"would evaluate \S+/corruptions\.json: 750,000 corrupted images from \S+CIFAR-10-C, "
+                       r"about (\d+) GPU-minutes", r.stdout)
+    assert len(lines) == 10, r.stdout   # Fig. 7: ten values of lambda
+    per = plan.hours_per_image("wrn-34-10")[1]
+    assert int(lines[0]) == round(60 * 750_000 * 4 * per / 3)
+    assert "would write  " + str(tmp_path / "out" / "tables" / "fig7-corruptions.md") in r.stdout
 
 
 @pytest.mark.parametrize("limit, seconds", [("10", 600), ("5:30", 330), ("1:00:00", 3600), ("2-3", 183600),
