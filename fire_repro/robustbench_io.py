@@ -32,6 +32,7 @@ import torch
 from fire_repro.autoattack import reduce_to_smoke
 from fire_repro.common import UserError, eps_text
 from fire_repro.data import DATASETS
+from fire_repro.results import warnings_of
 
 PREFIX = "robustbench:"
 THREATS = {"linf": "Linf", "l2": "L2"}  # --norm -> RobustBench's threat model (and folder) name
@@ -314,8 +315,9 @@ def model_info(record, person):
     """RobustBench's model_info JSON from a result and what only a person knows (`person`: link,
     name, authors, venue, reported, footnote, external). Accuracies in % as strings with two
     decimals. `unreliable` (the leaderboard's "potentially unreliable" flag; "Unknown" there when
-    absent) is true when AutoAttack warned during the evaluation (`aa_warnings`: a randomised
-    model, zero gradients, Square beating the white-box attacks, ...)."""
+    absent) is true when the result carries a warning (results.warnings_of): one of AutoAttack's
+    checks (a randomised model, zero gradients, Square beating the white-box attacks, ...) or a
+    flagged check of the masking report."""
     depth, widen = re.fullmatch(r"wrn-(\d+)-(\d+)", record["model"]).groups()
     autoattack = f"{100 * record['autoattack']:.2f}"
     info = dict(link=person["link"], name=person["name"], authors=person["authors"],
@@ -325,7 +327,7 @@ def model_info(record, person):
                 clean_acc=f"{100 * record['natural']:.2f}",
                 reported=autoattack if person.get("reported") is None else f"{person['reported']:.2f}",
                 autoattack_acc=autoattack, footnote=person.get("footnote"),
-                unreliable=bool(record.get("aa_warnings")))
+                unreliable=bool(warnings_of(record)))
     if person.get("external") is not None:
         info["external"] = f"{person['external']:.2f}"
     return info

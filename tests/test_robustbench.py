@@ -124,6 +124,11 @@ def test_export_writes_model_info_and_weights_robustbench_loads(l2_cifar, tmp_pa
     info_path, _ = export_robustbench.main(export_argv(tmp_path / "warned.json", tmp_path / "o3", "--external", "40"))
     info = json.loads(open(info_path).read())
     assert info["unreliable"] is True and info["external"] == "40.00" and set(info) == LEADERBOARD_FIELDS
+    # so does a check of the masking report that was flagged
+    flagged = {"checks": {"radius": {"flagged": True, "detail": "accuracy rose from 2x to 4x eps"}}}
+    (tmp_path / "masked.json").write_text(json.dumps(dict(record, sanity=flagged)))
+    info_path, _ = export_robustbench.main(export_argv(tmp_path / "masked.json", tmp_path / "o4"))
+    assert json.loads(open(info_path).read())["unreliable"] is True
     # another radius is refused
     (tmp_path / "other.json").write_text(json.dumps(dict(record, eps=1.0)))
     code, lines = cli_error(export_robustbench.main, export_argv(tmp_path / "other.json", tmp_path / "o2"), capsys)
