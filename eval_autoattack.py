@@ -212,10 +212,14 @@ def sanity_settings(args, job):
     if args.transfer_from:
         if not os.path.lexists(args.transfer_from):
             raise UserError(f"--transfer-from {args.transfer_from!r} {missing_run_file(args.transfer_from)}")
-        theirs = load_checkpoint(args.transfer_from)["args"]["dataset"]
+        their_args = load_checkpoint(args.transfer_from)["args"]
+        theirs = their_args["dataset"]
         if theirs != job.saved["dataset"]:
             raise UserError(f"--transfer-from {args.transfer_from!r} was trained on {theirs}, "
                             f"{job.path} on {job.saved['dataset']}: a transfer needs the same data set")
+        if run_identity(their_args) == job.train_identity:  # a white-box attack under another name
+            raise UserError(f"--transfer-from {args.transfer_from!r} is a checkpoint of the run evaluated: a transfer "
+                            f"needs a model trained independently (the data set's run without the regulariser)")
         source = dict(checkpoint=os.path.abspath(args.transfer_from), sha256=sha256_file(args.transfer_from))
     return dict(n_examples=min(args.sanity_n, job.n), seed=args.seed, smoke_aa=args.smoke_aa, transfer_from=source)
 
@@ -355,8 +359,13 @@ def evaluate_checkpoint(job, args, device):
 
 def add_sanity(job, args, device, result):
     """The result with its masking report (sanity.masking_report) when --sanity asks for it, written
-    into its JSON; a report of the same settings already there is kept."""
-    if job.sanity is None or (result.get("sanity") or {}).get("settings") == job.sanity:
+    into its JSON; a report of the same settings already there is kept, and so is one that adds a
+    transfer check to the settings asked for (asked without --transfer-from, it is not lost)."""
+    done = (result.get("sanity") or {}).get("settings")
+    if job.sanity is None or done == job.sanity:
+        return result
+    if done and job.sanity["transfer_from"] is None and dict(done, transfer_from=None) == job.sanity:
+        print(f"masking report kept: the one in {job.out} has the same settings and a transfer check", flush=True)
         return result
     s = job.sanity
     m = s["n_examples"]

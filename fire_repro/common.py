@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
 
 import numpy as np
@@ -234,3 +235,17 @@ def lock_folder(folder, what, busy="it is in use by another running training or 
         lock.close()
         raise UserError(f"{what} {folder!r}: {busy}") from None
     return lock
+
+
+class OnSignals:
+    """While entered, the signals of SIGNALS call self.stop(signum, frame); the previous handlers
+    come back on exit."""
+    SIGNALS = ()
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self.stop) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

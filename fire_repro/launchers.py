@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from fire_repro.common import UserError, write_atomic
+from fire_repro.common import OnSignals, UserError, write_atomic
 from fire_repro.tables import LEFT_OUT
 
 
@@ -105,7 +105,7 @@ def spawn(command, **kwargs):
     return subprocess.Popen(command, preexec_fn=lambda parent=os.getpid(): own_child(parent), **kwargs)
 
 
-class Stops:
+class Stops(OnSignals):
     """While the plan is launched, SIGTERM, SIGINT and SIGHUP (to run_all.sh's PID, which is the
     planner's, or to its process group) stop it: no step starts any more, and every running job's
     process group gets SIGTERM (a training commits its epoch, an evaluation its chunks) and is
@@ -113,16 +113,7 @@ class Stops:
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
     def __init__(self):
-        self.signum, self.children, self.previous = None, set(), {}
-
-    def __enter__(self):
-        for sig in self.SIGNALS:
-            self.previous[sig] = signal.signal(sig, self.stop)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+        self.signum, self.children = None, set()
 
     def stop(self, signum, frame):
         self.signum = self.signum or signum

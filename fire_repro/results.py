@@ -152,16 +152,13 @@ def totals_problem(record, arrays):
 
 
 def warnings_of(record):
-    """What a result was warned of, one line each: AutoAttack's checks that warned (aa_checks; for
-    a result without them, each of its aa_warnings) and the masking
-    report's flagged checks (sanity). [] for a clean result. A warned result still counts: the
+    """What a result was warned of, one line each: AutoAttack's checks that warned (aa_checks),
+    any of its aa_warnings that no check holds, and the masking report's flagged checks (sanity). [] for a clean result. A warned result still counts: the
     tables show it with a mark and these lines."""
-    checks = record.get("aa_checks")
-    if checks and NOT_RECORDED not in checks.values():  # every warning belongs to a check ("other")
-        lines = [f"AutoAttack's check {name}: {outcome}" for name, outcome in checks.items()
-                 if outcome not in (PASSED, NOT_RUN)]
-    else:
-        lines = [f"AutoAttack: {message}" for message in record.get("aa_warnings") or ()]
+    lines = [f"AutoAttack's check {name}: {outcome}" for name, outcome in (record.get("aa_checks") or {}).items()
+             if outcome not in (PASSED, NOT_RUN, NOT_RECORDED)]
+    told = "\n".join(lines)  # a warning no check holds (an older result, an edited one) is shown too
+    lines += [f"AutoAttack: {message}" for message in record.get("aa_warnings") or () if message not in told]
     for name, check in ((record.get("sanity") or {}).get("checks") or {}).items():
         if check.get("flagged"):
             lines.append(f"masking report, {name}: {check.get('detail')}")

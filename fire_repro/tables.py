@@ -194,7 +194,7 @@ def find_results(dirs):
                     runs.append((root, jsons))
         else:
             raise UserError(f"{d!r} does not exist")
-    results, left_out, seen, evaluated = [], [], set(), set()
+    results, left_out, seen, evaluated, first = [], [], set(), set(), {}
     for path in paths:
         real = os.path.realpath(path)
         if real in seen:
@@ -221,6 +221,12 @@ def find_results(dirs):
             warn(f"left out {path}: {problem}")
             left_out.append(path)
             continue
+        same = json.dumps([record.get(k) for k in ("checkpoint_sha256", "checkpoint_kind", "settings")], sort_keys=True)
+        if record.get("checkpoint_sha256") and same in first:  # a copy: one evaluation of a checkpoint counts once
+            warn(f"{path} holds the result of {first[same]} again (the same checkpoint, evaluated the same way): "
+                 f"counted once")
+            continue
+        first[same] = path
         record["_path"] = path
         record["defense"] = result_row_name(record)
         results.append(record)
@@ -713,16 +719,7 @@ def main(argv=None):
     args = get_args(argv)
     if args.plot_out or args.table_out:
         check_output(args.plot_out or args.table_out, "--plot-out" if args.plot_out else "--table-out")
-    if args.corruptions:
-        found, left_out = find_corruption_results(args.paths)
-        output = summarize_corruptions(found, args.title, quoted_rows(args.quoted), left_out)
-        print(output, end="")
-        if args.table_out:
-            write_atomic(args.table_out, lambda f: f.write(output))
-        if left_out:
-            sys.exit(LEFT_OUT)
-        return output
-    found, left_out = find_results(args.paths)
+    found, left_out = (find_corruption_results if args.corruptions else find_results)(args.paths)
     if args.plot_out:
         figures.plot_sweep(found, args.plot_out, args.plot_kind)
         print(f"{len(found)} results -> {args.plot_out}")
@@ -730,7 +727,8 @@ def main(argv=None):
             print(left_out_note(left_out))
         output = args.plot_out
     else:
-        output = summarize(found, args.title, quoted_rows(args.quoted), left_out)
+        output = (summarize_corruptions if args.corruptions else summarize)(found, args.title, quoted_rows(args.quoted),
+                                                                             left_out)
         print(output, end="")
         if args.table_out:
             write_atomic(args.table_out, lambda f: f.write(output))

@@ -36,7 +36,7 @@ from fire_repro.attacks import attack_pgd_ce, evaluate, perturbation_norm, pgd_s
 from fire_repro.aux_data import load_aux_data
 from fire_repro.checkpoints import (checkpoint_state, init_from, load_checkpoint, load_train_state, model_from_args,
                                     save_checkpoint)
-from fire_repro.common import UserError, cli, write_atomic  # noqa: F401  (cli: the scripts' command line)
+from fire_repro.common import OnSignals, UserError, cli, write_atomic  # noqa: F401  (cli: the scripts' command line)
 from fire_repro.config import (Method, add_self_adaptive_flags, allowed, base_parser, finish_args,  # noqa: F401  (for the scripts)
                                identity_hash, settings_warnings)
 from fire_repro.data import DATASETS, REHEARSAL_NOTE, eval_loader, get_datasets, train_loader
@@ -342,7 +342,7 @@ def autocast(dtype, device):
     return torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
 
 
-class StopSignals:
+class StopSignals(OnSignals):
     """SLURM stops a job with SIGTERM (preemption, `scontrol requeue`) or with the signal asked for
     by `sbatch --signal` (run_all.sh: SIGUSR1 before the time limit). Inside `with StopSignals()`
     either stops the training at once as Ctrl-C does (exit 130; --resume auto continues), except
@@ -352,16 +352,7 @@ class StopSignals:
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
-        self.holding, self.pending, self.previous = False, None, {}
-
-    def __enter__(self):
-        for sig in self.SIGNALS:
-            self.previous[sig] = signal.signal(sig, self.stop)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+        self.holding, self.pending = False, None
 
     def stop(self, signum, frame):
         if self.holding:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from fire_repro import tables
 from fire_repro.autoattack import AA_CHECKS, accuracies, check_outcomes, evaluate_autoattack, merge_checks
+from fire_repro.common import UserError
 from fire_repro.results import PASSED, warnings_of
 from fire_repro.sanity import masking_report
 
@@ -126,14 +127,25 @@ def test_eval_sanity_goes_into_the_result_and_is_added_to_a_finished_one(fire_ru
              str(tmp_path / "aa.json")]
     plain, = ea.main([best, *small])
     assert "sanity" not in plain
-    result, = ea.main([best, *small, "--sanity", "--sanity-n", "6", "--transfer-from", best])
+    # a transfer from the run itself (any of its checkpoints) is a white-box attack: refused
+    for own in (best, str(fire_run[0] / "last.pt")):
+        with pytest.raises(UserError, match="is a checkpoint of the run evaluated"):
+            ea.main([best, *small, "--sanity", "--transfer-from", own])
+    other = str(tmp_path / "other.pt")  # a checkpoint of another run (another seed) of the same data set
+    ckpt = torch.load(best, weights_only=True)
+    ckpt["args"]["seed"] += 1
+    torch.save(ckpt, other)
+    result, = ea.main([best, *small, "--sanity", "--sanity-n", "6", "--transfer-from", other])
     assert "already evaluated" in capsys.readouterr().out  # AutoAttack was not run again
     record = json.loads((tmp_path / "aa.json").read_text())
     assert record == json.loads(json.dumps(result)) and record["autoattack"] == plain["autoattack"]
     sanity = record["sanity"]
-    assert sanity["n_examples"] == 6 and sanity["settings"]["transfer_from"]["checkpoint"] == best
+    assert sanity["n_examples"] == 6 and sanity["settings"]["transfer_from"]["checkpoint"] == other
     assert set(sanity["checks"]) == {"radius", "square", "transfer", "zero_gradients", "loss_rose"}
-    again, = ea.main([best, *small, "--sanity", "--sanity-n", "6", "--transfer-from", best])
+    again, = ea.main([best, *small, "--sanity", "--sanity-n", "6", "--transfer-from", other])
     assert again["sanity"] == sanity  # the same report is not computed again
+    without, = ea.main([best, *small, "--sanity", "--sanity-n", "6"])
+    assert without["sanity"] == sanity and "masking report kept" in capsys.readouterr().out  # its transfer check stays
+    assert json.loads((tmp_path / "aa.json").read_text())["sanity"] == sanity
     table = tables.main([str(tmp_path / "aa.json")])
     assert ("⚠1" in table) == bool(warnings_of(record))

@@ -239,6 +239,18 @@ def test_a_fifo_or_a_deeply_nested_json_is_one_line(tmp_path, capsys):
     assert status == 2 and len(err) == 1 and "not a regular file" in err[0], err
 
 
+def test_a_copied_result_counts_once(tmp_path, capsys):
+    """A result copied into another folder (the same checkpoint evaluated the same way), also with
+    its seed field edited, is one result with one warning, not a second seed."""
+    sha = dict(checkpoint_sha256="a" * 64, settings={"n_examples": 10})
+    write_result(tmp_path / "run", "aa", np.arange(10) < 5, **sha)
+    write_result(tmp_path / "copy", "aa", np.arange(10) < 5, **sha)
+    write_result(tmp_path / "edited", "aa", np.arange(10) < 5, seed=1, **sha)
+    table, status, err = summarize(capsys, str(tmp_path))
+    assert status == 0 and table_rows(table)["FIRE"][-2] == "1 (0)", (table, err)
+    assert len(err) == 2 and all("counted once" in line for line in err), err
+
+
 @pytest.mark.parametrize("text", ["[1, 2]", '"str"', '{"x": 1}', "7", "null", '{"format": "fire-repro-autoattack/1"'])
 def test_a_named_file_that_is_not_a_result_is_an_error(text, tmp_path, capsys):
     """run_all.sh names the result files of a table: one that is not a result (any JSON value, or
