@@ -120,7 +120,7 @@ def test_tables_show_corruptions_beside_autoattack_and_per_corruption(c10_run, t
     for f in ("best.pt", "corruptions.json"):
         (folder / "fire" / f).write_bytes((c10_run / "fire" / f).read_bytes())
     write_result(folder / "fire", "autoattack", [True, False], checkpoint_sha256=sha256_file(ckpt))
-    write_result(folder / "trades", "autoattack", [True, True], method="trades")   # no corruption result
+    write_result(folder / "trades", "autoattack", [False, True], method="trades")   # no corruption result
     table = tables.main([str(folder)])
     header = next(line for line in table.splitlines() if line.startswith("| Defense"))
     assert "| Corruptions |" in header

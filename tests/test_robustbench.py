@@ -323,7 +323,8 @@ def test_quoted_robustbench_rows_carry_the_radius_robustbench_used():
                ("generated", "Wang et al. 2023, 20M generated images"): "Wang2023Better_WRN-28-10",
                ("generated", "Wang et al. 2023, 50M generated images"): "Wang2023Better_WRN-70-16",
                ("generated", "Bartoldson et al. 2024, 300M generated images"): "Bartoldson2024Adversarial_WRN-94-16"}
-    quoted = [(block, q) for block, rows in tables.QUOTED.items() for q in rows if q.get("source") == "RobustBench"]
+    quoted = [(block, q) for block, rows in tables.QUOTED.items() for q in rows
+              if q.get("source") == "RobustBench" and block not in tables.QUOTED_CORRUPTIONS]  # AutoAttack rows
     assert {(block, q["defense"]) for block, q in quoted} == set(entries)
     for block, q in quoted:
         eps = robustbench_io.zoo_radius(q["dataset"], tables.norm_of(q), entries[block, q["defense"]])
