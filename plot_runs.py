@@ -36,6 +36,7 @@ PANELS = [("val_nat", "validation natural accuracy", "%", 100),
           ("reg", "regulariser (loss - CE)", "", 1),
           ("grad_norm", "batch gradient norm: mean (solid), largest (dashed)", "", 1)]
 KEYS = [p[0] for p in PANELS] + ["grad_norm_max"]
+ACCURACIES = [p[0] for p in PANELS if p[2] == "%"]
 
 
 def get_args(argv=None):
@@ -122,9 +123,14 @@ def record_problem(record):
     validation PGD accuracy."""
     if not (isinstance(record, dict) and is_number(record.get("epoch")) and isinstance(record["epoch"], int)):
         return "no integer 'epoch'"
+    if record["epoch"] < 1:
+        return f"epoch {record['epoch']} (epochs count from 1)"
     odd = [k for k in KEYS if record.get(k) is not None and not is_number(record[k])]
     if odd:
         return f"{odd[0]!r} is {record[odd[0]]!r}, not a number"
+    odd = [k for k in ACCURACIES if math.isfinite(record.get(k) or 0) and not 0 <= (record.get(k) or 0) <= 1]
+    if odd:
+        return f"{odd[0]!r} is {record[odd[0]]!r}, not an accuracy in [0, 1]"
     if record.get("collapsed") and not is_number(record.get("val_pgd")):
         return "'collapsed' without its 'val_pgd'"
     return None

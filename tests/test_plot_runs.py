@@ -103,6 +103,8 @@ def test_damaged_records_and_arguments_are_one_line(tmp_path, capsys, few_digits
     args = json.loads(log[0])
     cases = [(dict(record, val_pgd="0.5"), None, "'val_pgd' is '0.5', not a number"),
              (dict(record, loss=[1.0]), None, "'loss' is [1.0], not a number"),
+             (dict(record, val_nat=1.7), None, "'val_nat' is 1.7, not an accuracy in [0, 1]"),
+             (dict(record, epoch=-3), None, "epoch -3 (epochs count from 1)"),
              ({**{k: v for k, v in record.items() if k != "val_pgd"}, "collapsed": True}, None, "without its 'val_pgd'"),
              (b'{"epoch": 1, "note": "\xff\xfe"}\n', None, "line 1 is not whole JSON"),
              (record, {k: v for k, v in args.items() if k != "method"}, "no method name"),
